@@ -1,0 +1,39 @@
+//! Wire contracts of Arca.
+//!
+//! - [`process`] and [`filesystem`]: the envd protobuf messages, generated at
+//!   build time from Arca's own `proto/*.proto` (wire-identical to E2B's envd,
+//!   see `CONTRACT.md` section 3), with proto3-JSON serde implementations.
+//! - [`connect`]: the Connect protocol as the E2B SDKs speak it: codecs,
+//!   content types, envelopes, end-of-stream messages and error codes.
+//!
+//! ```
+//! use arca_proto::connect::{Codec, Code, ConnectError};
+//! use arca_proto::process::ProcessEvent;
+//!
+//! let codec = Codec::from_stream_content_type("application/connect+json").unwrap();
+//! let bytes = codec.encode(&ProcessEvent::default());
+//! let back: ProcessEvent = codec.decode(&bytes).unwrap();
+//! assert_eq!(back, ProcessEvent::default());
+//! let err = ConnectError::new(Code::NotFound, "no such file");
+//! assert_eq!(err.code().http_status(), 404);
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod connect;
+
+/// Messages of the `process.Process` service (CONTRACT 3.3).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod process {
+    include!(concat!(env!("OUT_DIR"), "/process.rs"));
+    include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
+}
+
+/// Messages of the `filesystem.Filesystem` service (CONTRACT 3.4).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod filesystem {
+    include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
+    include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
+}
+
+pub use pbjson_types::Timestamp;
+pub use prost;

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs everything scripts/test.sh needs on a fresh Debian 12 machine (run as root).
+#
+# Idempotent: every step checks whether its result is already there, so a second run only
+# does a few version checks. Network access needed on the first run: Debian apt, crates.io,
+# PyPI and the npm registry.
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# ---------------------------------------------------------------------------------------------
+# Debian packages
+#   util-linux: unshare (tests/compat/run-envd.sh)      file: static-linking check
+#   curl: /health polling                               procps: pgrep/ps used by the tests
+#   ncurses-bin: tput for PTY tests                     attr: getfattr/setfattr when debugging
+#   musl-tools: musl-gcc for C code in the musl build   ca-certificates: registry TLS
+#   build-essential: cc for cargo install / build scripts
+# ---------------------------------------------------------------------------------------------
+apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Only refresh the package lists when they are absent or older than a day.
+  if [[ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages' -mtime -1 -print -quit 2>/dev/null)" ]]; then
+    apt-get update -qq
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Rust: musl target, rustfmt/clippy, cargo-nextest
+# ---------------------------------------------------------------------------------------------
+command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  log "rustup target add x86_64-unknown-linux-musl"
+  rustup target add x86_64-unknown-linux-musl
+fi
+for comp in rustfmt clippy; do
+  if ! rustup component list --installed | grep -q "^${comp}"; then
+    log "rustup component add ${comp}"
+    rustup component add "${comp}"
+  fi
+done
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "cargo install cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Python venvs with the official SDK, one per version, from fully pinned requirement files.
+# ---------------------------------------------------------------------------------------------
+py="${ARCA_PYTHON:-python3}"
+"$py" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
+  || { echo "need python >= 3.11 (e2b 2.63 requires it)" >&2; exit 1; }
+for ver in 2.63.0 2.45.1; do
+  req="tests/compat/python/requirements-e2b-${ver}.txt"
+  venv=".cache/venv/e2b-${ver}"
+  want="$(sha256sum "$req" | cut -d' ' -f1) $("$py" -c 'import sys; print(sys.version.split()[0])')"
+  if [[ -f "$venv/.arca-setup" && "$(cat "$venv/.arca-setup")" == "$want" ]]; then
+    continue
+  fi
+  log "python venv $venv"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input -r "$req"
+  "$venv/bin/python" -c "import importlib.metadata as m; assert m.version('e2b') == '${ver}'"
+  printf '%s' "$want" >"$venv/.arca-setup"
+done
+
+# ---------------------------------------------------------------------------------------------
+# JS SDK (versions pinned by tests/compat/js/package-lock.json)
+# ---------------------------------------------------------------------------------------------
+command -v node >/dev/null || { echo "node (>= 20) not found" >&2; exit 1; }
+js=tests/compat/js
+want="$(sha256sum "$js/package-lock.json" | cut -d' ' -f1) $(node --version)"
+if [[ ! -f "$js/node_modules/.arca-setup" || "$(cat "$js/node_modules/.arca-setup")" != "$want" ]]; then
+  log "npm ci in $js"
+  (cd "$js" && npm ci --no-audit --no-fund --loglevel=error)
+  printf '%s' "$want" >"$js/node_modules/.arca-setup"
+fi
+
+log "ok"
