@@ -1,6 +1,7 @@
 //! Compiles `proto/*.proto` into Rust without `protoc`: `protox` parses the
 //! files into descriptors, `prost-build` generates the message types and
-//! `pbjson-build` their proto3-JSON serde implementations.
+//! `pbjson-build` their proto3-JSON serde implementations. `Timestamp` is our
+//! own type (see `src/timestamp.rs`).
 
 use std::path::PathBuf;
 
@@ -15,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let mut config = prost_build::Config::new();
-    config.extern_path(".google.protobuf.Timestamp", "::pbjson_types::Timestamp");
+    config.extern_path(".google.protobuf.Timestamp", "crate::Timestamp");
     config.compile_fds(fds.clone())?;
 
     let descriptors = fds.encode_to_vec();

@@ -306,7 +306,10 @@ impl Codec {
         match self {
             Codec::Json if bytes.iter().all(u8::is_ascii_whitespace) => Ok(M::default()),
             Codec::Json => serde_json::from_slice(bytes).map_err(|e| {
-                ConnectError::new(Code::InvalidArgument, format!("malformed JSON message: {e}"))
+                ConnectError::new(
+                    Code::InvalidArgument,
+                    format!("malformed JSON message: {e}"),
+                )
             }),
             Codec::Proto => M::decode(bytes).map_err(|e| {
                 ConnectError::new(
@@ -396,10 +399,7 @@ impl EnvelopeDecoder {
 
 /// Client-side: splits a whole streaming response body into its messages
 /// and the stream's final status.
-pub fn decode_stream<M: Message>(
-    codec: Codec,
-    body: &[u8],
-) -> (Vec<M>, Result<(), ConnectError>) {
+pub fn decode_stream<M: Message>(codec: Codec, body: &[u8]) -> (Vec<M>, Result<(), ConnectError>) {
     let mut decoder = EnvelopeDecoder::new();
     decoder.push(body);
     let mut messages = Vec::new();
@@ -456,7 +456,10 @@ mod tests {
             Some(Codec::Proto)
         );
         assert_eq!(Codec::from_stream_content_type("application/json"), None);
-        assert_eq!(Codec::Json.stream_content_type(), "application/connect+json");
+        assert_eq!(
+            Codec::Json.stream_content_type(),
+            "application/connect+json"
+        );
     }
 
     #[test]
@@ -530,7 +533,7 @@ mod tests {
         use crate::process::process_event::{DataEvent, data_event::Output};
         let ev = ProcessEvent {
             event: Some(process_event::Event::Data(DataEvent {
-                output: Some(Output::Stdout(b"hi\n".to_vec().into())),
+                output: Some(Output::Stdout(b"hi\n".to_vec())),
             })),
         };
         let json = String::from_utf8(Codec::Json.encode(&ev).to_vec()).unwrap();
@@ -542,9 +545,7 @@ mod tests {
     #[test]
     fn keepalive_is_an_empty_object() {
         let ev = ProcessEvent {
-            event: Some(process_event::Event::Keepalive(
-                process_event::KeepAlive {},
-            )),
+            event: Some(process_event::Event::Keepalive(process_event::KeepAlive {})),
         };
         assert_eq!(&Codec::Json.encode(&ev)[..], br#"{"keepalive":{}}"#);
     }
@@ -560,7 +561,10 @@ mod tests {
         let back: StartRequest = Codec::Proto.decode(&bytes).unwrap();
         assert_eq!(back, req);
         assert_eq!(
-            Codec::Proto.decode::<StartRequest>(&[0xff, 0xff]).unwrap_err().code(),
+            Codec::Proto
+                .decode::<StartRequest>(&[0xff, 0xff])
+                .unwrap_err()
+                .code(),
             Code::InvalidArgument
         );
     }
@@ -591,7 +595,10 @@ mod tests {
     fn oversized_and_compressed_envelopes_are_refused() {
         let mut d = EnvelopeDecoder::new();
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(d.next_envelope().unwrap_err().code(), Code::ResourceExhausted);
+        assert_eq!(
+            d.next_envelope().unwrap_err().code(),
+            Code::ResourceExhausted
+        );
         let mut d = EnvelopeDecoder::new();
         d.push(&envelope(FLAG_COMPRESSED, b"x"));
         assert_eq!(d.next_envelope().unwrap_err().code(), Code::Unimplemented);

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+mod timestamp;
 
 /// Messages of the `process.Process` service (CONTRACT 3.3).
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -35,5 +36,5 @@ pub mod filesystem {
     include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
 }
 
-pub use pbjson_types::Timestamp;
 pub use prost;
+pub use timestamp::Timestamp;

@@ -1,0 +1,681 @@
+//! `GET /files` and `POST /files` (CONTRACT 3.5) and v1 URL signatures (3.6).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arca_proto::connect::{Code, ConnectError};
+use axum::body::Body;
+use axum::extract::{Query, Request, State as AxState};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::fsys::{METADATA_XATTR_PREFIX, make_dirs};
+use crate::users::User;
+use crate::{State, paths, sys};
+
+/// Longest metadata key, in bytes.
+const METADATA_KEY_MAX: usize = 246;
+/// Largest total of one file's metadata, in bytes.
+const METADATA_TOTAL_MAX: usize = 4096;
+/// Size of the chunks a download is streamed in.
+const DOWNLOAD_CHUNK: usize = 256 * 1024;
+
+/// Query of both `/files` routes.
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct FilesQuery {
+    path: Option<String>,
+    username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<i64>,
+}
+
+/// An HTTP error in the `{"code": <int>, "message": ...}` shape.
+pub(crate) fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({"code": status.as_u16(), "message": message.into()});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A failed `/files` request: its status and a message for the user.
+#[derive(Debug)]
+pub(crate) struct FileError {
+    status: StatusCode,
+    message: String,
+}
+
+impl FileError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        FileError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for FileError {
+    fn into_response(self) -> Response {
+        http_error(self.status, self.message)
+    }
+}
+
+fn connect_to_http(err: &ConnectError) -> FileError {
+    let status = match err.code() {
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
+            StatusCode::BAD_REQUEST
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    FileError::new(status, err.message())
+}
+
+/// The v1 signature of a file URL (CONTRACT 3.6).
+pub(crate) fn signature(
+    path: &str,
+    operation: &str,
+    user: &str,
+    token: &str,
+    expiration: Option<i64>,
+) -> String {
+    let mut raw = format!("{path}:{operation}:{user}:{token}");
+    if let Some(exp) = expiration {
+        raw.push_str(&format!(":{exp}"));
+    }
+    let digest = Sha256::digest(raw.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
+/// Checks access to `/files`: the access token header when sent, else a
+/// valid signature, once a token is set.
+fn authorize(
+    state: &State,
+    headers: &HeaderMap,
+    q: &FilesQuery,
+    operation: &str,
+    now: i64,
+) -> Result<(), FileError> {
+    let Some(token) = state.init_state().access_token else {
+        return Ok(());
+    };
+    if let Some(sent) = headers.get("x-access-token") {
+        return if crate::http::token_matches(sent.as_bytes(), &token) {
+            Ok(())
+        } else {
+            Err(FileError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid access token",
+            ))
+        };
+    }
+    let Some(sig) = &q.signature else {
+        return Err(FileError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing access token: send X-Access-Token or use a signed URL",
+        ));
+    };
+    let expected = signature(
+        q.path.as_deref().unwrap_or(""),
+        operation,
+        q.username.as_deref().unwrap_or(""),
+        &token,
+        q.signature_expiration,
+    );
+    if !crate::http::token_matches(sig.as_bytes(), &expected) {
+        return Err(FileError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid signature",
+        ));
+    }
+    if q.signature_expiration.is_some_and(|exp| exp < now) {
+        return Err(FileError::new(
+            StatusCode::UNAUTHORIZED,
+            "signature has expired",
+        ));
+    }
+    Ok(())
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn caller(state: &State, q: &FilesQuery) -> Result<User, FileError> {
+    let name = match q.username.as_deref() {
+        Some(u) if !u.is_empty() => u.to_string(),
+        _ => state.init_state().default_user,
+    };
+    state
+        .user(&name)
+        .map_err(|e| FileError::new(StatusCode::UNAUTHORIZED, e.message()))
+}
+
+fn resolve(state: &State, user: &User, path: &str) -> Result<PathBuf, FileError> {
+    paths::resolve(path, user, state.default_workdir().as_deref())
+        .map_err(|e| FileError::new(StatusCode::BAD_REQUEST, e.message()))
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> Result<bool, FileError> {
+    let Some(v) = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(false);
+    };
+    let mut gzip = false;
+    let mut identity_refused = false;
+    for part in v.split(',') {
+        let mut it = part.trim().split(';');
+        let coding = it.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = it
+            .find_map(|p| p.trim().strip_prefix("q="))
+            .and_then(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match coding.as_str() {
+            "gzip" | "*" if q > 0.0 => gzip = true,
+            "identity" if q <= 0.0 => identity_refused = true,
+            _ => {}
+        }
+    }
+    if identity_refused && !gzip {
+        return Err(FileError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "no acceptable content encoding; accept identity or gzip",
+        ));
+    }
+    Ok(gzip)
+}
+
+/// A single `bytes=a-b` range, clamped to `len`.
+fn parse_range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let v = headers.get(header::RANGE)?.to_str().ok()?;
+    let spec = v.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // several ranges: serve the whole file
+    }
+    let (a, b) = spec.split_once('-')?;
+    let range = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            if n == 0 || len == 0 {
+                return Some(Err(()));
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (start, end) => {
+            let s: u64 = start.parse().ok()?;
+            let e: u64 = if end.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                end.parse().ok()?
+            };
+            if s >= len || e < s {
+                return Some(Err(()));
+            }
+            (s, e.min(len - 1))
+        }
+    };
+    Some(Ok(range))
+}
+
+/// `GET /files`.
+pub(crate) async fn download(
+    AxState(state): AxState<Arc<State>>,
+    Query(q): Query<FilesQuery>,
+    headers: HeaderMap,
+) -> Result<Response, FileError> {
+    authorize(&state, &headers, &q, "read", now_unix())?;
+    let user = caller(&state, &q)?;
+    let path = resolve(&state, &user, q.path.as_deref().unwrap_or(""))?;
+    let gzip = accepts_gzip(&headers)?;
+    let io =
+        |e: std::io::Error, what: &str| connect_to_http(&crate::error::io_error(&e, what, &path));
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| io(e, "open"))?;
+    let meta = file.metadata().await.map_err(|e| io(e, "stat"))?;
+    if meta.is_dir() {
+        return Err(FileError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} is a directory; list it with files.list instead",
+                path.display()
+            ),
+        ));
+    }
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let len = meta.len();
+    let etag = format!(
+        "\"{:x}-{:x}-{:x}\"",
+        meta.ino(),
+        len,
+        meta.mtime_nsec() ^ meta.mtime()
+    );
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ETAG, &etag)
+        .header(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_str(&format!("inline; filename=\"{}\"", name.replace('"', "")))
+                .unwrap_or_else(|_| HeaderValue::from_static("inline")),
+        );
+    let internal =
+        |e: http::Error| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    if gzip {
+        let path2 = path.clone();
+        let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let mut f = std::fs::File::open(&path2)?;
+            std::io::copy(&mut f, &mut enc)?;
+            enc.finish()
+        })
+        .await
+        .map_err(|e| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| io(e, "read"))?;
+        return builder
+            .header(header::CONTENT_ENCODING, "gzip")
+            .header(header::CONTENT_LENGTH, bytes.len())
+            .body(Body::from(bytes))
+            .map_err(internal);
+    }
+    builder = builder.header(header::ACCEPT_RANGES, "bytes");
+    let (status, start, count) = match parse_range(&headers, len) {
+        None => (StatusCode::OK, 0, len),
+        Some(Ok((s, e))) => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {s}-{e}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, s, e - s + 1)
+        }
+        Some(Err(())) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+            )
+                .into_response());
+        }
+    };
+    let body = file_body(file, start, count)
+        .await
+        .map_err(|e| io(e, "read"))?;
+    builder
+        .status(status)
+        .header(header::CONTENT_LENGTH, count)
+        .body(body)
+        .map_err(internal)
+}
+
+async fn file_body(mut file: tokio::fs::File, start: u64, count: u64) -> std::io::Result<Body> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start)).await?;
+    }
+    let stream = futures_util::stream::unfold((file, count), |(mut file, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let want = usize::try_from(left.min(DOWNLOAD_CHUNK as u64)).unwrap_or(DOWNLOAD_CHUNK);
+        let mut buf = vec![0u8; want];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from(buf)),
+                    (file, left - n as u64),
+                ))
+            }
+            Err(e) => Some((Err(e), (file, 0))),
+        }
+    });
+    Ok(Body::from_stream(stream))
+}
+
+/// Validated `X-Metadata-*` headers.
+fn metadata(headers: &HeaderMap) -> Result<BTreeMap<String, String>, FileError> {
+    let mut out = BTreeMap::new();
+    let mut total = 0;
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix("x-metadata-") else {
+            continue;
+        };
+        let value = value
+            .to_str()
+            .ok()
+            .filter(|v| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            .ok_or_else(|| {
+                FileError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("metadata '{key}': value must be printable ASCII"),
+                )
+            })?;
+        if key.is_empty() || key.len() > METADATA_KEY_MAX {
+            return Err(FileError::new(
+                StatusCode::BAD_REQUEST,
+                format!("metadata key must be 1 to {METADATA_KEY_MAX} bytes"),
+            ));
+        }
+        total += key.len() + value.len();
+        out.insert(key.to_string(), value.to_string());
+    }
+    if total > METADATA_TOTAL_MAX {
+        return Err(FileError::new(
+            StatusCode::BAD_REQUEST,
+            format!("metadata of a file may total at most {METADATA_TOTAL_MAX} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+/// An upload in progress: the file is open, owned by the user, and truncated.
+struct Upload {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Upload {
+    /// Opens `path` for writing as the CONTRACT describes: parents made,
+    /// new files created 0666 (0644 after umask) then chowned, existing
+    /// files chowned before being truncated.
+    fn open(path: PathBuf, user: &User) -> Result<Upload, FileError> {
+        let err = |e: std::io::Error, what: &str| {
+            connect_to_http(&crate::error::io_error(&e, what, &path))
+        };
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            return Err(FileError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{} is a directory; give the path of a file", path.display()),
+            ));
+        }
+        if let Some(parent) = path.parent() {
+            make_dirs(parent, user).map_err(|e| connect_to_http(&e))?;
+        }
+        let exists = std::fs::symlink_metadata(&path).is_ok();
+        if exists {
+            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                .map_err(|e| err(e, "chown"))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o666)
+            .open(&path)
+            .map_err(|e| err(e, "open"))?;
+        if !exists {
+            std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid))
+                .map_err(|e| err(e, "chown"))?;
+        }
+        Ok(Upload { path, file })
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), FileError> {
+        self.file
+            .write_all(data)
+            .map_err(|e| connect_to_http(&crate::error::io_error(&e, "write", &self.path)))
+    }
+
+    /// Replaces the file's metadata xattrs; untouched when there is none
+    /// either side, so plain uploads raise no extra CHMOD event.
+    fn finish(self, meta: &BTreeMap<String, String>) -> Result<serde_json::Value, FileError> {
+        drop(self.file);
+        let path = &self.path;
+        let existing: Vec<String> = sys::list_xattrs(path)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.starts_with(METADATA_XATTR_PREFIX))
+            .collect();
+        for name in existing {
+            if !meta.contains_key(&name[METADATA_XATTR_PREFIX.len()..]) {
+                let _ = sys::remove_xattr(path, &name);
+            }
+        }
+        for (k, v) in meta {
+            sys::set_xattr(path, &format!("{METADATA_XATTR_PREFIX}{k}"), v.as_bytes()).map_err(
+                |e| {
+                    FileError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "cannot store metadata on {}: {e} (the file system needs user xattrs)",
+                            path.display()
+                        ),
+                    )
+                },
+            )?;
+        }
+        let mut entry = serde_json::json!({
+            "path": path.display().to_string(),
+            "name": path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            "type": "file",
+        });
+        if !meta.is_empty() {
+            entry["metadata"] = serde_json::to_value(meta).unwrap_or_default();
+        }
+        Ok(entry)
+    }
+}
+
+/// Writes one streamed body into a file, on a blocking thread.
+async fn write_stream<S, E>(
+    path: PathBuf,
+    user: User,
+    gzip: bool,
+    meta: BTreeMap<String, String>,
+    mut stream: S,
+) -> Result<serde_json::Value, FileError>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, FileError> {
+        let mut up = Upload::open(path, &user)?;
+        if gzip {
+            let mut dec = flate2::write::GzDecoder::new(Vec::new());
+            while let Some(chunk) = rx.blocking_recv() {
+                dec.write_all(&chunk).map_err(|e| {
+                    FileError::new(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}"))
+                })?;
+                let out = std::mem::take(dec.get_mut());
+                up.write(&out)?;
+            }
+            let rest = dec.finish().map_err(|e| {
+                FileError::new(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}"))
+            })?;
+            up.write(&rest)?;
+        } else {
+            while let Some(chunk) = rx.blocking_recv() {
+                up.write(&chunk)?;
+            }
+        }
+        up.finish(&meta)
+    });
+    let mut failed = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if tx.send(c).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failed = Some(FileError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the upload: {e}"),
+                ));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let result = writer
+        .await
+        .map_err(|e| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match failed {
+        Some(r) => Err(r),
+        None => result,
+    }
+}
+
+/// `POST /files`.
+pub(crate) async fn upload(
+    AxState(state): AxState<Arc<State>>,
+    Query(q): Query<FilesQuery>,
+    req: Request,
+) -> Result<Response, FileError> {
+    let headers = req.headers().clone();
+    authorize(&state, &headers, &q, "write", now_unix())?;
+    let user = caller(&state, &q)?;
+    let meta = metadata(&headers)?;
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    let media = ctype
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let results = if media == "multipart/form-data" {
+        let boundary = multer::parse_boundary(&ctype).map_err(|_| {
+            FileError::new(StatusCode::BAD_REQUEST, "multipart body without a boundary")
+        })?;
+        let mut mp = multer::Multipart::new(req.into_body().into_data_stream(), boundary);
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(field) = mp.next_field().await.map_err(|e| {
+            FileError::new(StatusCode::BAD_REQUEST, format!("bad multipart body: {e}"))
+        })? {
+            if field.name() != Some("file") {
+                continue;
+            }
+            let target = match q.path.as_deref().filter(|p| !p.is_empty()) {
+                Some(p) => p.to_string(),
+                None => match field.file_name() {
+                    Some(f) if !f.is_empty() => f.to_string(),
+                    _ => {
+                        return Err(FileError::new(
+                            StatusCode::BAD_REQUEST,
+                            "a file part has no file name and no path query parameter was given",
+                        ));
+                    }
+                },
+            };
+            let path = resolve(&state, &user, &target)?;
+            if !seen.insert(path.clone()) {
+                return Err(FileError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{} is uploaded twice in one request", path.display()),
+                ));
+            }
+            out.push(write_stream(path, user.clone(), false, meta.clone(), field).await?);
+        }
+        out
+    } else if media == "application/octet-stream" {
+        let target = q.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| {
+            FileError::new(
+                StatusCode::BAD_REQUEST,
+                "a raw upload needs the path query parameter",
+            )
+        })?;
+        let path = resolve(&state, &user, target)?;
+        vec![write_stream(path, user, gzip, meta, req.into_body().into_data_stream()).await?]
+    } else {
+        return Err(FileError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unsupported content type '{ctype}'; use multipart/form-data or application/octet-stream"
+            ),
+        ));
+    };
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::Value::Array(results).to_string(),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_match_the_sdk_algorithm() {
+        // sha256("/home/user/a.txt:read:user:tok") in unpadded standard base64.
+        let s = signature("/home/user/a.txt", "read", "user", "tok", None);
+        let digest = Sha256::digest(b"/home/user/a.txt:read:user:tok");
+        let expected = format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD
+                .encode(digest)
+                .trim_end_matches('=')
+        );
+        assert_eq!(s, expected);
+        assert!(!s.ends_with('='));
+        let with_exp = signature("a", "write", "", "tok", Some(1_700_000_000));
+        let digest = Sha256::digest(b"a:write::tok:1700000000");
+        assert_eq!(
+            with_exp,
+            format!(
+                "v1_{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+            )
+        );
+    }
+
+    #[test]
+    fn ranges_are_parsed_and_clamped() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_range(&h, 10), None);
+        h.insert(header::RANGE, "bytes=2-4".parse().unwrap());
+        assert_eq!(parse_range(&h, 10), Some(Ok((2, 4))));
+        h.insert(header::RANGE, "bytes=5-".parse().unwrap());
+        assert_eq!(parse_range(&h, 10), Some(Ok((5, 9))));
+        h.insert(header::RANGE, "bytes=-3".parse().unwrap());
+        assert_eq!(parse_range(&h, 10), Some(Ok((7, 9))));
+        h.insert(header::RANGE, "bytes=20-".parse().unwrap());
+        assert_eq!(parse_range(&h, 10), Some(Err(())));
+    }
+
+    #[test]
+    fn metadata_headers_are_validated() {
+        let mut h = HeaderMap::new();
+        h.insert("x-metadata-Owner", "me".parse().unwrap());
+        assert_eq!(
+            metadata(&h).unwrap().get("owner").map(String::as_str),
+            Some("me")
+        );
+        h.insert("x-metadata-big", "x".repeat(5000).parse().unwrap());
+        assert!(metadata(&h).is_err());
+    }
+}
