@@ -9,7 +9,7 @@
 #   - /home is a fresh tmpfs holding /home/user (1000:1000, 0755).
 # Nothing changes on the host: the mounts live and die with the namespace.
 #
-# Prints the envd pid on stdout (and writes it to $ENVD_PIDFILE when set), returns once
+# Prints the envd pid on stdout (and appends it as a line to $ENVD_PIDFILE when set), returns once
 # `GET http://127.0.0.1:PORT/health` answers 204. envd's output goes to $ENVD_LOG
 # (default: ${TMPDIR:-/tmp}/arca-envd-PORT.log). Stop it with tests/compat/stop-envd.sh PID.
 set -euo pipefail
@@ -62,7 +62,7 @@ exec "$bin" --port "$port" "$@"
 unshare --mount --propagation private -- /bin/bash -c "$inner" arca-envd-ns "$etc" "$bin" "$port" "$@" \
   </dev/null >"$log" 2>&1 &
 pid=$!
-[[ -n "${ENVD_PIDFILE:-}" ]] && echo "$pid" >"$ENVD_PIDFILE"
+if [[ -n "${ENVD_PIDFILE:-}" ]]; then echo "$pid" >>"$ENVD_PIDFILE"; fi
 
 # Wait (bounded) for /health to answer 204; fail early when envd dies.
 for _ in $(seq 1 300); do

@@ -540,15 +540,89 @@ where
     }
 }
 
+/// Request bytes read and thrown away after an upload failed, so the
+/// client gets the error instead of a reset while it is still sending.
+const DRAIN_LIMIT: usize = 8 << 20;
+/// How long draining may take.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+type BodyChunk = Result<Bytes, axum::Error>;
+
+/// A request body read by a task of its own: the handler consumes it as a
+/// stream, and whatever the handler leaves unread is drained (up to
+/// [`DRAIN_LIMIT`]) before the response goes out.
+struct DrainingBody {
+    rx: Option<tokio::sync::mpsc::Receiver<BodyChunk>>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl DrainingBody {
+    fn new(body: Body) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel::<BodyChunk>(16);
+        let pump = tokio::spawn(async move {
+            let mut stream = body.into_data_stream();
+            let mut tx = Some(tx);
+            let mut discarded = 0usize;
+            while let Some(chunk) = stream.next().await {
+                if let Some(t) = &tx {
+                    if t.send(chunk).await.is_ok() {
+                        continue;
+                    }
+                    tx = None;
+                    continue;
+                }
+                discarded += chunk.as_ref().map_or(0, Bytes::len);
+                if discarded > DRAIN_LIMIT {
+                    return;
+                }
+            }
+        });
+        DrainingBody { rx: Some(rx), pump }
+    }
+
+    /// The body as a stream; can be taken once.
+    fn stream(&mut self) -> impl futures_util::Stream<Item = BodyChunk> + Send + Unpin + 'static {
+        let mut rx = self.rx.take();
+        futures_util::stream::poll_fn(move |cx| match rx.as_mut() {
+            Some(r) => r.poll_recv(cx),
+            None => std::task::Poll::Ready(None),
+        })
+    }
+
+    /// Waits until the rest of the body was read (or the limits hit).
+    async fn finish(mut self) {
+        drop(self.rx.take());
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut self.pump)
+            .await
+            .is_err()
+        {
+            self.pump.abort();
+        }
+    }
+}
+
 /// `POST /files`.
 pub(crate) async fn upload(
     AxState(state): AxState<Arc<State>>,
     Query(q): Query<FilesQuery>,
     req: Request,
 ) -> Result<Response, FileError> {
-    let headers = req.headers().clone();
-    authorize(&state, &headers, &q, "write", now_unix())?;
-    let user = caller(&state, &q)?;
+    let (parts, body) = req.into_parts();
+    let mut body = DrainingBody::new(body);
+    let result = upload_files(&state, &q, &parts.headers, &mut body).await;
+    body.finish().await;
+    result
+}
+
+async fn upload_files(
+    state: &State,
+    q: &FilesQuery,
+    headers: &HeaderMap,
+    body: &mut DrainingBody,
+) -> Result<Response, FileError> {
+    let headers = headers.clone();
+    authorize(state, &headers, q, "write", now_unix())?;
+    let user = caller(state, q)?;
     let meta = metadata(&headers)?;
     let ctype = headers
         .get(header::CONTENT_TYPE)
@@ -569,7 +643,7 @@ pub(crate) async fn upload(
         let boundary = multer::parse_boundary(&ctype).map_err(|_| {
             FileError::new(StatusCode::BAD_REQUEST, "multipart body without a boundary")
         })?;
-        let mut mp = multer::Multipart::new(req.into_body().into_data_stream(), boundary);
+        let mut mp = multer::Multipart::new(body.stream(), boundary);
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         while let Some(field) = mp.next_field().await.map_err(|e| {
@@ -590,7 +664,7 @@ pub(crate) async fn upload(
                     }
                 },
             };
-            let path = resolve(&state, &user, &target)?;
+            let path = resolve(state, &user, &target)?;
             if !seen.insert(path.clone()) {
                 return Err(FileError::new(
                     StatusCode::BAD_REQUEST,
@@ -607,8 +681,8 @@ pub(crate) async fn upload(
                 "a raw upload needs the path query parameter",
             )
         })?;
-        let path = resolve(&state, &user, target)?;
-        vec![write_stream(path, user, gzip, meta, req.into_body().into_data_stream()).await?]
+        let path = resolve(state, &user, target)?;
+        vec![write_stream(path, user, gzip, meta, body.stream()).await?]
     } else {
         return Err(FileError::new(
             StatusCode::BAD_REQUEST,

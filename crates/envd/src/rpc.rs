@@ -25,6 +25,9 @@ use crate::{State, fsys, process, watch};
 /// Keepalive interval when the client names none (reference default).
 pub(crate) const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 
+/// How long a client stream may go on sending after its call has ended.
+const CLIENT_STREAM_DRAIN: Duration = Duration::from_secs(10);
+
 /// What a call knows about its caller besides the message.
 pub(crate) struct CallCtx {
     pub(crate) user: User,
@@ -139,12 +142,13 @@ where
     let Some(codec) = Codec::from_unary_content_type(content_type(req.headers())) else {
         return unsupported_media_type("application/json or application/proto");
     };
-    let ctx = match call_ctx(&state, req.headers()) {
-        Ok(c) => c,
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body).await {
+        Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    let body = match read_body(req.into_body()).await {
-        Ok(b) => b,
+    let ctx = match call_ctx(&state, &parts.headers) {
+        Ok(c) => c,
         Err(e) => return error_response(&e),
     };
     let msg: Req = match codec.decode(&body) {
@@ -183,12 +187,13 @@ where
     let Some(codec) = Codec::from_stream_content_type(content_type(req.headers())) else {
         return unsupported_media_type("application/connect+json or application/connect+proto");
     };
-    let ctx = match call_ctx(&state, req.headers()) {
-        Ok(c) => c,
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body).await {
+        Ok(b) => b,
         Err(e) => return end_only(codec, &e),
     };
-    let body = match read_body(req.into_body()).await {
-        Ok(b) => b,
+    let ctx = match call_ctx(&state, &parts.headers) {
+        Ok(c) => c,
         Err(e) => return end_only(codec, &e),
     };
     let mut dec = EnvelopeDecoder::new();
@@ -237,10 +242,7 @@ where
     let Some(codec) = Codec::from_stream_content_type(content_type(req.headers())) else {
         return unsupported_media_type("application/connect+json or application/connect+proto");
     };
-    let ctx = match call_ctx(&state, req.headers()) {
-        Ok(c) => c,
-        Err(e) => return end_only(codec, &e),
-    };
+    let ctx = call_ctx(&state, req.headers());
     let (tx, rx) = mpsc::channel::<Result<Req, ConnectError>>(16);
     let mut body = req.into_body().into_data_stream();
     let reader = tokio::spawn(async move {
@@ -263,9 +265,9 @@ where
                 match dec.next_envelope() {
                     Ok(Some(env)) if env.is_end_stream() => return,
                     Ok(Some(env)) => {
-                        if tx.send(codec.decode(&env.payload)).await.is_err() {
-                            return;
-                        }
+                        // Once the handler is done, the rest is read and
+                        // dropped so the client can finish sending.
+                        let _ = tx.send(codec.decode(&env.payload)).await;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -284,8 +286,19 @@ where
                 .await;
         }
     });
-    let result = f(state, ctx, rx).await;
-    reader.abort();
+    let result = match ctx {
+        Ok(ctx) => f(state, ctx, rx).await,
+        Err(e) => {
+            drop(rx);
+            Err(e)
+        }
+    };
+    if tokio::time::timeout(CLIENT_STREAM_DRAIN, reader)
+        .await
+        .is_err()
+    {
+        tracing::debug!("client stream still sending after the call ended; answering anyway");
+    }
     let (tx, rx) = mpsc::channel(2);
     match result {
         Ok(resp) => {

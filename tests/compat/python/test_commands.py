@@ -11,6 +11,7 @@ from e2b import (
     CommandExitException,
     InvalidArgumentException,
     NotFoundException,
+    SandboxException,
     TimeoutException,
 )
 
@@ -281,3 +282,34 @@ def test_timeout_kills_background_process(sandbox):
         "process removed from commands.list() after its timeout",
     )
     wait_until(lambda: not process_exists(sandbox, h.pid), "process gone after its timeout")
+
+
+# --- stdin edge cases and many parallel streams -----------------------------------------------
+
+
+def test_send_stdin_without_stdin_pipe_fails(sandbox):
+    h = sandbox.commands.run("sleep 30", background=True)  # stdin=False: /dev/null
+    try:
+        with pytest.raises(SandboxException) as ei:
+            sandbox.commands.send_stdin(h.pid, "x")
+        assert not isinstance(ei.value, NotFoundException)
+    finally:
+        h.kill()
+
+
+def test_large_stdin(sandbox):
+    h = sandbox.commands.run("wc -c", background=True, stdin=True)
+    chunk = b"z" * 65536
+    for _ in range(16):
+        h.send_stdin(chunk)
+    h.close_stdin()
+    assert h.wait().stdout.strip() == str(16 * 65536)
+
+
+def test_many_concurrent_streams(sandbox):
+    # Over HTTP/1.1 every open stream holds its own connection (CONTRACT 1.5).
+    handles = [sandbox.commands.run("cat", background=True, stdin=True) for _ in range(24)]
+    for i, h in enumerate(handles):
+        h.send_stdin(f"stream {i}\n")
+        h.close_stdin()
+    assert [h.wait().stdout for h in handles] == [f"stream {i}\n" for i in range(24)]

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The one command that runs every check and test (CI runs it through .ci/run):
+#   setup -> rustfmt -> clippy -> nextest -> static musl build of arca-envd ->
+#   SDK compatibility suites (Python e2b 2.63.0 and 2.45.1, JS e2b 2.51.0) against that binary.
+#
+# Environment:
+#   ARCA_TEST_SKIP_CARGO=1  skip fmt/clippy/nextest/build and test an existing binary
+#   ARCA_ENVD_BIN           binary for the SDK suites (default: the musl release build)
+# Exits non-zero when any step fails; the SDK suites all run even if one of them fails.
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/arca-test.XXXXXX")"
+export ENVD_PIDFILE="$work/envd.pids" # run-envd.sh appends every envd it starts
+: >"$ENVD_PIDFILE"
+
+# Stop whatever envd the suites started and did not stop themselves (e.g. after a timeout).
+cleanup() {
+  local pid
+  while read -r pid; do
+    [[ -n "$pid" ]] && "$repo/tests/compat/stop-envd.sh" "$pid" >/dev/null 2>&1 || true
+  done <"$ENVD_PIDFILE"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "setup"
+scripts/setup.sh
+
+if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
+  step "cargo fmt"
+  cargo fmt --all -- --check
+
+  step "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+
+  step "cargo nextest"
+  cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
+
+  step "static arca-envd (musl, release)"
+  cargo build --release --locked -p arca-envd --target x86_64-unknown-linux-musl
+fi
+
+bin="${ARCA_ENVD_BIN:-$repo/target/x86_64-unknown-linux-musl/release/arca-envd}"
+export ARCA_ENVD_BIN="$bin"
+kind="$(file -b -L "$bin")"
+echo "$bin: $kind"
+if [[ "$kind" == *"dynamically linked"* || ! "$kind" =~ static(-pie)?\ linked ]]; then
+  echo "FAIL: $bin is not statically linked" >&2
+  exit 1
+fi
+
+# Each suite gets its own ports (the Python access-token module uses PORT + 1) and a time
+# bound; a failing suite does not stop the others.
+failed=()
+summaries=()
+run_suite() {
+  local name="$1" port="$2" dir="$3"
+  shift 3
+  step "$name"
+  local log="$work/$name.log" rc=0
+  rm -f "${TMPDIR:-/tmp}/arca-envd-$port.log" "${TMPDIR:-/tmp}/arca-envd-$((port + 1)).log"
+  (cd "$dir" && ARCA_ENVD_PORT="$port" timeout --kill-after=30 1200 "$@") 2>&1 | tee "$log" || rc=$?
+  if ((rc != 0)); then
+    failed+=("$name (exit $rc)")
+    local p
+    for p in "$port" "$((port + 1))"; do
+      if [[ -s "${TMPDIR:-/tmp}/arca-envd-$p.log" ]]; then
+        echo "--- last lines of ${TMPDIR:-/tmp}/arca-envd-$p.log"
+        tail -n 40 "${TMPDIR:-/tmp}/arca-envd-$p.log"
+      fi
+    done
+  fi
+  summaries+=("$name: $(grep -E '^(=+ .* in [0-9.]+s|# (tests|pass|fail|cancelled|skipped) [0-9]+)' "$log" | sed 's/=//g' | tr '\n' ' ' | tr -s ' ')")
+}
+
+for ver in 2.63.0 2.45.1; do
+  case "$ver" in 2.63.0) port=49911 ;; 2.45.1) port=49921 ;; esac
+  run_suite "python-e2b-$ver" "$port" tests/compat/python \
+    "$repo/.cache/venv/e2b-$ver/bin/python" -m pytest
+done
+run_suite "js-e2b-2.51.0" 49931 tests/compat/js \
+  node --test --test-timeout=120000 --test-reporter=tap envd.test.mjs
+
+step "summary"
+printf '%s\n' "${summaries[@]}"
+# One closing line over every runner: nextest, pytest (both SDKs) and node.
+count() { # count WORD -> sum of "<n> WORD" / "# WORD <n>" over the logs
+  cat "$work"/*.log 2>/dev/null | grep -oE "([0-9]+ $1\b|^# $1 [0-9]+)" | grep -oE '[0-9]+' | awk '{s += $1} END {print s + 0}'
+}
+total_pass=$(( $(count passed) + $(count pass) ))
+total_fail=$(( $(count failed) + $(count fail) ))
+total_skip=$(( $(count skipped) ))
+if ((${#failed[@]})); then
+  printf 'FAILED: %s\n' "${failed[@]}" >&2
+  echo "total: $total_pass passed, $((total_fail > 0 ? total_fail : 1)) failed, $total_skip skipped"
+  exit 1
+fi
+echo "total: $total_pass passed, $total_fail failed, $total_skip skipped"
