@@ -59,9 +59,40 @@ def subprocess_true() -> None:
     subprocess.run(["/bin/true"], check=True)
 
 
+_CLEAN_HOME = None
+
+
 def subprocess_login_bash() -> None:
-    # What envd runs for every command (`bash -l -c <cmd>`): login profiles dominate on some hosts.
-    subprocess.run(["/bin/bash", "-l", "-c", "true"], check=True)
+    # What envd runs for every command (`bash -l -c <cmd>`), in an environment like the
+    # sandbox user's: an empty home, so only the system login profile runs.
+    global _CLEAN_HOME
+    if _CLEAN_HOME is None:
+        import tempfile
+
+        _CLEAN_HOME = tempfile.mkdtemp(prefix="arca-bench-home-")
+    env = {"HOME": _CLEAN_HOME, "PATH": "/usr/local/bin:/usr/bin:/bin", "USER": "user"}
+    subprocess.run(["/bin/bash", "-l", "-c", "true"], check=True, env=env)
+
+
+def raw_start_factory():
+    """A Start call of `true` on a kept-alive HTTP/1.1 connection, without the SDK."""
+    import http.client
+    import json
+    import struct
+    from urllib.parse import urlparse
+
+    u = urlparse(os.environ["E2B_SANDBOX_URL"])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    msg = json.dumps({"process": {"cmd": "/bin/true"}, "stdin": False}).encode()
+    body = struct.pack(">BI", 0, len(msg)) + msg
+
+    def call() -> None:
+        conn.request("POST", "/process.Process/Start", body,
+                     {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1"})
+        data = conn.getresponse().read()
+        assert b"exitCode" not in data and b'"end"' in data, data
+
+    return call
 
 
 def main() -> None:
@@ -71,6 +102,8 @@ def main() -> None:
     ap.add_argument("--reps-small", type=int, default=10, help="repetitions of the 4 MiB transfer")
     ap.add_argument("--reps-large", type=int, default=3, help="repetitions of the 100 MiB transfer")
     ap.add_argument("--dir", default="/tmp", help="directory inside the sandbox for transfer files")
+    ap.add_argument("--user", default="user",
+                    help="default user to set through /init (its home should have no slow profile)")
     args = ap.parse_args()
 
     if not os.environ.get("E2B_SANDBOX_URL"):
@@ -81,6 +114,17 @@ def main() -> None:
     from importlib.metadata import version
 
     from e2b import Sandbox
+
+    # Commands run as the sandbox user, as with a real template (root's profile on a
+    # development host can cost 100+ ms per login shell, which is not envd's).
+    init = urllib.request.Request(
+        os.environ["E2B_SANDBOX_URL"].rstrip("/") + "/init",
+        data=('{"defaultUser":"%s"}' % args.user).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(init, timeout=10) as resp:
+        assert resp.status == 204
 
     sbx = Sandbox.create()
     assert sbx.commands.run("true").exit_code == 0
@@ -95,6 +139,7 @@ def main() -> None:
     latency("posix_spawn /bin/true + waitpid", spawn_true)
     latency("subprocess.run([/bin/true])", subprocess_true)
     latency("subprocess.run(bash -l -c true)", subprocess_login_bash)
+    latency("raw Connect Start over one TCP conn", raw_start_factory())
 
     throughput: list[tuple[str, float, float, float]] = []
     path = f"{args.dir.rstrip('/')}/arca-bench-{uuid.uuid4().hex[:8]}.bin"
