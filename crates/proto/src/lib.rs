@@ -3,6 +3,8 @@
 //! - [`process`] and [`filesystem`]: the envd protobuf messages, generated at
 //!   build time from Arca's own `proto/*.proto` (wire-identical to E2B's envd,
 //!   see `CONTRACT.md` section 3), with proto3-JSON serde implementations.
+//! - [`node`]: the node agent's interface ([`node::NodeService`]) and the
+//!   proxy's view of sandboxes ([`node::RouteSource`]).
 //! - [`connect`]: the Connect protocol as the E2B SDKs speak it: codecs,
 //!   content types, envelopes, end-of-stream messages and error codes.
 //!
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+pub mod node;
 mod timestamp;
 
 /// Messages of the `process.Process` service (CONTRACT 3.3).

@@ -1,0 +1,297 @@
+//! What the control plane asks of a node, and what the edge proxy needs to
+//! know about its sandboxes.
+//!
+//! [`NodeService`] is implemented by the node agent; the api reaches it
+//! in-process under `arca up` (an RPC client implements the same trait in
+//! cluster mode). [`RouteSource`] is how the proxy resolves a sandbox id to
+//! something it can dial, and learns when a sandbox ends so it can abort the
+//! connections to it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A sandbox id: 1 to 64 lowercase ASCII letters and digits (`-` and `.`
+/// would break host routing, CONTRACT 4.5).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SandboxId(String);
+
+/// A string that is not a valid sandbox id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid sandbox id '{0}': use 1 to 64 lowercase letters and digits")]
+pub struct InvalidSandboxId(pub String);
+
+impl SandboxId {
+    /// Validates an id.
+    pub fn parse(s: &str) -> Result<SandboxId, InvalidSandboxId> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok {
+            Ok(SandboxId(s.to_string()))
+        } else {
+            Err(InvalidSandboxId(s.to_string()))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SandboxId {
+    type Err = InvalidSandboxId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SandboxId::parse(s)
+    }
+}
+
+impl TryFrom<String> for SandboxId {
+    type Error = InvalidSandboxId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        SandboxId::parse(&s)
+    }
+}
+
+impl From<SandboxId> for String {
+    fn from(id: SandboxId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What happens when a sandbox reaches its `end_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// Kill it (the default).
+    #[default]
+    Kill,
+    /// Pause it (issue 5).
+    Pause,
+}
+
+/// Everything a node needs to start a sandbox. Limits are validated by the
+/// api before they get here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// New sandbox's id, chosen by the api.
+    pub sandbox_id: SandboxId,
+    /// Resolved template id (the node holds its file system).
+    pub template_id: String,
+    /// Owning team.
+    pub team_id: String,
+    /// CPUs (a CFS quota of this many cores).
+    pub cpu_count: u32,
+    /// Memory limit in MiB.
+    pub memory_mb: u32,
+    /// Writable disk in MiB.
+    pub disk_size_mb: u32,
+    /// Sandbox-wide environment for every process (`/init` envVars).
+    pub env_vars: BTreeMap<String, String>,
+    /// Token envd will require in `X-Access-Token`.
+    pub envd_access_token: String,
+    /// When the node ends it by itself (the api's copy may be stale).
+    pub end_at: DateTime<Utc>,
+    /// What the end is.
+    pub on_timeout: TimeoutAction,
+    /// `false` denies all egress.
+    pub allow_internet_access: bool,
+}
+
+/// State of a sandbox as a node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Processes run, envd answers.
+    Running,
+    /// Stopped but kept (issue 5).
+    Paused,
+}
+
+/// A node's view of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    /// Its id.
+    pub sandbox_id: SandboxId,
+    /// Template it was made from.
+    pub template_id: String,
+    /// Owning team.
+    pub team_id: String,
+    /// Running or paused.
+    pub state: SandboxState,
+    /// Creation time; kept across pause and resume.
+    pub started_at: DateTime<Utc>,
+    /// Current deadline.
+    pub end_at: DateTime<Utc>,
+    /// CPUs.
+    pub cpu_count: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// Disk in MiB.
+    pub disk_size_mb: u32,
+    /// envd protocol version inside.
+    pub envd_version: String,
+}
+
+/// One resource sample (CONTRACT `SandboxMetric`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSample {
+    /// When it was taken.
+    pub timestamp: DateTime<Utc>,
+    /// CPUs.
+    pub cpu_count: u32,
+    /// CPU use in percent of all its CPUs.
+    pub cpu_used_pct: f64,
+    /// Memory in use, bytes.
+    pub mem_used: u64,
+    /// Memory limit, bytes.
+    pub mem_total: u64,
+    /// Page cache, bytes.
+    pub mem_cache: u64,
+    /// Disk in use, bytes.
+    pub disk_used: u64,
+    /// Disk size, bytes.
+    pub disk_total: u64,
+}
+
+/// One line of a sandbox's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// When.
+    pub timestamp: DateTime<Utc>,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// What happened.
+    pub message: String,
+    /// Structured fields.
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Why a sandbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Killed through the api.
+    Killed,
+    /// Its `end_at` passed.
+    Expired,
+    /// Its init exited or was killed from inside.
+    Exited,
+    /// It was half-made or lost when the node restarted.
+    Reaped,
+}
+
+/// Something that happened to a sandbox, broadcast by the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxEvent {
+    /// The sandbox no longer exists.
+    Ended {
+        /// Which.
+        sandbox_id: SandboxId,
+        /// Why.
+        reason: EndReason,
+    },
+}
+
+/// A failed node call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum NodeError {
+    /// No such sandbox on this node.
+    #[error("sandbox {0} not found")]
+    SandboxNotFound(SandboxId),
+    /// The node does not have this template.
+    #[error("template '{0}' not found")]
+    TemplateNotFound(String),
+    /// The node is full.
+    #[error("no capacity: {0}")]
+    Capacity(String),
+    /// The request cannot be honoured as asked.
+    #[error("invalid request: {0}")]
+    InvalidInput(String),
+    /// The sandbox is not in a state that allows the call.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Something broke on the node; the message is for operators.
+    #[error("node failure: {0}")]
+    Internal(String),
+}
+
+/// Boxed future returned by the object-safe traits below.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The node agent's interface. Each method's doc says in which states it is
+/// legal; every other state gives [`NodeError::Conflict`].
+pub trait NodeService: Send + Sync + 'static {
+    /// Creates and starts a sandbox; returns once envd answers and `/init`
+    /// was applied. Legal for a new id only.
+    fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<SandboxStatus, NodeError>>;
+    /// Ends a sandbox in any state and removes everything it had.
+    fn kill<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>>;
+    /// Moves the deadline (earlier or later). Legal while running.
+    fn set_end_at<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        end_at: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>>;
+    /// One sandbox.
+    fn get<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<SandboxStatus, NodeError>>;
+    /// Every sandbox on the node.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<SandboxStatus>, NodeError>>;
+    /// Samples taken so far (about every 5 s), oldest first.
+    fn metrics<'a>(&'a self, id: &'a SandboxId)
+    -> BoxFuture<'a, Result<Vec<MetricSample>, NodeError>>;
+    /// The sandbox's log, oldest first.
+    fn logs<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Vec<LogEntry>, NodeError>>;
+    /// Events from now on.
+    fn events(&self) -> tokio::sync::broadcast::Receiver<SandboxEvent>;
+}
+
+/// Where the proxy sends traffic for a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The sandbox.
+    pub sandbox_id: SandboxId,
+    /// Its network namespace: the proxy dials `127.0.0.1:<port>` from a
+    /// socket made inside it, so services bound to loopback are reachable.
+    pub netns: PathBuf,
+    /// envd's access token, to find the sandbox of a signed `/files` URL.
+    pub envd_access_token: Option<String>,
+}
+
+/// The proxy's view of live sandboxes.
+pub trait RouteSource: Send + Sync + 'static {
+    /// The route of a running sandbox.
+    fn route(&self, sandbox_id: &str) -> Option<Route>;
+    /// Routes of every running sandbox.
+    fn routes(&self) -> Vec<Route>;
+    /// Ids of sandboxes that stop running (killed, expired, paused) from now on.
+    fn ended(&self) -> tokio::sync::broadcast::Receiver<SandboxId>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_are_lowercase_alphanumerics() {
+        assert!(SandboxId::parse("i0abc123").is_ok());
+        for bad in ["", "Abc", "a-b", "a.b", &"a".repeat(65)] {
+            assert!(SandboxId::parse(bad).is_err(), "{bad}");
+        }
+        let id: SandboxId = serde_json::from_str("\"abc\"").unwrap();
+        assert_eq!(id.as_str(), "abc");
+        assert!(serde_json::from_str::<SandboxId>("\"A\"").is_err());
+    }
+}
