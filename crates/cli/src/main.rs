@@ -24,6 +24,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The sandbox init runs in a fresh, single-threaded re-exec of this
+    // binary: dispatch before anything can start a thread.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__init") {
+        let code = arca_runtime::init_main();
+        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => commands::up::run(&args),

@@ -1,0 +1,51 @@
+//! The node's side of starting a sandbox: run `arca __init` with the
+//! config on its stdin and read the sandbox's PID 1 from its stdout.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::RuntimeError;
+use crate::config::InitConfig;
+
+/// Starts a sandbox by re-executing `init_exe __init` (normally the `arca`
+/// binary itself). Blocking: call it from a blocking thread. Returns the host
+/// pid of the sandbox's PID 1 (envd), which is not a child of the caller.
+pub fn launch(init_exe: &Path, config: &InitConfig) -> Result<i32, RuntimeError> {
+    let json = serde_json::to_vec(config).map_err(|e| RuntimeError::Init(e.to_string()))?;
+    let mut child = Command::new(init_exe)
+        .arg("__init")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env_clear()
+        .spawn()
+        .map_err(|source| RuntimeError::Spawn {
+            exe: init_exe.to_path_buf(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(&json)
+            .map_err(|e| RuntimeError::Init(format!("sending the init config: {e}")))?;
+    }
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| RuntimeError::Init(format!("waiting for init: {e}")))?;
+    let line: serde_json::Value = serde_json::from_str(out.trim()).map_err(|_| {
+        RuntimeError::Init(format!("init exited with {status} and printed no result: {out:?}"))
+    })?;
+    if let Some(pid) = line.get("pid").and_then(serde_json::Value::as_i64) {
+        return i32::try_from(pid).map_err(|_| RuntimeError::Init(format!("bad pid {pid}")));
+    }
+    Err(RuntimeError::Init(
+        line.get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("init failed without a message")
+            .to_string(),
+    ))
+}
