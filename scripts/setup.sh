@@ -18,8 +18,12 @@ log() { printf '[setup] %s\n' "$*"; }
 #   ncurses-bin: tput for PTY tests                     attr: getfattr/setfattr when debugging
 #   musl-tools: musl-gcc for C code in the musl build   ca-certificates: registry TLS
 #   build-essential: cc for cargo install / build scripts
+#   debootstrap: builds the built-in Debian `base` template (arca-image)
+#   iproute2, nftables: ip and nft, how arca-net makes sandbox network slots and the host firewall
+#   busybox-static: the tiny root file system the runtime tests start sandboxes from
 # ---------------------------------------------------------------------------------------------
-apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential)
+apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential
+  iproute2 nftables debootstrap busybox-static)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then

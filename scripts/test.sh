@@ -39,11 +39,12 @@ if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
   step "cargo clippy"
   cargo clippy --workspace --all-targets --locked -- -D warnings
 
-  step "cargo nextest"
-  cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
-
+  # The sandbox tests run this static envd inside real sandboxes: build it first.
   step "static arca-envd (musl, release)"
   cargo build --release --locked -p arca-envd --target x86_64-unknown-linux-musl
+
+  step "cargo nextest"
+  ARCA_TEST_PRIVILEGED=1 cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
 fi
 
 bin="${ARCA_ENVD_BIN:-$repo/target/x86_64-unknown-linux-musl/release/arca-envd}"
