@@ -1,0 +1,96 @@
+//! Connecting to `127.0.0.1:<port>` inside a sandbox's network namespace.
+//!
+//! A socket belongs to the network namespace of the thread that created it,
+//! and stays there. So the socket is made and connected on a fresh OS thread
+//! that first joins the sandbox's netns with `setns(CLONE_NEWNET)`; the
+//! connected stream is handed back and the thread ends. Never a tokio worker
+//! or blocking-pool thread: those are reused and would stay in the sandbox's
+//! namespace. Services bound to loopback inside the sandbox are reachable
+//! this way without `route_localnet` tricks (MACHINE.md).
+//!
+//! A thread per dial costs tens of microseconds, which is why the pool keeps
+//! idle upstream connections.
+
+use std::fs::File;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+/// A failed dial.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    /// The netns file is gone: the sandbox is gone.
+    #[error("cannot open network namespace {path}")]
+    OpenNetns {
+        /// The netns file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Joining the namespace failed (no CAP_SYS_ADMIN, not a netns file).
+    #[error("cannot enter network namespace {path}")]
+    EnterNetns {
+        /// The netns file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// Connecting failed: nothing listens, or it did not answer in time.
+    #[error("cannot connect to 127.0.0.1:{port} in the sandbox")]
+    Connect {
+        /// Port dialed.
+        port: u16,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The dialing thread could not be started or died.
+    #[error("cannot start a dialing thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Connects to `127.0.0.1:port` inside the network namespace at `netns`.
+pub(crate) async fn dial(
+    netns: &Path,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let (tx, rx) = oneshot::channel();
+    let path = netns.to_path_buf();
+    std::thread::Builder::new()
+        .name("arca-proxy-dial".into())
+        .spawn(move || {
+            // The receiver may be gone (request cancelled): nothing to do then.
+            let _ = tx.send(dial_blocking(&path, port, timeout));
+        })
+        .map_err(DialError::Thread)?;
+    let stream = rx.await.map_err(|_| {
+        DialError::Thread(io::Error::other("dialing thread ended without an answer"))
+    })??;
+    TcpStream::from_std(stream).map_err(|source| DialError::Connect { port, source })
+}
+
+/// Runs on a dedicated thread, which it moves into the netns for good.
+fn dial_blocking(netns: &Path, port: u16, timeout: Duration) -> Result<StdTcpStream, DialError> {
+    let ns = File::open(netns).map_err(|source| DialError::OpenNetns {
+        path: netns.to_path_buf(),
+        source,
+    })?;
+    setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| DialError::EnterNetns {
+        path: netns.to_path_buf(),
+        source,
+    })?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let connect = |source| DialError::Connect { port, source };
+    let stream = StdTcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
+    stream.set_nodelay(true).map_err(connect)?;
+    stream.set_nonblocking(true).map_err(connect)?;
+    Ok(stream)
+}

@@ -1,0 +1,323 @@
+//! One proxied request: resolve, check, forward, stream back, tunnel.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use arca_proto::node::{Route, RouteSource};
+use http::header::{CONNECTION, EXPECT, HOST, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::BoxError;
+use crate::abort::{Abort, ClientConn, Sandboxes};
+use crate::body::{GiveBack, ProxyBody, ResponseBody};
+use crate::dial::DialError;
+use crate::error::ProxyError;
+use crate::pool::{ConnectError, Pool, Sender};
+use crate::route::{self, Target};
+
+/// Hop-by-hop headers (RFC 9110 7.6.1 and the classic proxy ones): never
+/// forwarded; upgrades put `Connection`/`Upgrade` back explicitly.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Last time (`log_allowed`) a failed connect was logged.
+static CONNECT_WARNED: AtomicU64 = AtomicU64::new(0);
+
+/// What every request handler shares.
+pub(crate) struct Shared {
+    pub(crate) routes: Arc<dyn RouteSource>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) sandboxes: Sandboxes,
+}
+
+/// Serves one request from a client connection.
+///
+/// Errors are only returned to abort: hyper resets the h2 stream, or closes
+/// the HTTP/1.1 connection that [`Abort::fire`] already set to reset.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    client: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, BoxError> {
+    let target = match route::resolve(&req, &*shared.routes) {
+        Ok(target) => target,
+        Err(err) => return Ok(reply(err)),
+    };
+    if route::is_orchestrator_only(target.port, req.uri().path()) {
+        return Ok(reply(ProxyError::OrchestratorOnly {
+            sandbox_id: target.sandbox_id,
+        }));
+    }
+    let Some(route) = target
+        .route
+        .clone()
+        .or_else(|| shared.routes.route(&target.sandbox_id))
+    else {
+        return Ok(reply(ProxyError::SandboxNotFound {
+            sandbox_id: target.sandbox_id,
+        }));
+    };
+    let (token, fresh) = shared.sandboxes.token(&target.sandbox_id);
+    // A new token may have been made just after the sandbox's end was
+    // handled (nothing would ever cancel it): check it still runs.
+    if fresh && shared.routes.route(&target.sandbox_id).is_none() {
+        shared.sandboxes.end(&target.sandbox_id);
+        return Ok(reply(ProxyError::SandboxNotFound {
+            sandbox_id: target.sandbox_id,
+        }));
+    }
+    let abort = Abort {
+        token: token.clone(),
+        client,
+        h2: req.version() == Version::HTTP_2,
+    };
+    tokio::select! {
+        biased;
+        () = token.cancelled() => Err(abort.fire()),
+        res = forward(&shared, &target, &route, req, abort.clone()) => match res {
+            Ok(resp) => Ok(resp),
+            Err(err) => {
+                tracing::debug!(sandbox_id = %target.sandbox_id, port = target.port, err = ?err, "proxy error");
+                Ok(reply(err))
+            }
+        },
+    }
+}
+
+fn reply(err: ProxyError) -> Response<ProxyBody> {
+    err.into_response()
+}
+
+/// Forwards to the sandbox and wraps the answer.
+async fn forward(
+    shared: &Shared,
+    target: &Target,
+    route: &Route,
+    mut req: Request<Incoming>,
+    abort: Abort,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let version = req.version();
+    let upgrade = upgrade_protocol(req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let upstream_req = upstream_request(req, upgrade);
+
+    let (sandbox_id, port) = (target.sandbox_id.as_str(), target.port);
+    let pooled = shared.pool.take(sandbox_id, port);
+    let reused = pooled.is_some();
+    let mut sender = match pooled {
+        Some(sender) => sender,
+        None => connect(shared, target, route, &abort).await?,
+    };
+    let mut resp = match sender.try_send_request(upstream_req).await {
+        Ok(resp) => resp,
+        Err(mut err) => match err.take_message() {
+            // A pooled connection closed by the sandbox before the request
+            // went out: one retry on a fresh connection is safe.
+            Some(req) if reused => {
+                sender = connect(shared, target, route, &abort).await?;
+                sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| upstream_error(target, e.into()))?
+            }
+            _ => return Err(upstream_error(target, err.into_error().into())),
+        },
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tunnel(client_upgrade, upstream_upgrade, abort, target.clone());
+            let (mut parts, _) = resp.into_parts();
+            parts.version = version;
+            let body = Empty::new().map_err(|never| match never {}).boxed_unsync();
+            return Ok(Response::from_parts(parts, body));
+        }
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = version;
+    let give_back = GiveBack {
+        pool: Arc::clone(&shared.pool),
+        sandbox_id: sandbox_id.to_string(),
+        port,
+        sender,
+    };
+    let body = ResponseBody::new(body, abort, Some(give_back)).boxed_unsync();
+    Ok(Response::from_parts(parts, body))
+}
+
+async fn connect(
+    shared: &Shared,
+    target: &Target,
+    route: &Route,
+    abort: &Abort,
+) -> Result<Sender, ProxyError> {
+    let (sandbox_id, port) = (target.sandbox_id.clone(), target.port);
+    shared
+        .pool
+        .connect(route, port, abort.token.clone())
+        .await
+        .map_err(|err| match err {
+            ConnectError::Dial(DialError::OpenNetns { .. }) => {
+                ProxyError::SandboxNotFound { sandbox_id }
+            }
+            ConnectError::Dial(DialError::Connect { .. }) => {
+                ProxyError::PortNotOpen { sandbox_id, port }
+            }
+            other => {
+                // Traffic from the internet triggers this: at most one line a second.
+                if crate::log_allowed(&CONNECT_WARNED) {
+                    tracing::warn!(%sandbox_id, port, err = ?other, "cannot connect to a sandbox");
+                }
+                ProxyError::Upstream {
+                    sandbox_id,
+                    port,
+                    source: other.into(),
+                }
+            }
+        })
+}
+
+fn upstream_error(target: &Target, source: BoxError) -> ProxyError {
+    ProxyError::Upstream {
+        sandbox_id: target.sandbox_id.clone(),
+        port: target.port,
+        source,
+    }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (websocket or any
+/// other protocol): `Connection` lists `upgrade` and `Upgrade` is present.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// The request as sent upstream: HTTP/1.1, origin-form URI, `Host` kept
+/// (or made from the h2 authority), hop-by-hop headers dropped. Everything
+/// else, `E2b-Sandbox-*` included, passes unchanged; envd ignores those.
+fn upstream_request(req: Request<Incoming>, upgrade: Option<HeaderValue>) -> Request<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    // hyper answers `100 Continue` to the client itself when the body is
+    // first read; the sandbox gets the body without waiting.
+    parts.headers.remove(EXPECT);
+    if let Some(host) = host {
+        parts.headers.insert(HOST, host);
+    }
+    if let Some(protocol) = upgrade {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, protocol);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Copies raw bytes both ways once both sides switched protocols, until
+/// either closes or the sandbox ends.
+fn tunnel(client: OnUpgrade, upstream: OnUpgrade, abort: Abort, target: Target) {
+    tokio::spawn(async move {
+        let run = async {
+            let (client, upstream) = tokio::try_join!(client, upstream)?;
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            Ok::<(), BoxError>(())
+        };
+        tokio::select! {
+            biased;
+            () = abort.token.cancelled() => {
+                // Dropping `run` closes both sides; the client's with RST.
+                let _ = abort.fire();
+            }
+            res = run => {
+                if let Err(err) = res {
+                    tracing::debug!(sandbox_id = %target.sandbox_id, port = target.port, ?err, "tunnel ended");
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("e2b-sandbox-id", HeaderValue::from_static("abc"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["e2b-sandbox-id", "content-length"]);
+    }
+
+    #[test]
+    fn upgrades_need_connection_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_protocol(&h), None);
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
+    }
+}
