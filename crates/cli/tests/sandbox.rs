@@ -449,7 +449,7 @@ fn a_fork_bomb_is_contained_by_the_pids_limit() {
     );
     let n = sbx.cgroup.procs().len();
     assert!(
-        n <= SMALL.pids as usize,
+        n as u64 <= SMALL.pids,
         "{n} processes in a cgroup limited to {}",
         SMALL.pids
     );

@@ -183,7 +183,9 @@ impl Layout {
         }
         for (controller, slot) in [("memory", 0), ("cpu", 1), ("pids", 2), ("freezer", 3)] {
             let dir = if self.uses_v2(controller)? {
-                cg.v2.clone().ok_or(CgroupError::MissingController(controller))?
+                cg.v2
+                    .clone()
+                    .ok_or(CgroupError::MissingController(controller))?
             } else {
                 let mount = self
                     .v1_mount(controller)
@@ -234,7 +236,12 @@ impl Layout {
         }
         for (controller, slot) in [("memory", 0), ("cpu", 1), ("pids", 2), ("freezer", 3)] {
             let (dir, v2) = if self.uses_v2(controller)? {
-                (cg.v2.clone().ok_or(CgroupError::MissingController(controller))?, true)
+                (
+                    cg.v2
+                        .clone()
+                        .ok_or(CgroupError::MissingController(controller))?,
+                    true,
+                )
             } else {
                 let mount = self
                     .v1_mount(controller)
@@ -417,7 +424,11 @@ impl Cgroup {
     /// Bytes of memory in use.
     pub fn memory_used(&self) -> u64 {
         let (dir, v2) = &self.memory;
-        let file = if *v2 { "memory.current" } else { "memory.usage_in_bytes" };
+        let file = if *v2 {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
         read_u64(&dir.join(file))
     }
 
@@ -507,7 +518,10 @@ mod tests {
         assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
         assert!(!l.uses_v2("memory").unwrap());
         assert!(!l.uses_v2("freezer").unwrap());
-        assert_eq!(l.v1_mount("cpuacct"), Some(Path::new("/sys/fs/cgroup/cpuacct")));
+        assert_eq!(
+            l.v1_mount("cpuacct"),
+            Some(Path::new("/sys/fs/cgroup/cpuacct"))
+        );
         l.check().unwrap();
     }
 
@@ -537,7 +551,10 @@ mod tests {
             .map(|(i, c)| {
                 let dir = root.join(c);
                 fs::create_dir_all(&dir).unwrap();
-                format!("{i} 1 0:{i} / {} rw - cgroup cgroup rw,{c}\n", dir.display())
+                format!(
+                    "{i} 1 0:{i} / {} rw - cgroup cgroup rw,{c}\n",
+                    dir.display()
+                )
             })
             .collect();
         let l = Layout::parse(&mountinfo, |_| String::new());
@@ -556,7 +573,10 @@ mod tests {
             read(root.join("memory/arca/sbx1/memory.limit_in_bytes")),
             (512u64 << 20).to_string()
         );
-        assert_eq!(read(root.join("cpu,cpuacct/arca/sbx1/cpu.cfs_quota_us")), "200000");
+        assert_eq!(
+            read(root.join("cpu,cpuacct/arca/sbx1/cpu.cfs_quota_us")),
+            "200000"
+        );
         assert_eq!(read(root.join("pids/arca/sbx1/pids.max")), "100");
         assert_eq!(cg.dirs().len(), 4);
         assert_eq!(l.sandbox_names(), vec!["sbx1".to_string()]);

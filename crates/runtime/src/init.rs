@@ -60,7 +60,9 @@ pub fn init_main() -> i32 {
     let result = std::io::stdin()
         .read_to_string(&mut input)
         .map_err(|e| format!("reading the init config: {e}"))
-        .and_then(|_| serde_json::from_str::<InitConfig>(&input).map_err(|e| format!("bad init config: {e}")))
+        .and_then(|_| {
+            serde_json::from_str::<InitConfig>(&input).map_err(|e| format!("bad init config: {e}"))
+        })
         .and_then(|cfg| stage1(&cfg));
     let (line, code) = match result {
         Ok(pid) => (serde_json::json!({ "pid": pid }), 0),
@@ -78,11 +80,17 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
     let me = std::process::id().to_string();
     for dir in &cfg.cgroup_dirs {
         let procs = dir.join("cgroup.procs");
-        ctx(fs::write(&procs, &me), || format!("joining cgroup {}", dir.display()))?;
+        ctx(fs::write(&procs, &me), || {
+            format!("joining cgroup {}", dir.display())
+        })?;
     }
     if let Some(netns) = &cfg.netns {
-        let f = ctx(fs::File::open(netns), || format!("opening {}", netns.display()))?;
-        ctx(setns(f.as_fd(), CloneFlags::CLONE_NEWNET), || format!("entering {}", netns.display()))?;
+        let f = ctx(fs::File::open(netns), || {
+            format!("opening {}", netns.display())
+        })?;
+        ctx(setns(f.as_fd(), CloneFlags::CLONE_NEWNET), || {
+            format!("entering {}", netns.display())
+        })?;
         // The netns belongs to the host's user namespace, so sandbox root is
         // not privileged there: let it bind low ports and use ping sockets.
         let _ = fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0");
@@ -97,7 +105,9 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
         ),
         || "unshare pid/uts/ipc/cgroup namespaces".into(),
     )?;
-    ctx(nix::unistd::sethostname(&cfg.hostname), || "sethostname".into())?;
+    ctx(nix::unistd::sethostname(&cfg.hostname), || {
+        "sethostname".into()
+    })?;
 
     let (ready_r, ready_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
@@ -110,6 +120,8 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
         // Only reached on failure: exec replaced the process otherwise.
         let mut f = fs::File::from(err_w);
         let _ = f.write_all(err.as_bytes());
+        // The forked child must not return into stage 1's code.
+        #[allow(clippy::exit)]
         std::process::exit(1);
     };
     drop((ready_w, go_r, err_w));
@@ -156,13 +168,19 @@ fn mnt(
     data: Option<&str>,
 ) -> Res<()> {
     ctx(mount(src, target, fstype, flags, data), || {
-        format!("mounting {} on {}", src.or(fstype).unwrap_or("?"), target.display())
+        format!(
+            "mounting {} on {}",
+            src.or(fstype).unwrap_or("?"),
+            target.display()
+        )
     })
 }
 
 fn ensure_dir(p: &Path) -> Res<()> {
     if !p.is_dir() {
-        ctx(fs::create_dir_all(p), || format!("creating {}", p.display()))?;
+        ctx(fs::create_dir_all(p), || {
+            format!("creating {}", p.display())
+        })?;
     }
     Ok(())
 }
@@ -188,17 +206,35 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let root = cfg.root_dir.as_path();
     let owner = format!("uid={0},gid={0}", cfg.id_map.outside);
-    ctx(unshare(CloneFlags::CLONE_NEWNS), || "unshare mount namespace".into())?;
-    mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    ctx(unshare(CloneFlags::CLONE_NEWNS), || {
+        "unshare mount namespace".into()
+    })?;
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
 
-    let lower: Vec<String> = cfg.lower_dirs.iter().map(|p| p.display().to_string()).collect();
+    let lower: Vec<String> = cfg
+        .lower_dirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.join(":"),
         cfg.upper_dir.display(),
         cfg.work_dir.display()
     );
-    mnt(Some("overlay"), root, Some("overlay"), MsFlags::empty(), Some(&opts))?;
+    mnt(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&opts),
+    )?;
 
     // /proc of the new pid namespace.
     let proc_ = root.join("proc");
@@ -208,11 +244,23 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     // A minimal /dev.
     let dev = root.join("dev");
     ensure_dir(&dev)?;
-    mnt(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(&format!("mode=755,size=1m,{owner}")))?;
+    mnt(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(&format!("mode=755,size=1m,{owner}")),
+    )?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(node);
         ensure_file(&target)?;
-        mnt(Some(&format!("/dev/{node}")), &target, None, MsFlags::MS_BIND, None)?;
+        mnt(
+            Some(&format!("/dev/{node}")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
     }
     let pts = dev.join("pts");
     ensure_dir(&pts)?;
@@ -221,11 +269,20 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         &pts,
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some(&format!("newinstance,ptmxmode=0666,mode=0620,gid={}", cfg.id_map.outside + 5)),
+        Some(&format!(
+            "newinstance,ptmxmode=0666,mode=0620,gid={}",
+            cfg.id_map.outside + 5
+        )),
     )?;
     let shm = dev.join("shm");
     ensure_dir(&shm)?;
-    mnt(Some("tmpfs"), &shm, Some("tmpfs"), nodev, Some(&format!("mode=1777,size=64m,{owner}")))?;
+    mnt(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        nodev,
+        Some(&format!("mode=1777,size=64m,{owner}")),
+    )?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -233,30 +290,68 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        ctx(std::os::unix::fs::symlink(to, dev.join(link)), || format!("linking /dev/{link}"))?;
+        ctx(std::os::unix::fs::symlink(to, dev.join(link)), || {
+            format!("linking /dev/{link}")
+        })?;
     }
 
     // /sys, read-only.
     let sysfs = root.join("sys");
     ensure_dir(&sysfs)?;
-    mnt(Some("sysfs"), &sysfs, Some("sysfs"), nodev | MsFlags::MS_RDONLY, None)?;
+    mnt(
+        Some("sysfs"),
+        &sysfs,
+        Some("sysfs"),
+        nodev | MsFlags::MS_RDONLY,
+        None,
+    )?;
 
     // /run with envd, read-only, and the boot id.
     let run = root.join("run");
     ensure_dir(&run)?;
-    mnt(Some("tmpfs"), &run, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(&format!("mode=755,size=16m,{owner}")))?;
+    mnt(
+        Some("tmpfs"),
+        &run,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&format!("mode=755,size=16m,{owner}")),
+    )?;
     let arca_dir = run.join("arca");
     ensure_dir(&arca_dir)?;
     let envd = root.join(ENVD_PATH.trim_start_matches('/'));
     ensure_file(&envd)?;
     let envd_src = cfg.envd_binary.display().to_string();
     mnt(Some(&envd_src), &envd, None, MsFlags::MS_BIND, None)?;
-    mnt(None, &envd, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    mnt(
+        None,
+        &envd,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None,
+    )?;
     let boot_id = arca_dir.join("boot_id");
-    ctx(fs::write(&boot_id, format!("{}\n", cfg.boot_id)), || "writing boot_id".into())?;
+    ctx(fs::write(&boot_id, format!("{}\n", cfg.boot_id)), || {
+        "writing boot_id".into()
+    })?;
     let boot_target = proc_.join("sys/kernel/random/boot_id");
-    mnt(Some(&boot_id.display().to_string()), &boot_target, None, MsFlags::MS_BIND, None)?;
-    mnt(None, &boot_target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
+    mnt(
+        Some(&boot_id.display().to_string()),
+        &boot_target,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    mnt(
+        None,
+        &boot_target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    )?;
     let devnull = dev.join("null").display().to_string();
     for name in MASKED {
         let p = proc_.join(name);
@@ -267,42 +362,75 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
 
     let tmp = root.join("tmp");
     ensure_dir(&tmp)?;
-    ctx(fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)), || "chmod /tmp".into())?;
+    ctx(
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)),
+        || "chmod /tmp".into(),
+    )?;
 
     // Enter the new root; the old one is detached and gone.
     ctx(nix::unistd::chdir(root), || "chdir to the new root".into())?;
     ctx(nix::unistd::pivot_root(".", "."), || "pivot_root".into())?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching the old root".into())?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detaching the old root".into()
+    })?;
     ctx(nix::unistd::chdir("/"), || "chdir /".into())?;
     ctx(nix::unistd::setsid(), || "setsid".into())?;
 
     // Sandbox root is not host root: a user namespace, mapped from outside.
-    ctx(unshare(CloneFlags::CLONE_NEWUSER), || "unshare user namespace".into())?;
-    ctx(fs::File::from(ready).write_all(b"r"), || "signalling stage 1".into())?;
+    ctx(unshare(CloneFlags::CLONE_NEWUSER), || {
+        "unshare user namespace".into()
+    })?;
+    ctx(fs::File::from(ready).write_all(b"r"), || {
+        "signalling stage 1".into()
+    })?;
     let mut buf = [0u8; 1];
     let n = fs::File::from(go).read(&mut buf).unwrap_or(0);
     if n != 1 {
         return Err("stage 1 did not map the user namespace".into());
     }
-    ctx(nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)), || "setresgid".into())?;
-    ctx(nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)), || "setresuid".into())?;
+    ctx(
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+        || "setresgid".into(),
+    )?;
+    ctx(
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)),
+        || "setresuid".into(),
+    )?;
     ctx(nix::unistd::setgroups(&[]), || "setgroups".into())?;
 
     // stdio to /dev/null, every other descriptor closed at exec.
-    let null = ctx(fs::OpenOptions::new().read(true).write(true).open("/dev/null"), || "opening /dev/null".into())?;
-    ctx(nix::unistd::dup2_stdin(&null), || "redirecting stdin".into())?;
-    ctx(nix::unistd::dup2_stdout(&null), || "redirecting stdout".into())?;
-    ctx(nix::unistd::dup2_stderr(&null), || "redirecting stderr".into())?;
+    let null = ctx(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null"),
+        || "opening /dev/null".into(),
+    )?;
+    ctx(nix::unistd::dup2_stdin(&null), || {
+        "redirecting stdin".into()
+    })?;
+    ctx(nix::unistd::dup2_stdout(&null), || {
+        "redirecting stdout".into()
+    })?;
+    ctx(nix::unistd::dup2_stderr(&null), || {
+        "redirecting stderr".into()
+    })?;
     drop(null);
     ctx(sys::cloexec_from(3), || "close_range".into())?;
 
     if cfg.no_new_privs {
-        ctx(nix::sys::prctl::set_no_new_privs(), || "no_new_privs".into())?;
+        ctx(nix::sys::prctl::set_no_new_privs(), || {
+            "no_new_privs".into()
+        })?;
     }
-    ctx(sys::install_seccomp(&seccomp::program()), || "installing the seccomp filter".into())?;
+    ctx(sys::install_seccomp(&seccomp::program()), || {
+        "installing the seccomp filter".into()
+    })?;
     for cap in 0..=LAST_CAP {
         if !KEPT_CAPS.contains(&cap) {
-            ctx(sys::drop_bounding_cap(cap), || format!("dropping capability {cap}"))?;
+            ctx(sys::drop_bounding_cap(cap), || {
+                format!("dropping capability {cap}")
+            })?;
         }
     }
 
@@ -317,5 +445,8 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
         .collect();
     let err = nix::unistd::execve(&path, &argv, &envp).err();
-    Err(format!("exec {ENVD_PATH}: {}", err.map_or_else(String::new, |e| e.to_string())))
+    Err(format!(
+        "exec {ENVD_PATH}: {}",
+        err.map_or_else(String::new, |e| e.to_string())
+    ))
 }

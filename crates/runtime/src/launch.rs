@@ -37,7 +37,9 @@ pub fn launch(init_exe: &Path, config: &InitConfig) -> Result<i32, RuntimeError>
         .wait()
         .map_err(|e| RuntimeError::Init(format!("waiting for init: {e}")))?;
     let line: serde_json::Value = serde_json::from_str(out.trim()).map_err(|_| {
-        RuntimeError::Init(format!("init exited with {status} and printed no result: {out:?}"))
+        RuntimeError::Init(format!(
+            "init exited with {status} and printed no result: {out:?}"
+        ))
     })?;
     if let Some(pid) = line.get("pid").and_then(serde_json::Value::as_i64) {
         return i32::try_from(pid).map_err(|_| RuntimeError::Init(format!("bad pid {pid}")));

@@ -94,7 +94,12 @@ pub const DENIED: &[(&str, libc::c_long)] = &[
 ];
 
 fn stmt(code: u16, k: u32) -> Insn {
-    Insn { code, jt: 0, jf: 0, k }
+    Insn {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> Insn {
@@ -179,7 +184,12 @@ mod tests {
         for (name, n) in DENIED {
             assert_eq!(run(&p, nr(*n), X86, 0), eperm, "{name}");
         }
-        for ok in [libc::SYS_read, libc::SYS_write, libc::SYS_execve, libc::SYS_ptrace] {
+        for ok in [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_execve,
+            libc::SYS_ptrace,
+        ] {
             assert_eq!(run(&p, nr(ok), X86, 0), RET_ALLOW);
         }
     }
@@ -189,8 +199,14 @@ mod tests {
         let p = program();
         let fork_flags = 0x0120_0011; // CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD
         assert_eq!(run(&p, nr(libc::SYS_clone), X86, fork_flags), RET_ALLOW);
-        assert_eq!(run(&p, nr(libc::SYS_clone), X86, fork_flags | 0x1000_0000), RET_ERRNO | 1);
-        assert_eq!(run(&p, nr(libc::SYS_unshare), X86, 0x0002_0000), RET_ERRNO | 1);
+        assert_eq!(
+            run(&p, nr(libc::SYS_clone), X86, fork_flags | 0x1000_0000),
+            RET_ERRNO | 1
+        );
+        assert_eq!(
+            run(&p, nr(libc::SYS_unshare), X86, 0x0002_0000),
+            RET_ERRNO | 1
+        );
         assert_eq!(run(&p, nr(libc::SYS_unshare), X86, 0x0000_0200), RET_ALLOW); // CLONE_FS
         assert_eq!(run(&p, nr(libc::SYS_clone3), X86, 0), RET_ERRNO | 38);
     }

@@ -17,7 +17,9 @@ pub(crate) fn fork() -> io::Result<Option<nix::unistd::Pid>> {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse::<u32>().ok());
     if threads != Some(1) {
-        return Err(io::Error::other("refusing to fork a multi-threaded process"));
+        return Err(io::Error::other(
+            "refusing to fork a multi-threaded process",
+        ));
     }
     // SAFETY: checked just above that this process has one thread, so the
     // child can allocate and run arbitrary code.
