@@ -1,0 +1,146 @@
+//! `arca-api`: Arca's control plane, the E2B-compatible REST API
+//! (CONTRACT.md section 2) that the official E2B SDKs talk to.
+//!
+//! It authenticates API keys to teams, resolves templates, keeps every
+//! sandbox in a database (SQLite by default; the SQL is kept portable to
+//! PostgreSQL) and reaches nodes only through
+//! [`NodeService`](arca_proto::node::NodeService). The node is the authority
+//! on which sandboxes exist: the api follows its [`SandboxEvent`]s and
+//! reconciles with its list at start, so a record never outlives its sandbox
+//! for long and no sandbox runs without a record.
+//!
+//! ```no_run
+//! # async fn run(node: std::sync::Arc<dyn arca_proto::node::NodeService>) -> Result<(), Box<dyn std::error::Error>> {
+//! use arca_api::{Api, ApiConfig};
+//!
+//! let api = Api::open("sqlite:/var/lib/arca/arca.db", ApiConfig::default(), node).await?;
+//! if let Some(key) = api.ensure_bootstrap().await? {
+//!     println!("E2B_API_KEY={key}");
+//! }
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! api.serve(listener).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`SandboxEvent`]: arca_proto::node::SandboxEvent
+#![forbid(unsafe_code)]
+
+mod config;
+mod db;
+mod error;
+mod http;
+mod ids;
+mod keys;
+mod models;
+mod sandboxes;
+mod sync;
+
+use std::sync::Arc;
+
+use arca_proto::node::NodeService;
+
+pub use crate::config::{
+    ApiConfig, DEFAULT_CPU_COUNT, DEFAULT_DISK_MB, DEFAULT_MAX_TIMEOUT_SECS, DEFAULT_MEMORY_MB,
+};
+pub use crate::error::ApiError;
+pub use crate::keys::KeyInfo;
+pub use axum::Router;
+
+/// The control-plane server. Cheap to clone: clones share the database pool,
+/// the node handle and the configuration.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: db::Db,
+    config: ApiConfig,
+    node: Arc<dyn NodeService>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// Opens (creating if missing) the database at `database_url`
+    /// (`sqlite:<path>`; the parent directory is created), applies the
+    /// migrations, reconciles the records with `node`'s sandboxes and starts
+    /// following the node's events.
+    ///
+    /// Reconciling removes records of sandboxes the node does not have and
+    /// kills sandboxes the node has but the database does not know (they
+    /// would otherwise run unbilled and unlisted until their deadline).
+    pub async fn open(
+        database_url: &str,
+        config: ApiConfig,
+        node: Arc<dyn NodeService>,
+    ) -> Result<Api, ApiError> {
+        let db = db::Db::open(database_url).await?;
+        // Subscribe before reconciling so that no end is missed in between.
+        let events = node.events();
+        let api = Api {
+            inner: Arc::new(Inner { db, config, node }),
+        };
+        sync::reconcile_at_start(&api).await;
+        sync::spawn_event_loop(Arc::downgrade(&api.inner), events);
+        Ok(api)
+    }
+
+    /// The HTTP routes, with every middleware, ready to serve.
+    pub fn router(&self) -> Router {
+        http::router(self.clone())
+    }
+
+    /// Serves HTTP/1.1 on `listener` until the listener fails.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+
+    /// On the first start (no team yet), creates the team `default` and one
+    /// API key for it and returns that key in plaintext: the only time it is
+    /// ever visible. Later starts return `None`.
+    pub async fn ensure_bootstrap(&self) -> Result<Option<String>, ApiError> {
+        keys::ensure_bootstrap(&self.inner.db).await
+    }
+
+    /// Creates a team named `name` and returns its id. Names are unique.
+    pub async fn create_team(&self, name: &str) -> Result<String, ApiError> {
+        keys::create_team(&self.inner.db, name).await
+    }
+
+    /// Creates a new API key for `team` (a team id or name) and returns it in
+    /// plaintext; only its hash is stored.
+    pub async fn create_key(&self, team: &str) -> Result<String, ApiError> {
+        keys::create_key(&self.inner.db, team).await
+    }
+
+    /// Every API key, revoked ones included, oldest first.
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>, ApiError> {
+        keys::list_keys(&self.inner.db).await
+    }
+
+    /// Revokes a key by its id (see [`KeyInfo::id`]); requests with it get
+    /// 401 from now on. Revoking a revoked key is a no-op.
+    pub async fn revoke_key(&self, id: &str) -> Result<(), ApiError> {
+        keys::revoke_key(&self.inner.db, id).await
+    }
+
+    pub(crate) fn db(&self) -> &db::Db {
+        &self.inner.db
+    }
+
+    pub(crate) fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn node(&self) -> &dyn NodeService {
+        self.inner.node.as_ref()
+    }
+}

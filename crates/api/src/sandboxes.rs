@@ -1,0 +1,933 @@
+//! Sandbox endpoints (CONTRACT 2.3 and 4.4): create, connect, info, list,
+//! kill, timeouts, metrics and logs, for both SDK generations.
+
+use std::collections::BTreeMap;
+
+use arca_proto::node::{NodeError, SandboxId, SandboxSpec, TimeoutAction};
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use chrono::{DateTime, NaiveDateTime, SubsecRound as _, TimeDelta, Utc};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tracing::Instrument as _;
+
+use crate::Api;
+use crate::db::{Claim, Cursor, ListFilter, Order, RecordState, SandboxRecord, TemplateRecord};
+use crate::error::{ApiError, chain};
+use crate::http::{JsonBody, QueryParams, SandboxPath, Team};
+use crate::ids;
+use crate::models::{
+    ConnectSandbox, ListedSandbox, NewSandbox, RefreshRequest, SandboxBody, SandboxDetail,
+    SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2, SandboxMetric, TimeoutRequest,
+};
+
+/// Lifetime of a v1-created sandbox when the request has none.
+const V1_DEFAULT_TIMEOUT_SECS: i64 = 15;
+/// Lifetime of a v2-created sandbox, and the v2 connect extension, when the
+/// request has none.
+const V2_DEFAULT_TIMEOUT_SECS: i64 = 300;
+/// Default and upper bound of the deprecated keep-alive (`/refreshes`).
+const DEFAULT_REFRESH_SECS: i64 = 15;
+const MAX_REFRESH_SECS: i64 = 3600;
+/// Page size of `GET /v2/sandboxes`: default and maximum.
+const MAX_PAGE: i64 = 100;
+/// Lines of a log answer: default and maximum.
+const MAX_LOG_LINES: i64 = 1000;
+/// How long an `Idempotency-Key` is remembered.
+const IDEMPOTENCY_WINDOW: TimeDelta = TimeDelta::days(1);
+/// Longest `Idempotency-Key` (CONTRACT 1.4).
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// Bytes of randomness in an envd access token.
+const ENVD_TOKEN_BYTES: usize = 32;
+
+// ---- validation -------------------------------------------------------------
+
+/// A create request after validation.
+#[derive(Debug, Clone)]
+struct CreateRequest {
+    template: String,
+    timeout_secs: i64,
+    auto_pause: bool,
+    auto_pause_memory: bool,
+    auto_resume: bool,
+    allow_internet_access: Option<bool>,
+    metadata: BTreeMap<String, String>,
+    env_vars: BTreeMap<String, String>,
+}
+
+impl CreateRequest {
+    fn validate(
+        body: NewSandbox,
+        default_timeout: i64,
+        max_timeout: u64,
+    ) -> Result<CreateRequest, ApiError> {
+        let timeout_secs = check_timeout(body.timeout.unwrap_or(default_timeout), 1, max_timeout)?;
+        let auto_pause = body.auto_pause.unwrap_or(false);
+        let auto_pause_memory = body.auto_pause_memory.unwrap_or(true);
+        let auto_resume = body.auto_resume.is_some_and(|a| a.enabled);
+        if !auto_pause_memory && !auto_pause {
+            return Err(ApiError::BadRequest(
+                "autoPauseMemory can only be set together with autoPause".into(),
+            ));
+        }
+        if auto_resume && !auto_pause_memory {
+            return Err(ApiError::BadRequest(
+                "autoResume cannot be combined with autoPauseMemory: false".into(),
+            ));
+        }
+        if auto_resume && !auto_pause {
+            return Err(ApiError::BadRequest(
+                "autoResume needs autoPause: only a paused sandbox can resume".into(),
+            ));
+        }
+        Ok(CreateRequest {
+            template: template_name(&body.template_id)?,
+            timeout_secs,
+            auto_pause,
+            auto_pause_memory,
+            auto_resume,
+            allow_internet_access: body.allow_internet_access,
+            metadata: body.metadata.unwrap_or_default(),
+            env_vars: body.env_vars.unwrap_or_default(),
+        })
+    }
+}
+
+/// `t` if it is within `min..=max` seconds; else a 400 naming the limits.
+fn check_timeout(t: i64, min: i64, max: u64) -> Result<i64, ApiError> {
+    let max_i = i64::try_from(max).unwrap_or(i64::MAX);
+    if (min..=max_i).contains(&t) {
+        return Ok(t);
+    }
+    let hint = if max % 3600 == 0 && max >= 3600 {
+        format!(" ({} hours)", max / 3600)
+    } else {
+        String::new()
+    };
+    Err(ApiError::BadRequest(format!(
+        "timeout must be between {min} and {max} seconds{hint}, got {t}"
+    )))
+}
+
+/// The current time at the precision the database keeps (microseconds), so
+/// that the api's and the node's copies of a deadline compare equal.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// `now + secs`, or a 400 when that is not a representable time.
+fn deadline(now: DateTime<Utc>, secs: i64) -> Result<DateTime<Utc>, ApiError> {
+    TimeDelta::try_seconds(secs)
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| ApiError::BadRequest(format!("timeout of {secs} seconds is too large")))
+}
+
+/// The name to look a template reference up by: trimmed and lower-cased,
+/// namespace dropped (templates are not namespaced yet), tag `default` (the
+/// implicit latest) accepted. Other tags do not exist yet.
+fn template_name(raw: &str) -> Result<String, ApiError> {
+    let s = raw.trim().to_lowercase();
+    let s = s.rsplit_once('/').map_or(s.as_str(), |(_ns, name)| name);
+    let (name, tag) = s.split_once(':').map_or((s, None), |(n, t)| (n, Some(t)));
+    if name.is_empty() {
+        return Err(ApiError::BadRequest("templateID must not be empty".into()));
+    }
+    if let Some(tag) = tag.filter(|t| *t != "default") {
+        return Err(ApiError::NotFound(format!(
+            "template '{raw}' not found: it has no tag '{tag}'"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+async fn resolve_template(api: &Api, team: &str, name: &str) -> Result<TemplateRecord, ApiError> {
+    match api.db().find_template(team, name).await? {
+        Some(t) if t.ready => Ok(t),
+        Some(t) => Err(ApiError::BadRequest(format!(
+            "template '{}' has no finished build yet",
+            t.id
+        ))),
+        None => Err(ApiError::NotFound(format!("template '{name}' not found"))),
+    }
+}
+
+// ---- create -----------------------------------------------------------------
+
+/// `POST /sandboxes` (SDKs up to ~2.50).
+pub(crate) async fn create_v1(
+    State(api): State<Api>,
+    Team(team): Team,
+    JsonBody(body): JsonBody<NewSandbox>,
+) -> Result<Response, ApiError> {
+    let req =
+        CreateRequest::validate(body, V1_DEFAULT_TIMEOUT_SECS, api.config().max_timeout_secs)?;
+    let rec = in_task(create(api.clone(), team, req)).await?;
+    Ok(created(&api, &rec))
+}
+
+/// `POST /v2/sandboxes` (newer SDKs), with optional `Idempotency-Key`.
+pub(crate) async fn create_v2(
+    State(api): State<Api>,
+    Team(team): Team,
+    headers: HeaderMap,
+    JsonBody(raw): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let body: NewSandbox = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    let req =
+        CreateRequest::validate(body, V2_DEFAULT_TIMEOUT_SECS, api.config().max_timeout_secs)?;
+    let rec = match idempotency_key(&headers)? {
+        None => in_task(create(api.clone(), team, req)).await?,
+        Some(key) => {
+            // Sorted-key JSON: the same document hashes the same whatever
+            // the client's key order.
+            let canonical = serde_json::to_vec(&raw)
+                .map_err(|e| ApiError::Internal(format!("encoding request: {e}")))?;
+            let hash = ids::sha256_hex(&canonical);
+            in_task(idempotent_create(api.clone(), team, key, hash, req)).await?
+        }
+    };
+    Ok(created(&api, &rec))
+}
+
+fn created(api: &Api, rec: &SandboxRecord) -> Response {
+    let body = SandboxBody::new(rec, api.config().domain.as_deref());
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v.to_str().unwrap_or_default();
+    let ok = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(Some(key.to_string()))
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters of [a-z0-9-]"
+        )))
+    }
+}
+
+/// Runs a create to completion even if the client goes away: dropping it
+/// half-way could leave a sandbox on the node without a running record.
+async fn in_task<F>(fut: F) -> Result<SandboxRecord, ApiError>
+where
+    F: Future<Output = Result<SandboxRecord, ApiError>> + Send + 'static,
+{
+    tokio::spawn(fut.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| ApiError::Internal(format!("sandbox create task failed: {e}")))?
+}
+
+async fn idempotent_create(
+    api: Api,
+    team: String,
+    key: String,
+    hash: String,
+    req: CreateRequest,
+) -> Result<SandboxRecord, ApiError> {
+    let db = api.db().clone();
+    let now = now();
+    db.expire_idempotency(now - IDEMPOTENCY_WINDOW).await?;
+    // Twice at most: a key whose sandbox is gone is released and claimed anew.
+    for _ in 0..2 {
+        match db.claim_idempotency(&team, &key, &hash, now).await? {
+            Claim::Claimed => {
+                let res = create(api.clone(), team.clone(), req).await;
+                let book = match &res {
+                    Ok(rec) => db.finish_idempotency(&team, &key, &rec.id).await,
+                    Err(_) => db.release_idempotency(&team, &key).await,
+                };
+                if let Err(e) = book {
+                    // The sandbox exists; a retry would make a second one,
+                    // which is the lesser evil than failing this create.
+                    tracing::warn!(error = %chain(&e), "could not record the Idempotency-Key outcome");
+                }
+                return res;
+            }
+            Claim::Existing { request_hash, .. } if request_hash != hash => {
+                return Err(ApiError::Conflict {
+                    message: "this Idempotency-Key was used with a different request body".into(),
+                    error_code: Some("idempotency_request_mismatch"),
+                });
+            }
+            Claim::Existing {
+                sandbox_id: None, ..
+            } => {
+                return Err(ApiError::Conflict {
+                    message: "a request with this Idempotency-Key is still in progress".into(),
+                    error_code: Some("idempotency_in_progress"),
+                });
+            }
+            Claim::Existing {
+                sandbox_id: Some(id),
+                ..
+            } => {
+                let found = match SandboxId::parse(&id) {
+                    Ok(id) => db.get_sandbox(&team, &id).await?,
+                    Err(_) => None,
+                };
+                if let Some(rec) = found {
+                    return Ok(rec);
+                }
+                db.release_idempotency(&team, &key).await?;
+            }
+        }
+    }
+    Err(ApiError::Conflict {
+        message: "a request with this Idempotency-Key is still in progress".into(),
+        error_code: Some("idempotency_in_progress"),
+    })
+}
+
+/// The create flow (ARCHITECTURE section 3): record as `creating`, start on
+/// the node, mark `running`. On any failure the record is removed and the
+/// node told to drop whatever it may have made.
+async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRecord, ApiError> {
+    let tmpl = resolve_template(&api, &team, &req.template).await?;
+    let cfg = api.config();
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let now = now();
+    let mut rec = SandboxRecord {
+        id: ids::new_sandbox_id(),
+        team_id: team,
+        template_id: tmpl.id.clone(),
+        alias: tmpl.alias.clone(),
+        state: RecordState::Creating,
+        metadata: req.metadata,
+        envd_access_token: ids::random_hex(ENVD_TOKEN_BYTES),
+        envd_version: tmpl.envd_version.clone(),
+        started_at: now,
+        end_at: deadline(now, req.timeout_secs)?,
+        cpu_count: or(tmpl.cpu_count, cfg.default_cpu),
+        memory_mb: or(tmpl.memory_mb, cfg.default_memory_mb),
+        disk_size_mb: or(tmpl.disk_size_mb, cfg.default_disk_mb),
+        allow_internet_access: req.allow_internet_access,
+        auto_pause: req.auto_pause,
+        auto_pause_memory: req.auto_pause_memory,
+        auto_resume: req.auto_resume,
+    };
+    tracing::Span::current().record("sandbox_id", rec.id.as_str());
+    api.db().insert_sandbox(&rec).await?;
+    let spec = SandboxSpec {
+        sandbox_id: rec.id.clone(),
+        template_id: rec.template_id.clone(),
+        team_id: rec.team_id.clone(),
+        cpu_count: rec.cpu_count,
+        memory_mb: rec.memory_mb,
+        disk_size_mb: rec.disk_size_mb,
+        env_vars: req.env_vars,
+        envd_access_token: rec.envd_access_token.clone(),
+        end_at: rec.end_at,
+        on_timeout: if rec.auto_pause {
+            TimeoutAction::Pause
+        } else {
+            TimeoutAction::Kill
+        },
+        allow_internet_access: rec.allow_internet_access.unwrap_or(true),
+    };
+    let status = match api.node().create(spec).await {
+        Ok(s) => s,
+        Err(e) => {
+            undo_create(&api, &rec.id).await;
+            return Err(ApiError::from_node(e));
+        }
+    };
+    if !status.envd_version.is_empty() {
+        rec.envd_version = status.envd_version;
+    }
+    rec.end_at = status.end_at;
+    rec.cpu_count = status.cpu_count;
+    rec.memory_mb = status.memory_mb;
+    rec.disk_size_mb = status.disk_size_mb;
+    rec.state = RecordState::Running;
+    let marked = api
+        .db()
+        .mark_running(
+            &rec.id,
+            &rec.envd_version,
+            rec.end_at,
+            (rec.cpu_count, rec.memory_mb, rec.disk_size_mb),
+        )
+        .await;
+    match marked {
+        Ok(true) => {
+            tracing::info!(template_id = %rec.template_id, "sandbox created");
+            Ok(rec)
+        }
+        Ok(false) => Err(ApiError::Internal(format!(
+            "sandbox {} ended while it was starting",
+            rec.id
+        ))),
+        Err(e) => {
+            undo_create(&api, &rec.id).await;
+            Err(e)
+        }
+    }
+}
+
+/// Best-effort removal of a failed create from node and database.
+async fn undo_create(api: &Api, id: &SandboxId) {
+    match api.node().kill(id).await {
+        Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
+        Err(e) => tracing::warn!(error = %e, "could not kill a half-created sandbox"),
+    }
+    if let Err(e) = api.db().delete_sandbox(id.as_str()).await {
+        // The next start's reconciliation removes it.
+        tracing::warn!(error = %chain(&e), "could not delete the record of a failed create");
+    }
+}
+
+// ---- one sandbox ------------------------------------------------------------
+
+/// The team's visible record of `id`, or 404.
+async fn find(api: &Api, team: &str, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
+    api.db()
+        .get_sandbox(team, id)
+        .await?
+        .ok_or_else(|| ApiError::sandbox_not_found(id.as_str()))
+}
+
+/// Maps a node failure on an existing record; a sandbox the node no longer
+/// has loses its record on the way.
+async fn node_failure(api: &Api, id: &SandboxId, err: NodeError) -> ApiError {
+    if matches!(err, NodeError::SandboxNotFound(_)) {
+        if let Err(e) = api.db().delete_sandbox(id.as_str()).await {
+            return e;
+        }
+    }
+    ApiError::from_node(err)
+}
+
+/// Moves the deadline on the node, then in the record.
+async fn move_end_at(
+    api: &Api,
+    id: &SandboxId,
+    end_at: DateTime<Utc>,
+) -> Result<DateTime<Utc>, ApiError> {
+    let status = match api.node().set_end_at(id, end_at).await {
+        Ok(s) => s,
+        Err(e) => return Err(node_failure(api, id, e).await),
+    };
+    api.db().set_end_at(id, status.end_at).await?;
+    Ok(status.end_at)
+}
+
+/// `GET /sandboxes/{id}`.
+pub(crate) async fn get_info(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+) -> Result<Json<SandboxDetail>, ApiError> {
+    let rec = find(&api, &team, &id).await?;
+    Ok(Json(SandboxDetail::new(
+        &rec,
+        api.config().domain.as_deref(),
+    )))
+}
+
+/// `DELETE /sandboxes/{id}`: 204, or 404 if there was nothing to kill.
+pub(crate) async fn kill(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+) -> Result<StatusCode, ApiError> {
+    find(&api, &team, &id).await?;
+    match api.node().kill(&id).await {
+        Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
+        Err(e) => return Err(ApiError::from_node(e)),
+    }
+    api.db().delete_sandbox(id.as_str()).await?;
+    tracing::info!("sandbox killed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn connect(
+    api: Api,
+    team: String,
+    id: SandboxId,
+    timeout: i64,
+) -> Result<Response, ApiError> {
+    let timeout = check_timeout(timeout, 0, api.config().max_timeout_secs)?;
+    let mut rec = find(&api, &team, &id).await?;
+    if rec.state == RecordState::Paused {
+        return Err(resume_unsupported());
+    }
+    // Connecting never shortens a sandbox's life (CONTRACT 4.4).
+    let wanted = deadline(now(), timeout)?;
+    if wanted > rec.end_at {
+        rec.end_at = move_end_at(&api, &id, wanted).await?;
+    }
+    let body = SandboxBody::new(&rec, api.config().domain.as_deref());
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+/// `POST /sandboxes/{id}/connect` (v1: `timeout` required).
+pub(crate) async fn connect_v1(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    JsonBody(body): JsonBody<ConnectSandbox>,
+) -> Result<Response, ApiError> {
+    let Some(timeout) = body.timeout else {
+        return Err(ApiError::BadRequest("timeout is required".into()));
+    };
+    connect(api, team, id, timeout).await
+}
+
+/// `POST /v2/sandboxes/{id}/connect`.
+pub(crate) async fn connect_v2(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    JsonBody(body): JsonBody<ConnectSandbox>,
+) -> Result<Response, ApiError> {
+    let timeout = body.timeout.unwrap_or(V2_DEFAULT_TIMEOUT_SECS);
+    connect(api, team, id, timeout).await
+}
+
+/// `POST /sandboxes/{id}/timeout`: `endAt = now + timeout`, shorter or
+/// longer; 0 ends the sandbox now.
+pub(crate) async fn set_timeout(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    JsonBody(body): JsonBody<TimeoutRequest>,
+) -> Result<StatusCode, ApiError> {
+    let timeout = check_timeout(body.timeout, 0, api.config().max_timeout_secs)?;
+    find(&api, &team, &id).await?;
+    move_end_at(&api, &id, deadline(now(), timeout)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /sandboxes/{id}/refreshes` (deprecated keep-alive): like connect,
+/// extends to `now + duration` and never shortens.
+pub(crate) async fn refresh(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    JsonBody(body): JsonBody<RefreshRequest>,
+) -> Result<StatusCode, ApiError> {
+    let duration = body.duration.unwrap_or(DEFAULT_REFRESH_SECS);
+    if !(0..=MAX_REFRESH_SECS).contains(&duration) {
+        return Err(ApiError::BadRequest(format!(
+            "duration must be between 0 and {MAX_REFRESH_SECS} seconds, got {duration}"
+        )));
+    }
+    let rec = find(&api, &team, &id).await?;
+    let wanted = deadline(now(), duration)?;
+    if wanted > rec.end_at {
+        move_end_at(&api, &id, wanted).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn resume_unsupported() -> ApiError {
+    ApiError::NotImplemented("resume is not supported yet by this Arca server".into())
+}
+
+/// `POST /sandboxes/{id}/pause`: not yet (issue 5); 404 for unknown ids so
+/// the SDK still tells "gone" apart.
+pub(crate) async fn pause(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+) -> Result<StatusCode, ApiError> {
+    find(&api, &team, &id).await?;
+    Err(ApiError::NotImplemented(
+        "pause is not supported yet by this Arca server".into(),
+    ))
+}
+
+/// `POST /sandboxes/{id}/resume` (deprecated): not yet (issue 5).
+pub(crate) async fn resume(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+) -> Result<StatusCode, ApiError> {
+    find(&api, &team, &id).await?;
+    Err(resume_unsupported())
+}
+
+/// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds, inclusive).
+pub(crate) async fn metrics(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    q: QueryParams,
+) -> Result<Json<Vec<SandboxMetric>>, ApiError> {
+    let start = q.int("start")?;
+    let end = q.int("end")?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if s > e {
+            return Err(ApiError::BadRequest("start must not be after end".into()));
+        }
+    }
+    find(&api, &team, &id).await?;
+    let samples = match api.node().metrics(&id).await {
+        Ok(s) => s,
+        Err(e) => return Err(node_failure(&api, &id, e).await),
+    };
+    let out = samples
+        .into_iter()
+        .filter(|m| {
+            let t = m.timestamp.timestamp();
+            start.is_none_or(|s| t >= s) && end.is_none_or(|e| t <= e)
+        })
+        .map(|m| SandboxMetric {
+            timestamp: m.timestamp,
+            timestamp_unix: m.timestamp.timestamp(),
+            cpu_count: m.cpu_count,
+            cpu_used_pct: m.cpu_used_pct,
+            mem_used: m.mem_used,
+            mem_total: m.mem_total,
+            mem_cache: m.mem_cache,
+            disk_used: m.disk_used,
+            disk_total: m.disk_total,
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+/// Log levels in increasing severity; anything else reads as `info`.
+const LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
+fn level_rank(level: &str) -> usize {
+    match level.to_ascii_lowercase().as_str() {
+        "debug" | "trace" => 0,
+        "warn" | "warning" => 2,
+        "error" | "fatal" | "panic" => 3,
+        _ => 1,
+    }
+}
+
+fn log_limit(q: &QueryParams) -> Result<usize, ApiError> {
+    let limit = q.int("limit")?.unwrap_or(MAX_LOG_LINES);
+    if !(0..=MAX_LOG_LINES).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 0 and {MAX_LOG_LINES}"
+        )));
+    }
+    Ok(usize::try_from(limit).unwrap_or(0))
+}
+
+fn entry(e: arca_proto::node::LogEntry) -> SandboxLogEntry {
+    SandboxLogEntry {
+        timestamp: e.timestamp,
+        level: LEVELS[level_rank(&e.level)],
+        message: e.message,
+        fields: e.fields,
+    }
+}
+
+async fn node_logs(
+    api: &Api,
+    team: &str,
+    id: &SandboxId,
+) -> Result<Vec<arca_proto::node::LogEntry>, ApiError> {
+    find(api, team, id).await?;
+    match api.node().logs(id).await {
+        Ok(l) => Ok(l),
+        Err(e) => Err(node_failure(api, id, e).await),
+    }
+}
+
+/// `GET /sandboxes/{id}/logs?start=<ms>&limit=` (v1, oldest first).
+pub(crate) async fn logs_v1(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    q: QueryParams,
+) -> Result<Json<SandboxLogs>, ApiError> {
+    let start = q.int("start")?;
+    let limit = log_limit(&q)?;
+    let entries: Vec<SandboxLogEntry> = node_logs(&api, &team, &id)
+        .await?
+        .into_iter()
+        .filter(|e| start.is_none_or(|s| e.timestamp.timestamp_millis() >= s))
+        .take(limit)
+        .map(entry)
+        .collect();
+    let logs = entries
+        .iter()
+        .map(|e| SandboxLog {
+            timestamp: e.timestamp,
+            line: e.message.clone(),
+        })
+        .collect();
+    Ok(Json(SandboxLogs {
+        logs,
+        log_entries: entries,
+    }))
+}
+
+/// `GET /v2/sandboxes/{id}/logs?cursor=<ms>&limit=&direction=&level=&search=`.
+pub(crate) async fn logs_v2(
+    State(api): State<Api>,
+    Team(team): Team,
+    SandboxPath(id): SandboxPath,
+    q: QueryParams,
+) -> Result<Json<SandboxLogsV2>, ApiError> {
+    let cursor = q.int("cursor")?;
+    let limit = log_limit(&q)?;
+    let backward = match q.get("direction").unwrap_or("forward") {
+        "forward" => false,
+        "backward" => true,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "direction must be forward or backward, got '{other}'"
+            )));
+        }
+    };
+    let min_level = match q.get("level") {
+        None => 0,
+        Some(l) if LEVELS.contains(&l) => level_rank(l),
+        Some(l) => {
+            return Err(ApiError::BadRequest(format!(
+                "level must be one of debug, info, warn, error; got '{l}'"
+            )));
+        }
+    };
+    let search = q.get("search").map(str::to_lowercase);
+    let mut entries: Vec<_> = node_logs(&api, &team, &id)
+        .await?
+        .into_iter()
+        .filter(|e| {
+            let ms = e.timestamp.timestamp_millis();
+            cursor.is_none_or(|c| if backward { ms <= c } else { ms >= c })
+                && level_rank(&e.level) >= min_level
+                && search
+                    .as_deref()
+                    .is_none_or(|s| e.message.to_lowercase().contains(s))
+        })
+        .collect();
+    if backward {
+        entries.reverse();
+    }
+    let logs = entries.into_iter().take(limit).map(entry).collect();
+    Ok(Json(SandboxLogsV2 { logs }))
+}
+
+// ---- listing ----------------------------------------------------------------
+
+/// `metadata=k1=v1&k2=v2` (already decoded once): pairs with each key and
+/// value percent-decoded again, as the SDKs encode them twice.
+fn parse_metadata(q: &QueryParams) -> Result<Vec<(String, String)>, ApiError> {
+    let mut pairs = Vec::new();
+    for m in q.all("metadata") {
+        for pair in m.split('&').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = pair.split_once('=') else {
+                return Err(ApiError::BadRequest(format!(
+                    "metadata filter '{pair}' is not key=value"
+                )));
+            };
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            pairs.push((dec(k), dec(v)));
+        }
+    }
+    Ok(pairs)
+}
+
+fn parse_states(q: &QueryParams) -> Result<Vec<RecordState>, ApiError> {
+    let mut states = Vec::new();
+    for s in q.all("state").flat_map(|v| v.split(',')).map(str::trim) {
+        let st = match s {
+            "" => continue,
+            "running" => RecordState::Running,
+            "paused" => RecordState::Paused,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "state must be running or paused, got '{other}'"
+                )));
+            }
+        };
+        if !states.contains(&st) {
+            states.push(st);
+        }
+    }
+    if states.is_empty() {
+        states = vec![RecordState::Running, RecordState::Paused];
+    }
+    Ok(states)
+}
+
+/// RFC 3339 with any offset; a naive time (Python's `isoformat()` of a
+/// naive datetime) is taken as UTC.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .map(|n| n.and_utc())
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "startedAfter must be an RFC 3339 date-time, got '{s}'"
+            ))
+        })
+}
+
+fn encode_cursor(r: &SandboxRecord) -> String {
+    let raw = format!("{}:{}", crate::db::micros(r.started_at), r.id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(token: &str) -> Result<Cursor, ApiError> {
+    let bad =
+        || ApiError::BadRequest("invalid nextToken: pass the X-Next-Token value as is".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (t, id) = raw.split_once(':').ok_or_else(bad)?;
+    let id = SandboxId::parse(id).map_err(|_| bad())?;
+    Ok(Cursor {
+        started_at_micros: t.parse().map_err(|_| bad())?,
+        id: id.to_string(),
+    })
+}
+
+/// `GET /v2/sandboxes`: filters, order and cursor paging (CONTRACT 2.3).
+pub(crate) async fn list_v2(
+    State(api): State<Api>,
+    Team(team): Team,
+    q: QueryParams,
+) -> Result<Response, ApiError> {
+    let order = match q.get("order").unwrap_or("desc") {
+        "desc" => Order::Desc,
+        "asc" => Order::Asc,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "order must be asc or desc, got '{other}'"
+            )));
+        }
+    };
+    let limit = q.int("limit")?.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}, got {limit}"
+        )));
+    }
+    let filter = ListFilter {
+        team_id: team,
+        states: parse_states(&q)?,
+        metadata: parse_metadata(&q)?,
+        template: q
+            .get("template")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_lowercase),
+        started_after: q.get("startedAfter").map(parse_time).transpose()?,
+        order,
+        cursor: q
+            .get("nextToken")
+            .filter(|t| !t.is_empty())
+            .map(decode_cursor)
+            .transpose()?,
+        limit: Some(u32::try_from(limit).unwrap_or(1)),
+    };
+    let (page, more) = api.db().list_sandboxes(&filter).await?;
+    let body: Vec<ListedSandbox> = page.iter().map(ListedSandbox::from).collect();
+    let mut resp = Json(body).into_response();
+    if let Some(last) = page.last().filter(|_| more) {
+        let token = HeaderValue::from_str(&encode_cursor(last))
+            .map_err(|e| ApiError::Internal(format!("cursor is not a header value: {e}")))?;
+        resp.headers_mut().insert("x-next-token", token);
+    }
+    Ok(resp)
+}
+
+/// `GET /sandboxes` (deprecated): every running sandbox, metadata filter only.
+pub(crate) async fn list_v1(
+    State(api): State<Api>,
+    Team(team): Team,
+    q: QueryParams,
+) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
+    let filter = ListFilter {
+        team_id: team,
+        states: vec![RecordState::Running],
+        metadata: parse_metadata(&q)?,
+        template: None,
+        started_after: None,
+        order: Order::Desc,
+        cursor: None,
+        limit: None,
+    };
+    let (all, _) = api.db().list_sandboxes(&filter).await?;
+    Ok(Json(all.iter().map(ListedSandbox::from).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_references_resolve_to_names() {
+        assert_eq!(template_name(" Base ").unwrap(), "base");
+        assert_eq!(template_name("base:default").unwrap(), "base");
+        assert_eq!(template_name("team/base").unwrap(), "base");
+        assert_eq!(template_name("team/base:default").unwrap(), "base");
+        assert_eq!(
+            template_name("base:v2").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            template_name(" ").unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn timeouts_are_bounded_and_name_the_limit() {
+        assert_eq!(check_timeout(1, 1, 86_400).unwrap(), 1);
+        let msg = check_timeout(86_401, 1, 86_400).unwrap_err().to_string();
+        assert!(msg.contains("86400") && msg.contains("24 hours"), "{msg}");
+        assert!(check_timeout(0, 1, 86_400).is_err());
+        assert!(check_timeout(0, 0, 86_400).is_ok());
+        assert!(check_timeout(-5, 0, u64::MAX).is_err());
+        assert!(deadline(now(), i64::MAX).is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_junk_is_rejected() {
+        let c = decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("123:iabc"))
+            .unwrap();
+        assert_eq!(c.started_at_micros, 123);
+        assert_eq!(c.id, "iabc");
+        assert!(decode_cursor("!!").is_err());
+        assert!(decode_cursor("YWJj").is_err());
+    }
+
+    #[test]
+    fn metadata_and_states_parse() {
+        let q = QueryParams(vec![
+            ("metadata".into(), "a%3Db=c%26d&e=f".into()),
+            ("state".into(), "running,paused".into()),
+        ]);
+        assert_eq!(
+            parse_metadata(&q).unwrap(),
+            vec![("a=b".into(), "c&d".into()), ("e".into(), "f".into())]
+        );
+        assert_eq!(parse_states(&q).unwrap().len(), 2);
+        let bad = QueryParams(vec![("state".into(), "dead".into())]);
+        assert!(parse_states(&bad).is_err());
+    }
+
+    #[test]
+    fn naive_and_offset_times_parse() {
+        let a = parse_time("2026-01-01T01:00:00+01:00").unwrap();
+        let b = parse_time("2026-01-01T00:00:00").unwrap();
+        assert_eq!(a, b);
+        assert!(parse_time("yesterday").is_err());
+    }
+}

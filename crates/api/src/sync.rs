@@ -1,0 +1,109 @@
+//! Keeping the records in step with the node, which is the authority on
+//! which sandboxes exist.
+//!
+//! - At start, records of sandboxes the node does not have (ended while the
+//!   api was down) and records left `creating` by a crash are removed;
+//!   sandboxes the node has but the database does not know are killed.
+//! - While running, each `SandboxEvent::Ended` removes its record. If the
+//!   event channel lagged (events were dropped), the records are compared
+//!   with the node's list again; nothing is killed then, since a create may
+//!   be in flight.
+
+use std::collections::HashSet;
+use std::sync::Weak;
+
+use arca_proto::node::{SandboxEvent, SandboxId};
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::db::RecordState;
+use crate::error::{ApiError, chain};
+use crate::{Api, Inner};
+
+/// Reconciles once at start; a node that cannot be asked is logged, not
+/// fatal (the api still serves, and events still prune records).
+pub(crate) async fn reconcile_at_start(api: &Api) {
+    if let Err(e) = reconcile(api, true).await {
+        tracing::warn!(error = %chain(&e), "could not reconcile sandbox records with the node");
+    }
+}
+
+async fn reconcile(api: &Api, at_start: bool) -> Result<(), ApiError> {
+    let live = api.node().list().await.map_err(ApiError::from_node)?;
+    let live_ids: HashSet<&str> = live.iter().map(|s| s.sandbox_id.as_str()).collect();
+    let records = api.db().sandbox_states().await?;
+    let known: HashSet<&str> = records.iter().map(|(id, _)| id.as_str()).collect();
+    for (id, state) in &records {
+        let on_node = live_ids.contains(id.as_str());
+        let creating = *state == RecordState::Creating;
+        let stale = if at_start {
+            // A record left `creating` belongs to a create that died with
+            // the previous process.
+            creating || !on_node
+        } else {
+            !creating && !on_node
+        };
+        if !stale {
+            continue;
+        }
+        if on_node {
+            if let Ok(sid) = SandboxId::parse(id) {
+                tracing::warn!(sandbox_id = %id, "killing a sandbox whose create never finished");
+                if let Err(e) = api.node().kill(&sid).await {
+                    tracing::warn!(sandbox_id = %id, error = %e, "kill failed");
+                }
+            }
+        }
+        api.db().delete_sandbox(id).await?;
+        tracing::info!(sandbox_id = %id, "removed the record of a sandbox the node no longer has");
+    }
+    if at_start {
+        for s in live
+            .iter()
+            .filter(|s| !known.contains(s.sandbox_id.as_str()))
+        {
+            tracing::warn!(
+                sandbox_id = %s.sandbox_id,
+                team_id = %s.team_id,
+                "killing a sandbox the database does not know"
+            );
+            if let Err(e) = api.node().kill(&s.sandbox_id).await {
+                tracing::warn!(sandbox_id = %s.sandbox_id, error = %e, "kill failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Follows the node's events until the node closes the channel or every
+/// [`Api`] clone is dropped.
+pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiver<SandboxEvent>) {
+    tokio::spawn(async move {
+        loop {
+            let event = events.recv().await;
+            let Some(inner) = inner.upgrade() else { break };
+            let api = Api { inner };
+            match event {
+                Ok(SandboxEvent::Ended { sandbox_id, reason }) => {
+                    match api.db().delete_sandbox(sandbox_id.as_str()).await {
+                        Ok(true) => {
+                            tracing::info!(sandbox_id = %sandbox_id, ?reason, "sandbox ended");
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(
+                            sandbox_id = %sandbox_id,
+                            error = %chain(&e),
+                            "could not delete the record of an ended sandbox"
+                        ),
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "missed node events; reconciling");
+                    if let Err(e) = reconcile(&api, false).await {
+                        tracing::warn!(error = %chain(&e), "reconciling after missed events failed");
+                    }
+                }
+                Err(RecvError::Closed) => break,
+            }
+        }
+    });
+}

@@ -1,0 +1,71 @@
+//! The official E2B Python SDKs (2.63.0: v2 create; 2.45.1: v1 create)
+//! against the api with a fake node: create, get_info, list with paging,
+//! set_timeout, metrics and kill parse and behave as the SDK expects.
+//!
+//! Needs the virtualenvs that `scripts/setup.sh` makes under
+//! `.cache/venv/`; without them the test is skipped, unless
+//! `ARCA_TEST_SDK=1` asks for it, in which case it fails.
+#![allow(clippy::unwrap_used, clippy::tests_outside_test_module, missing_docs)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::Server;
+
+fn venv_python(version: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/venv")
+        .join(format!("e2b-{version}"))
+        .join("bin/python");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("ARCA_TEST_SDK").as_deref() != Ok("1"),
+        "ARCA_TEST_SDK=1 but {} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    eprintln!("skipped: {} is missing (run scripts/setup.sh)", p.display());
+    None
+}
+
+async fn run_shapes(version: &str) {
+    let Some(python) = venv_python(version) else {
+        return;
+    };
+    let s = Server::start().await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/shapes.py");
+    let base = s.base.clone();
+    let key = s.key.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env_remove("E2B_DEBUG")
+            .env_remove("E2B_SANDBOX_URL")
+            .env("E2B_API_URL", base)
+            .env("E2B_API_KEY", key)
+            .env("E2B_DOMAIN", "arca.test")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("sdk ok"),
+        "python sdk {version} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(s.node.ids().is_empty());
+}
+
+#[tokio::test]
+async fn python_sdk_2_63_control_plane_shapes() {
+    run_shapes("2.63.0").await;
+}
+
+#[tokio::test]
+async fn python_sdk_2_45_control_plane_shapes() {
+    run_shapes("2.45.1").await;
+}
