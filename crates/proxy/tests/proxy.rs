@@ -360,6 +360,28 @@ async fn sandbox_end_resets_http1_streams() {
 }
 
 #[tokio::test]
+async fn sandbox_end_resets_requests_waiting_for_an_answer() {
+    if !privileged() {
+        return;
+    }
+    let a = Sandbox::start("alpha");
+    let proxy = Proxy::start(&[(&a, None)]).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /no-answer HTTP/1.1\r\nhost: 127.0.0.1\r\ne2b-sandbox-id: alpha\r\ne2b-sandbox-port: 49983\r\n\r\n")
+        .await
+        .unwrap();
+    // Wait until the request reached the sandbox.
+    let t0 = Instant::now();
+    while a.ctl.conns.load(Ordering::SeqCst) == 0 {
+        assert!(t0.elapsed() < WAIT, "request never reached the sandbox");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.routes.end("alpha");
+    expect_reset(&mut s).await;
+}
+
+#[tokio::test]
 async fn sandbox_end_resets_tunnels() {
     if !privileged() {
         return;

@@ -274,6 +274,7 @@ async fn answer(name: &str, ctl: &Arc<Ctl>, mut req: Request<Incoming>) -> Respo
             });
             Response::new(ChanBody(rx).boxed_unsync())
         }
+        "/no-answer" => std::future::pending().await,
         "/upload" => {
             let mut all = Vec::new();
             let mut body = req.into_body();
