@@ -1,0 +1,73 @@
+//! `arca-net`: network slots for Arca sandboxes.
+//!
+//! A slot is a named network namespace with a veth pair: `eth0` inside,
+//! with the sandbox's address and a default route to the host end, which
+//! sits in the root netns. Slot `i` owns the `i`-th /30 of the configured
+//! cidr (host `.1`, sandbox `.2`). A [`SlotPool`] keeps some slots prepared
+//! ahead so starting a sandbox does not wait for the kernel, deletes and
+//! re-prepares released slots in the background, and owns the host's
+//! firewall table for them (see the nft rules below). The node gives a
+//! slot's [`netns_path`](Slot::netns_path) to the runtime and dials envd at
+//! [`sandbox_ip`](Slot::sandbox_ip).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), arca_net::NetError> {
+//! use arca_net::{NetConfig, SlotPool};
+//!
+//! // After a restart, pass the slot indexes of sandboxes still running.
+//! let pool = SlotPool::new(NetConfig::default(), &[]).await?;
+//! let slot = pool.acquire().await?;
+//! println!("{} -> {} in {}", slot.host_ip, slot.sandbox_ip, slot.netns_path.display());
+//! let _for_etc_resolv_conf: String = arca_net::resolv_conf();
+//! pool.release(slot);
+//! pool.destroy().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it touches the host
+//!
+//! Only through `ip` (iproute2) and `nft` (nftables), run by a [`Cmd`]
+//! (tests swap in `testing::RecordingRunner`, feature `test-util`, to see
+//! the exact commands), and
+//! one sysctl: [`SlotPool::new`] sets `net.ipv4.ip_forward=1` and says so
+//! in the log; nothing turns it off again.
+//!
+//! # Host firewall
+//!
+//! One transaction loads table `inet {nft_table}`: sandboxes cannot reach
+//! the host itself (any address, any port; replies to connections the host
+//! opened pass), cannot reach each other, cannot spoof source addresses,
+//! cannot be dialed from outside, and reach the world masqueraded behind
+//! the host's address. Not yet
+//! covered (the network-policy issue): keeping sandboxes off the host's LAN
+//! and other private or link-local ranges that the host routes to, and
+//! per-sandbox egress rules.
+//!
+//! # Requirements
+//!
+//! Root (CAP_NET_ADMIN and CAP_SYS_ADMIN for the netns mounts), iproute2,
+//! nftables, a kernel with nf_tables and nat; Tokio with the process driver.
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod config;
+mod dns;
+mod error;
+mod layout;
+mod nft;
+mod ops;
+mod pool;
+
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod testing;
+
+pub use cmd::{BoxFuture, Cmd, CmdError, Invocation, Program, SystemRunner};
+pub use config::{
+    ConfigError, DEFAULT_CIDR, DEFAULT_NAME_PREFIX, DEFAULT_NFT_TABLE, DEFAULT_WARM_SLOTS,
+    NetConfig,
+};
+pub use dns::{resolv_conf, resolv_conf_from};
+pub use error::NetError;
+pub use pool::{PoolStats, Slot, SlotPool};
