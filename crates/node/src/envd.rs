@@ -73,7 +73,9 @@ impl EnvdClient {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!("envd at {ip} did not become ready within {within:?}"));
+                return Err(format!(
+                    "envd at {ip} did not become ready within {within:?}"
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
@@ -88,12 +90,21 @@ impl EnvdClient {
         body: &serde_json::Value,
     ) -> Result<(), String> {
         let (status, resp) = self
-            .call(ip, http::Method::POST, "/init", current_token, Bytes::from(body.to_string()))
+            .call(
+                ip,
+                http::Method::POST,
+                "/init",
+                current_token,
+                Bytes::from(body.to_string()),
+            )
             .await?;
         if status == 204 {
             Ok(())
         } else {
-            Err(format!("/init answered {status}: {}", String::from_utf8_lossy(&resp)))
+            Err(format!(
+                "/init answered {status}: {}",
+                String::from_utf8_lossy(&resp)
+            ))
         }
     }
 }

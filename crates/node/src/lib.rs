@@ -183,9 +183,14 @@ impl Node {
     /// a restart, reaps half-made ones, prepares network slots, and starts
     /// the deadline, liveness and metrics loops.
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
-        let layout = Layout::detect()?;
+        // Sandbox cgroups live under the same name as the network prefix, so
+        // instances side by side (tests) never touch each other's.
+        let layout = Layout::detect()?.with_parent(&config.net.name_prefix);
         layout.check()?;
-        for (what, p) in [("arca binary", &config.init_exe), ("static envd", &config.envd_binary)] {
+        for (what, p) in [
+            ("arca binary", &config.init_exe),
+            ("static envd", &config.envd_binary),
+        ] {
             if !p.is_file() {
                 return Err(StartError::Missing(format!(
                     "{what} not found at {}; build it (scripts/up.sh does) or pass its path",
@@ -194,16 +199,29 @@ impl Node {
             }
         }
         let dir = sandboxes_dir(&config.home);
-        std::fs::create_dir_all(&dir).map_err(|source| StartError::Home { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| StartError::Home {
+            path: dir.clone(),
+            source,
+        })?;
 
         // Read every state file first: running sandboxes keep their slots.
         let mut survivors: Vec<(PathBuf, StateFile)> = Vec::new();
         let mut dead: Vec<(PathBuf, Option<StateFile>)> = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(|source| StartError::Home { path: dir.clone(), source })?.flatten() {
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|source| StartError::Home {
+                path: dir.clone(),
+                source,
+            })?
+            .flatten()
+        {
             let path = entry.path();
             match StateFile::load(&path) {
-                Ok(st) if st.phase == Phase::Running
-                    && st.pid.zip(st.pid_start).is_some_and(|(p, s)| state::same_process(p, s)) =>
+                Ok(st)
+                    if st.phase == Phase::Running
+                        && st
+                            .pid
+                            .zip(st.pid_start)
+                            .is_some_and(|(p, s)| state::same_process(p, s)) =>
                 {
                     survivors.push((path, st));
                 }
@@ -234,9 +252,14 @@ impl Node {
             node.reattach(path, st);
         }
         // cgroups of sandboxes that have no state directory at all.
-        let known: Vec<String> = lock(&node.inner.sandboxes).keys().map(|k| k.to_string()).collect();
+        let known: Vec<String> = lock(&node.inner.sandboxes)
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         for name in node.inner.layout.sandbox_names() {
-            if !known.contains(&name) && !sandboxes_dir(&node.inner.config.home).join(&name).exists() {
+            if !known.contains(&name)
+                && !sandboxes_dir(&node.inner.config.home).join(&name).exists()
+            {
                 if let Ok(cg) = node.inner.layout.open(&name) {
                     let _ = cg.kill_all();
                     let _ = cg.remove();
@@ -282,17 +305,26 @@ impl Node {
 
     /// Removes whatever a sandbox that is not running left behind.
     fn reap_leftover(&self, dir: &Path, st: Option<&StateFile>) {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if let Ok(cg) = self.inner.layout.open(&name) {
             let _ = cg.kill_all();
             let _ = cg.remove();
         }
-        if let Some(slot) = st.and_then(|s| s.slot_index).and_then(|i| self.inner.slots.take_adopted(i)) {
+        if let Some(slot) = st
+            .and_then(|s| s.slot_index)
+            .and_then(|i| self.inner.slots.take_adopted(i))
+        {
             self.inner.slots.release(slot);
         }
         let _ = std::fs::remove_dir_all(dir);
         if let Ok(id) = SandboxId::parse(&name) {
-            let _ = self.inner.events.send(SandboxEvent::Ended { sandbox_id: id.clone(), reason: EndReason::Reaped });
+            let _ = self.inner.events.send(SandboxEvent::Ended {
+                sandbox_id: id.clone(),
+                reason: EndReason::Reaped,
+            });
             let _ = self.inner.ended.send(id);
         }
         tracing::info!(sandbox = %name, "reaped a sandbox that was not running");
@@ -308,7 +340,8 @@ impl Node {
                 let Some(inner) = weak.upgrade() else { return };
                 let node = Node { inner };
                 let now = Utc::now();
-                let all: Vec<Arc<Instance>> = lock(&node.inner.sandboxes).values().cloned().collect();
+                let all: Vec<Arc<Instance>> =
+                    lock(&node.inner.sandboxes).values().cloned().collect();
                 for inst in all {
                     let id = inst.spec.sandbox_id.clone();
                     if *lock(&inst.end_at) <= now {
@@ -365,7 +398,10 @@ impl Node {
         })
         .await;
         tracing::info!(sandbox_id = %id, ?reason, "sandbox ended");
-        let _ = self.inner.events.send(SandboxEvent::Ended { sandbox_id: id.clone(), reason });
+        let _ = self.inner.events.send(SandboxEvent::Ended {
+            sandbox_id: id.clone(),
+            reason,
+        });
         true
     }
 
@@ -382,7 +418,9 @@ impl Node {
         if !rootfs.is_dir() {
             return Err(NodeError::TemplateNotFound(spec.template_id.clone()));
         }
-        if lock(&self.inner.sandboxes).contains_key(&id) || !lock(&self.inner.creating).insert(id.clone()) {
+        if lock(&self.inner.sandboxes).contains_key(&id)
+            || !lock(&self.inner.creating).insert(id.clone())
+        {
             return Err(NodeError::Conflict(format!("sandbox {id} already exists")));
         }
         let result = self.build(spec, rootfs).await;
@@ -394,8 +432,10 @@ impl Node {
         let inner = &self.inner;
         let id = spec.sandbox_id.clone();
         let dir = sandboxes_dir(&inner.config.home).join(id.as_str());
-        let internal = |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
-        std::fs::create_dir_all(&dir).map_err(|e| internal("creating the sandbox directory", &e))?;
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| internal("creating the sandbox directory", &e))?;
         let started_at = Utc::now();
         let mut st = StateFile {
             phase: Phase::Creating,
@@ -406,41 +446,64 @@ impl Node {
             pid_start: None,
             slot_index: None,
         };
-        st.save(&dir).map_err(|e| internal("writing the state file", &e))?;
+        st.save(&dir)
+            .map_err(|e| internal("writing the state file", &e))?;
 
-        let mut made = Partial { node: self.clone(), dir: dir.clone(), slot: None, cgroup: None };
-        let slot = inner.slots.acquire().await.map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
+        let mut made = Partial {
+            node: self.clone(),
+            dir: dir.clone(),
+            slot: None,
+            cgroup: None,
+        };
+        let slot = inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
         let (sandbox_ip, netns) = (slot.sandbox_ip, slot.netns_path.clone());
         st.slot_index = Some(slot.index);
         made.slot = Some(slot);
-        st.save(&dir).map_err(|e| internal("writing the state file", &e))?;
+        st.save(&dir)
+            .map_err(|e| internal("writing the state file", &e))?;
 
         let limits = Limits {
             cpus: spec.cpu_count,
             memory_mib: u64::from(spec.memory_mb),
             pids: inner.config.pids_limit,
         };
-        let cgroup = inner.layout.create(id.as_str(), limits).map_err(|e| internal("creating the cgroup", &e))?;
+        let cgroup = inner
+            .layout
+            .create(id.as_str(), limits)
+            .map_err(|e| internal("creating the cgroup", &e))?;
         made.cgroup = Some(cgroup.clone());
 
         let (upper, work, root) = (dir.join("upper"), dir.join("work"), dir.join("root"));
         for d in [&upper, &work, &root] {
-            std::fs::create_dir_all(d).map_err(|e| internal("creating the sandbox directories", &e))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| internal("creating the sandbox directories", &e))?;
         }
         let sroot = DEFAULT_ID_MAP.outside;
-        std::os::unix::fs::chown(&upper, Some(sroot), Some(sroot)).map_err(|e| internal("chown upper", &e))?;
+        std::os::unix::fs::chown(&upper, Some(sroot), Some(sroot))
+            .map_err(|e| internal("chown upper", &e))?;
         // Name resolution inside: the host's non-loopback resolvers.
         let etc = upper.join("etc");
         std::fs::create_dir_all(&etc).map_err(|e| internal("creating /etc", &e))?;
-        std::os::unix::fs::chown(&etc, Some(sroot), Some(sroot)).map_err(|e| internal("chown /etc", &e))?;
+        std::os::unix::fs::chown(&etc, Some(sroot), Some(sroot))
+            .map_err(|e| internal("chown /etc", &e))?;
         for (name, content) in [
             ("resolv.conf", arca_net::resolv_conf()),
             ("hostname", format!("{id}\n")),
-            ("hosts", format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n")),
+            (
+                "hosts",
+                format!(
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
+                ),
+            ),
         ] {
             let p = etc.join(name);
             std::fs::write(&p, content).map_err(|e| internal("writing /etc", &e))?;
-            std::os::unix::fs::chown(&p, Some(sroot), Some(sroot)).map_err(|e| internal("chown /etc", &e))?;
+            std::os::unix::fs::chown(&p, Some(sroot), Some(sroot))
+                .map_err(|e| internal("chown /etc", &e))?;
         }
 
         let cfg = InitConfig {
@@ -453,7 +516,10 @@ impl Node {
             envd_binary: inner.config.envd_binary.clone(),
             envd_args: vec![],
             env: vec![
-                ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+                (
+                    "PATH".into(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ),
                 ("E2B_SANDBOX_ID".into(), id.to_string()),
                 ("E2B_TEMPLATE_ID".into(), spec.template_id.clone()),
             ],
@@ -468,13 +534,19 @@ impl Node {
             .await
             .map_err(|e| internal("init task", &e))?
             .map_err(|e| internal("starting the sandbox", &e))?;
-        let pid_start = state::process_start(pid).ok_or_else(|| NodeError::Internal("sandbox init exited at once".into()))?;
+        let pid_start = state::process_start(pid)
+            .ok_or_else(|| NodeError::Internal("sandbox init exited at once".into()))?;
         st.phase = Phase::Running;
         st.pid = Some(pid);
         st.pid_start = Some(pid_start);
-        st.save(&dir).map_err(|e| internal("writing the state file", &e))?;
+        st.save(&dir)
+            .map_err(|e| internal("writing the state file", &e))?;
 
-        inner.envd.wait_ready(sandbox_ip, ENVD_READY_WITHIN).await.map_err(|e| internal("waiting for envd", &e))?;
+        inner
+            .envd
+            .wait_ready(sandbox_ip, ENVD_READY_WITHIN)
+            .await
+            .map_err(|e| internal("waiting for envd", &e))?;
         let init = serde_json::json!({
             "envVars": spec.env_vars,
             "accessToken": spec.envd_access_token,
@@ -482,7 +554,11 @@ impl Node {
             "defaultWorkdir": "/home/user",
             "timestamp": Utc::now().to_rfc3339(),
         });
-        inner.envd.init(sandbox_ip, None, &init).await.map_err(|e| internal("configuring envd", &e))?;
+        inner
+            .envd
+            .init(sandbox_ip, None, &init)
+            .await
+            .map_err(|e| internal("configuring envd", &e))?;
 
         let inst = Arc::new(Instance {
             started_at,
@@ -548,7 +624,11 @@ fn sample(inst: &Instance) {
         let mut last = lock(&inst.last_cpu);
         let pct = last.map_or(0.0, |(t, u)| {
             let wall = now.duration_since(t).as_micros() as f64;
-            if wall > 0.0 { (used_us.saturating_sub(u) as f64) * 100.0 / (wall * cpus) } else { 0.0 }
+            if wall > 0.0 {
+                (used_us.saturating_sub(u) as f64) * 100.0 / (wall * cpus)
+            } else {
+                0.0
+            }
         });
         *last = Some((now, used_us));
         pct
@@ -577,7 +657,9 @@ fn dir_size(root: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
@@ -605,7 +687,11 @@ impl NodeService for Node {
         })
     }
 
-    fn set_end_at<'a>(&'a self, id: &'a SandboxId, end_at: DateTime<Utc>) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
+    fn set_end_at<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        end_at: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
         Box::pin(async move {
             let inst = self.instance(id)?;
             *lock(&inst.end_at) = end_at;
@@ -620,13 +706,19 @@ impl NodeService for Node {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<SandboxStatus>, NodeError>> {
         Box::pin(async move {
-            let mut all: Vec<SandboxStatus> = lock(&self.inner.sandboxes).values().map(|i| i.status()).collect();
+            let mut all: Vec<SandboxStatus> = lock(&self.inner.sandboxes)
+                .values()
+                .map(|i| i.status())
+                .collect();
             all.sort_by_key(|s| s.started_at);
             Ok(all)
         })
     }
 
-    fn metrics<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Vec<MetricSample>, NodeError>> {
+    fn metrics<'a>(
+        &'a self,
+        id: &'a SandboxId,
+    ) -> BoxFuture<'a, Result<Vec<MetricSample>, NodeError>> {
         Box::pin(async move { Ok(lock(&self.instance(id)?.metrics).iter().cloned().collect()) })
     }
 
@@ -670,7 +762,10 @@ impl Node {
     /// Address of a sandbox's envd, for tools and tests on this host.
     pub fn envd_addr(&self, id: &SandboxId) -> Option<std::net::SocketAddr> {
         let inst = lock(&self.inner.sandboxes).get(id).cloned()?;
-        Some(std::net::SocketAddr::from((inst.sandbox_ip, envd::ENVD_PORT)))
+        Some(std::net::SocketAddr::from((
+            inst.sandbox_ip,
+            envd::ENVD_PORT,
+        )))
     }
 
     /// Kills every sandbox and removes the network slots (for tests and an

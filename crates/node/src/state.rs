@@ -66,7 +66,10 @@ pub(crate) fn same_process(pid: i32, start: u64) -> bool {
     process_start(pid) == Some(start)
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')))
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
             == Some(false)
 }
 

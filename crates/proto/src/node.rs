@@ -31,7 +31,8 @@ impl SandboxId {
     pub fn parse(s: &str) -> Result<SandboxId, InvalidSandboxId> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if ok {
             Ok(SandboxId(s.to_string()))
         } else {
@@ -250,8 +251,10 @@ pub trait NodeService: Send + Sync + 'static {
     /// Every sandbox on the node.
     fn list(&self) -> BoxFuture<'_, Result<Vec<SandboxStatus>, NodeError>>;
     /// Samples taken so far (about every 5 s), oldest first.
-    fn metrics<'a>(&'a self, id: &'a SandboxId)
-    -> BoxFuture<'a, Result<Vec<MetricSample>, NodeError>>;
+    fn metrics<'a>(
+        &'a self,
+        id: &'a SandboxId,
+    ) -> BoxFuture<'a, Result<Vec<MetricSample>, NodeError>>;
     /// The sandbox's log, oldest first.
     fn logs<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Vec<LogEntry>, NodeError>>;
     /// Events from now on.

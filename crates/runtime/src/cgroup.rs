@@ -61,6 +61,9 @@ pub struct Layout {
     pub v2_controllers: Vec<String>,
     /// v1 hierarchies: mount point and its controllers.
     pub v1: Vec<(PathBuf, Vec<String>)>,
+    /// Directory under each hierarchy that holds the sandboxes' cgroups
+    /// (`arca` by default; tests and side-by-side instances use their own).
+    pub parent: String,
 }
 
 /// The controllers a sandbox needs.
@@ -75,6 +78,7 @@ impl Layout {
             v2: None,
             v2_controllers: Vec::new(),
             v1: Vec::new(),
+            parent: "arca".to_string(),
         };
         for line in mountinfo.lines() {
             let Some((pre, post)) = line.split_once(" - ") else {
@@ -117,6 +121,12 @@ impl Layout {
         Ok(Layout::parse(&text, |p| {
             fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default()
         }))
+    }
+
+    /// The same layout with sandbox cgroups under `parent` instead.
+    pub fn with_parent(mut self, parent: &str) -> Layout {
+        self.parent = parent.to_string();
+        self
     }
 
     fn v1_mount(&self, controller: &str) -> Option<&Path> {
@@ -163,7 +173,7 @@ impl Layout {
         if let Some(v2) = &self.v2 {
             // Even without controllers, a v2 cgroup gives cgroup.kill and
             // cgroup.freeze, and makes the sandbox's cgroup namespace root.
-            let parent = v2.join("arca");
+            let parent = v2.join(&self.parent);
             mkdir(&parent)?;
             let wanted: Vec<&str> = ["cpu", "memory", "pids"]
                 .into_iter()
@@ -190,7 +200,7 @@ impl Layout {
                 let mount = self
                     .v1_mount(controller)
                     .ok_or(CgroupError::MissingController(controller))?;
-                let parent = mount.join("arca");
+                let parent = mount.join(&self.parent);
                 mkdir(&parent)?;
                 let dir = parent.join(name);
                 mkdir(&dir)?;
@@ -209,9 +219,9 @@ impl Layout {
         }
         // v1 cpuacct is often separate from cpu; join it for CPU usage.
         if let (Some(mount), false) = (self.v1_mount("cpuacct"), cg.cpu.1) {
-            let dir = mount.join("arca").join(name);
+            let dir = mount.join(&self.parent).join(name);
             if !dirs.contains(&dir) {
-                mkdir(&mount.join("arca"))?;
+                mkdir(&mount.join(&self.parent))?;
                 mkdir(&dir)?;
                 dirs.push(dir);
             }
@@ -225,7 +235,7 @@ impl Layout {
     pub fn open(&self, name: &str) -> Result<Cgroup, CgroupError> {
         let mut cg = Cgroup {
             dirs: Vec::new(),
-            v2: self.v2.as_ref().map(|v| v.join("arca").join(name)),
+            v2: self.v2.as_ref().map(|v| v.join(&self.parent).join(name)),
             memory: (PathBuf::new(), false),
             cpu: (PathBuf::new(), false),
             pids: PathBuf::new(),
@@ -246,7 +256,7 @@ impl Layout {
                 let mount = self
                     .v1_mount(controller)
                     .ok_or(CgroupError::MissingController(controller))?;
-                (mount.join("arca").join(name), false)
+                (mount.join(&self.parent).join(name), false)
             };
             if !cg.dirs.contains(&dir) {
                 cg.dirs.push(dir.clone());
@@ -259,7 +269,7 @@ impl Layout {
             }
         }
         if let (Some(mount), false) = (self.v1_mount("cpuacct"), cg.cpu.1) {
-            let dir = mount.join("arca").join(name);
+            let dir = mount.join(&self.parent).join(name);
             if !cg.dirs.contains(&dir) {
                 cg.dirs.push(dir);
             }
@@ -269,9 +279,9 @@ impl Layout {
 
     /// Names of every sandbox cgroup under `arca/` (for reaping leftovers).
     pub fn sandbox_names(&self) -> Vec<String> {
-        let mut roots: Vec<PathBuf> = self.v1.iter().map(|(p, _)| p.join("arca")).collect();
+        let mut roots: Vec<PathBuf> = self.v1.iter().map(|(p, _)| p.join(&self.parent)).collect();
         if let Some(v2) = &self.v2 {
-            roots.push(v2.join("arca"));
+            roots.push(v2.join(&self.parent));
         }
         let mut names: Vec<String> = roots
             .iter()

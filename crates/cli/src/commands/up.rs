@@ -1,23 +1,54 @@
-//! `arca up`: start Arca on this machine.
+//! `arca up`: the api, the proxy and one node in one process, state in
+//! `$ARCA_HOME` (SQLite, templates, sandboxes). The README's start command.
 //!
-//! Until the control plane and sandboxes land (issue 3), this starts one
-//! `arca-envd` on the loopback-reachable envd port and prints the
-//! environment for the E2B SDKs' envd-only (debug) mode.
+//! On the first start it builds the `base` template (Debian via
+//! debootstrap, a few minutes, with a progress bar), creates a team and an
+//! API key, writes the key to `$ARCA_HOME/api_key` and prints the E2B
+//! environment. Stopping `arca up` leaves running sandboxes running: the
+//! next start reattaches them.
 
-use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use arca_proto::node::{NodeService, RouteSource};
+
+/// Default `$ARCA_HOME`.
+pub(crate) const DEFAULT_HOME: &str = "/var/lib/arca";
 
 /// Options of `arca up`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// The `arca-envd` binary; default: next to `arca`.
+    /// State directory: database, templates, sandboxes, the API key.
+    #[arg(long, env = "ARCA_HOME", default_value = DEFAULT_HOME)]
+    pub(crate) home: PathBuf,
+    /// Address of the E2B REST API.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    api_listen: SocketAddr,
+    /// Address of the sandbox proxy (E2B_SANDBOX_URL).
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    proxy_listen: SocketAddr,
+    /// The static `arca-envd` binary mounted into sandboxes; default: next
+    /// to `arca`, then the musl release build of this checkout.
     #[arg(long, env = "ARCA_ENVD_BIN")]
     envd: Option<PathBuf>,
-    /// Port envd listens on.
-    #[arg(long, default_value_t = 49983)]
-    envd_port: u16,
+    /// Address range of sandbox network slots.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    sandbox_cidr: String,
+    /// Name of this instance's network namespaces, veths, nftables table and
+    /// cgroup directory (change it to run instances side by side).
+    #[arg(long, default_value = "arca")]
+    net_prefix: String,
+    /// Network slots kept ready ahead of demand.
+    #[arg(long, default_value_t = 8)]
+    warm_slots: usize,
+    /// Base domain returned to SDKs for host routing (recipe B); unset
+    /// leaves the clients' E2B_DOMAIN.
+    #[arg(long)]
+    domain: Option<String>,
 }
 
 fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
@@ -30,33 +61,191 @@ fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
         return Ok(beside);
     }
     bail!(
-        "arca-envd not found next to {}; build it with `cargo build -p arca-envd` or pass --envd PATH",
+        "the static arca-envd was not found next to {}; build it with `cargo build --release -p arca-envd --target x86_64-unknown-linux-musl` and pass --envd PATH (scripts/up.sh does both)",
         me.display()
     )
 }
 
-pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let envd = envd_binary(args)?;
+/// Builds the `base` template if this node does not have it yet.
+async fn ensure_base(home: &Path) -> anyhow::Result<()> {
+    let rootfs = arca_node::template_rootfs(home, "base");
+    if rootfs.is_dir() {
+        return Ok(());
+    }
+    let parent = rootfs.parent().context("template path has no parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let building = parent.join("rootfs.building");
+    if building.exists() {
+        std::fs::remove_dir_all(&building)
+            .with_context(|| format!("removing the half-built {}", building.display()))?;
+    }
     eprintln!(
-        "arca: starting {} on port {} (sandboxes are not available yet: envd-only mode)",
-        envd.display(),
-        args.envd_port
+        "arca: building the base template (Debian bookworm via debootstrap; a few minutes, once)"
     );
-    eprintln!("arca: point the E2B SDKs at it with:");
-    eprintln!("  export E2B_DEBUG=true E2B_API_KEY=e2b_0000000000000000000000000000000000000000");
-    if args.envd_port != 49983 {
-        eprintln!(
-            "  export E2B_SANDBOX_URL=http://127.0.0.1:{}",
-            args.envd_port
+    let started = std::time::Instant::now();
+    let opts = arca_image::debian::BootstrapOptions::base(&building);
+    let progress = |p: arca_image::debian::Progress| {
+        let width = 30usize;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let done = ((p.fraction.clamp(0.0, 1.0) * width as f32) as usize).min(width);
+        let mut err = std::io::stderr();
+        let _ = write!(
+            err,
+            "\r  [{}{}] {:>3.0}% {:<40.40}",
+            "#".repeat(done),
+            " ".repeat(width - done),
+            p.fraction * 100.0,
+            p.message
+        );
+        let _ = err.flush();
+    };
+    arca_image::debian::bootstrap(&opts, &progress)
+        .await
+        .context("building the base template")?;
+    eprintln!();
+    let b = building.clone();
+    tokio::task::spawn_blocking(move || {
+        arca_image::shift::shift_ownership(&b, arca_runtime::DEFAULT_ID_MAP.outside)
+    })
+    .await?
+    .context("shifting the base template's ownership into the sandbox id range")?;
+    std::fs::rename(&building, &rootfs)
+        .with_context(|| format!("moving the base template to {}", rootfs.display()))?;
+    eprintln!(
+        "arca: base template ready in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn write_key(home: &Path, key: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = home.join("api_key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{key}")?;
+    Ok(path)
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(up(args))
+}
+
+async fn up(args: &Args) -> anyhow::Result<ExitCode> {
+    if !nix_is_root() {
+        bail!(
+            "arca up needs root (namespaces, cgroups, nftables); run it as root, and see `arca doctor`"
         );
     }
-    let status = Command::new(&envd)
-        .args(["--port", &args.envd_port.to_string()])
-        .status()
-        .with_context(|| format!("cannot run {}", envd.display()))?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
+    let home = args.home.clone();
+    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+    let envd = envd_binary(args)?;
+    // Bind first: a second `arca up` fails here, before touching anything.
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the API; is another arca up running? (--api-listen)",
+                args.api_listen
+            )
+        })?;
+    let proxy_listener = tokio::net::TcpListener::bind(args.proxy_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the proxy; is another arca up running? (--proxy-listen)",
+                args.proxy_listen
+            )
+        })?;
+
+    ensure_base(&home).await?;
+
+    let net = arca_net::NetConfig {
+        cidr: args.sandbox_cidr.clone(),
+        warm_slots: args.warm_slots,
+        name_prefix: args.net_prefix.clone(),
+        nft_table: args.net_prefix.clone(),
+    };
+    let node = arca_node::Node::start(arca_node::NodeConfig {
+        home: home.clone(),
+        init_exe: std::env::current_exe().context("cannot find the arca binary's own path")?,
+        envd_binary: envd,
+        net,
+        pids_limit: arca_node::DEFAULT_PIDS_LIMIT,
     })
+    .await
+    .context("starting the node (try `arca doctor`)")?;
+
+    let db = format!("sqlite:{}", home.join("arca.db").display());
+    let config = arca_api::ApiConfig {
+        domain: args.domain.clone(),
+        ..arca_api::ApiConfig::default()
+    };
+    let node_svc: Arc<dyn NodeService> = Arc::new(node.clone());
+    let api = arca_api::Api::open(&db, config, node_svc)
+        .await
+        .context("opening the database")?;
+    if let Some(key) = api
+        .ensure_bootstrap()
+        .await
+        .context("creating the first API key")?
+    {
+        let path = write_key(&home, &key)?;
+        eprintln!(
+            "arca: created the first API key, saved to {}",
+            path.display()
+        );
+    }
+    let key = std::fs::read_to_string(home.join("api_key")).unwrap_or_default();
+    eprintln!(
+        "arca: API on http://{}, sandboxes through http://{}",
+        args.api_listen, args.proxy_listen
+    );
+    eprintln!("arca: use the E2B SDKs with:");
+    println!("export E2B_API_URL=http://{}", args.api_listen);
+    println!("export E2B_SANDBOX_URL=http://{}", args.proxy_listen);
+    println!("export E2B_API_KEY={}", key.trim());
+    println!(
+        "export E2B_DOMAIN={}",
+        args.domain.as_deref().unwrap_or("e2b.localhost")
+    );
+
+    let routes: Arc<dyn RouteSource> = Arc::new(node.clone());
+    let mut api_task = tokio::spawn(api.serve(api_listener));
+    let mut proxy_task = tokio::spawn(arca_proxy::serve(
+        proxy_listener,
+        routes,
+        arca_proxy::ProxyConfig::default(),
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = &mut api_task => { r??; bail!("the API server stopped") }
+        r = &mut proxy_task => { r??; bail!("the proxy stopped") }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    // Sandboxes keep running; the next `arca up` reattaches them.
+    eprintln!("arca: stopping; running sandboxes stay up and are reattached on the next start");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free check through /proc: the effective uid is the 2nd field of Uid:.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
