@@ -194,6 +194,8 @@ fn start(envd: &Path, limits: Limits) -> Sandbox {
         id_map: DEFAULT_ID_MAP,
         boot_id: boot_id.clone(),
         no_new_privs: false,
+        disk: None,
+        files: vec![],
     };
     let pid = arca_runtime::launch(Path::new(env!("CARGO_BIN_EXE_arca")), &cfg).unwrap();
     let sbx = Sandbox {

@@ -16,6 +16,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod disk;
 mod envd;
 mod state;
 
@@ -161,6 +162,7 @@ struct Inner {
     events: broadcast::Sender<SandboxEvent>,
     ended: broadcast::Sender<SandboxId>,
     envd: EnvdClient,
+    disks: Arc<disk::DiskTemplates>,
 }
 
 /// The node agent. Cheap to clone.
@@ -198,6 +200,10 @@ impl Node {
                 )));
             }
         }
+        // Sandbox inits are re-parented to the node when `arca __init`
+        // exits, so the node can reap them the moment they end.
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| StartError::Missing(format!("cannot become a child subreaper: {e}")))?;
         let dir = sandboxes_dir(&config.home);
         std::fs::create_dir_all(&dir).map_err(|source| StartError::Home {
             path: dir.clone(),
@@ -231,6 +237,7 @@ impl Node {
         }
         let in_use: Vec<u32> = survivors.iter().filter_map(|(_, s)| s.slot_index).collect();
         let slots = SlotPool::new(config.net.clone(), &in_use).await?;
+        let disks_dir = config.home.join("disks");
         let (events, _) = broadcast::channel(1024);
         let (ended, _) = broadcast::channel(1024);
         let node = Node {
@@ -243,6 +250,7 @@ impl Node {
                 events,
                 ended,
                 envd: EnvdClient::new(),
+                disks: Arc::new(disk::DiskTemplates::new(disks_dir, DEFAULT_ID_MAP.outside)),
             }),
         };
         for (path, st) in dead {
@@ -386,8 +394,12 @@ impl Node {
             if let Err(e) = inst2.cgroup.kill_all() {
                 tracing::warn!(error = %e, "killing a sandbox's processes");
             }
+            // The node is the sandbox init's parent (child subreaper): reap it
+            // now, or its zombie keeps the cgroup busy. After a restart the
+            // init belongs to the host's init and this returns at once.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(inst2.pid), None);
             if let Err(e) = inst2.cgroup.remove() {
-                tracing::warn!(error = %e, "removing a sandbox's cgroup");
+                tracing::warn!(error = ?e, "removing a sandbox's cgroup");
             }
             if let Err(e) = std::fs::remove_dir_all(&inst2.dir) {
                 tracing::warn!(error = %e, dir = %inst2.dir.display(), "removing a sandbox's files");
@@ -477,42 +489,48 @@ impl Node {
             .map_err(|e| internal("creating the cgroup", &e))?;
         made.cgroup = Some(cgroup.clone());
 
-        let (upper, work, root) = (dir.join("upper"), dir.join("work"), dir.join("root"));
-        for d in [&upper, &work, &root] {
+        // The writable layer lives on the sandbox's own ext4 image so that
+        // writes stop at diskSizeMB; it is mounted inside the sandbox only.
+        let (disk_dir, root) = (dir.join("disk"), dir.join("root"));
+        for d in [&disk_dir, &root] {
             std::fs::create_dir_all(d)
                 .map_err(|e| internal("creating the sandbox directories", &e))?;
         }
-        let sroot = DEFAULT_ID_MAP.outside;
-        std::os::unix::fs::chown(&upper, Some(sroot), Some(sroot))
-            .map_err(|e| internal("chown upper", &e))?;
-        // Name resolution inside: the host's non-loopback resolvers.
-        let etc = upper.join("etc");
-        std::fs::create_dir_all(&etc).map_err(|e| internal("creating /etc", &e))?;
-        std::os::unix::fs::chown(&etc, Some(sroot), Some(sroot))
-            .map_err(|e| internal("chown /etc", &e))?;
-        for (name, content) in [
-            ("resolv.conf", arca_net::resolv_conf()),
-            ("hostname", format!("{id}\n")),
+        let image = dir.join("disk.img");
+        let disks = inner.disks.clone();
+        let (size, img) = (spec.disk_size_mb, image.clone());
+        tokio::task::spawn_blocking(move || {
+            disks
+                .template(size)
+                .and_then(|t| disk::sparse_copy(&t, &img))
+        })
+        .await
+        .map_err(|e| internal("disk task", &e))?
+        .map_err(|e| internal("making the sandbox's disk", &e))?;
+        let etc_files = vec![
+            // Name resolution inside: the host's non-loopback resolvers.
+            ("/etc/resolv.conf".to_string(), arca_net::resolv_conf()),
+            ("/etc/hostname".to_string(), format!("{id}\n")),
             (
-                "hosts",
+                "/etc/hosts".to_string(),
                 format!(
                     "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
                 ),
             ),
-        ] {
-            let p = etc.join(name);
-            std::fs::write(&p, content).map_err(|e| internal("writing /etc", &e))?;
-            std::os::unix::fs::chown(&p, Some(sroot), Some(sroot))
-                .map_err(|e| internal("chown /etc", &e))?;
-        }
+        ];
 
         let cfg = InitConfig {
             sandbox_id: id.to_string(),
             hostname: id.to_string(),
             lower_dirs: vec![rootfs],
-            upper_dir: upper,
-            work_dir: work,
+            upper_dir: disk_dir.join("upper"),
+            work_dir: disk_dir.join("work"),
             root_dir: root,
+            disk: Some(arca_runtime::DiskSpec {
+                image,
+                mount_point: disk_dir,
+            }),
+            files: etc_files,
             envd_binary: inner.config.envd_binary.clone(),
             envd_args: vec![],
             env: vec![
@@ -641,7 +659,10 @@ fn sample(inst: &Instance) {
         mem_used: inst.cgroup.memory_used(),
         mem_total: u64::from(inst.spec.memory_mb) << 20,
         mem_cache: inst.cgroup.memory_cache(),
-        disk_used: dir_size(&inst.dir.join("upper")).min(disk_total),
+        // The merged root of the sandbox reports its upper file system: the
+        // sandbox's own disk.
+        disk_used: disk::usage(Path::new(&format!("/proc/{}/root", inst.pid)))
+            .map_or(0, |(_, used)| used),
         disk_total,
     };
     let mut m = lock(&inst.metrics);
@@ -649,27 +670,6 @@ fn sample(inst: &Instance) {
         m.pop_front();
     }
     m.push_back(s);
-}
-
-/// Bytes under a directory (hard links counted once per directory walk).
-fn dir_size(root: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.blocks() * 512;
-            }
-        }
-    }
-    total
 }
 
 impl NodeService for Node {

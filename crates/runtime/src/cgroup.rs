@@ -413,7 +413,9 @@ impl Cgroup {
         let mut last = Ok(());
         for d in &self.dirs {
             let mut result = fs::remove_dir(d);
-            for _ in 0..50 {
+            // A cgroup stays busy until its last task is reaped, which can
+            // lag behind the kill by a moment.
+            for _ in 0..300 {
                 match &result {
                     Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
                         std::thread::sleep(Duration::from_millis(10));

@@ -33,7 +33,8 @@ pub struct InitConfig {
     pub hostname: String,
     /// Read-only layers, upper-most first.
     pub lower_dirs: Vec<PathBuf>,
-    /// Writable layer.
+    /// Writable layer. With [`InitConfig::disk`] it must lie inside the
+    /// disk's mount point and is created there.
     pub upper_dir: PathBuf,
     /// overlayfs work directory (same file system as `upper_dir`).
     pub work_dir: PathBuf,
@@ -56,6 +57,22 @@ pub struct InitConfig {
     pub boot_id: String,
     /// Set `no_new_privs` (breaks setuid programs such as sudo).
     pub no_new_privs: bool,
+    /// A file system image that holds the writable layer, so writes stop
+    /// at its size; mounted only inside the sandbox's mount namespace.
+    pub disk: Option<DiskSpec>,
+    /// Files written into the root file system before envd starts (path
+    /// inside, content), owned by sandbox root: `/etc/hosts` and the like.
+    pub files: Vec<(String, String)>,
+}
+
+/// The sandbox's disk: an ext4 image attached to a loop device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The image file (its size is the disk's size).
+    pub image: PathBuf,
+    /// Empty directory it is mounted on (inside the sandbox's mount
+    /// namespace only).
+    pub mount_point: PathBuf,
 }
 
 /// Where envd appears inside every sandbox.

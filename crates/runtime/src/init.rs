@@ -217,6 +217,30 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         None,
     )?;
 
+    if let Some(disk) = &cfg.disk {
+        // The writable layer lives on the sandbox's own disk; the loop device
+        // detaches itself when this mount namespace (and so the mount) ends.
+        let (dev, path) = ctx(sys::attach_loop(&disk.image), || {
+            format!("attaching {}", disk.image.display())
+        })?;
+        ensure_dir(&disk.mount_point)?;
+        mnt(
+            Some(&path.display().to_string()),
+            &disk.mount_point,
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None,
+        )?;
+        drop(dev);
+        for d in [&cfg.upper_dir, &cfg.work_dir] {
+            ensure_dir(d)?;
+        }
+        let root_id = Some(cfg.id_map.outside);
+        ctx(
+            std::os::unix::fs::chown(&cfg.upper_dir, root_id, root_id),
+            || "chown of the upper dir".into(),
+        )?;
+    }
     let lower: Vec<String> = cfg
         .lower_dirs
         .iter()
@@ -235,6 +259,18 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         MsFlags::empty(),
         Some(&opts),
     )?;
+
+    for (inside, content) in &cfg.files {
+        let p = root.join(inside.trim_start_matches('/'));
+        if let Some(parent) = p.parent() {
+            ensure_dir(parent)?;
+        }
+        ctx(fs::write(&p, content), || format!("writing {inside}"))?;
+        let id = Some(cfg.id_map.outside);
+        ctx(std::os::unix::fs::lchown(&p, id, id), || {
+            format!("chown of {inside}")
+        })?;
+    }
 
     // /proc of the new pid namespace.
     let proc_ = root.join("proc");

@@ -27,7 +27,7 @@ mod sys;
 
 use std::path::PathBuf;
 
-pub use config::{DEFAULT_ID_MAP, ENVD_PATH, IdMap, InitConfig};
+pub use config::{DEFAULT_ID_MAP, DiskSpec, ENVD_PATH, IdMap, InitConfig};
 pub use init::init_main;
 pub use launch::launch;
 
