@@ -144,3 +144,51 @@ impl Api {
         self.inner.node.as_ref()
     }
 }
+
+/// Teams and API keys on the database alone, for operator tools such as
+/// `arca keys`. Unlike [`Api::open`] it needs no node and never reconciles
+/// sandboxes, so it is safe to use beside a running `arca up`.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    db: db::Db,
+}
+
+impl KeyStore {
+    /// Opens (creating if missing) the database at `database_url` and
+    /// applies the migrations; see [`Api::open`] for the URL forms.
+    pub async fn open(database_url: &str) -> Result<KeyStore, ApiError> {
+        Ok(KeyStore {
+            db: db::Db::open(database_url).await?,
+        })
+    }
+
+    /// As [`Api::ensure_bootstrap`].
+    pub async fn ensure_bootstrap(&self) -> Result<Option<String>, ApiError> {
+        keys::ensure_bootstrap(&self.db).await
+    }
+
+    /// As [`Api::create_team`].
+    pub async fn create_team(&self, name: &str) -> Result<String, ApiError> {
+        keys::create_team(&self.db, name).await
+    }
+
+    /// As [`Api::create_key`].
+    pub async fn create_key(&self, team: &str) -> Result<String, ApiError> {
+        keys::create_key(&self.db, team).await
+    }
+
+    /// As [`Api::list_keys`].
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>, ApiError> {
+        keys::list_keys(&self.db).await
+    }
+
+    /// As [`Api::revoke_key`].
+    pub async fn revoke_key(&self, id: &str) -> Result<(), ApiError> {
+        keys::revoke_key(&self.db, id).await
+    }
+}
+
+/// Opens the database for key management only: [`KeyStore::open`].
+pub async fn keys_only(database_url: &str) -> Result<KeyStore, ApiError> {
+    KeyStore::open(database_url).await
+}

@@ -948,3 +948,43 @@ async fn start_reconciles_records_with_the_node() {
 }
 
 use arca_proto::node::NodeService as _;
+
+#[tokio::test]
+async fn key_store_manages_keys_beside_a_running_api_without_touching_sandboxes() {
+    let s = Server::start().await;
+    let id = s.create(json!({"templateID": "base"})).await;
+    let url = format!("sqlite:{}", s.db_path.display());
+    let store = arca_api::keys_only(&url).await.unwrap();
+    assert_eq!(store.ensure_bootstrap().await.unwrap(), None);
+    let key = store.create_key("default").await.unwrap();
+    assert!(key.starts_with("e2b_") && key.len() == 44);
+    let keys = store.list_keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+    // The running api accepts the new key at once and still lists the sandbox.
+    let r = s.call_as(&key, "GET", "/v2/sandboxes", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().as_array().unwrap().len(), 1);
+    assert_eq!(s.node.ids(), vec![id]);
+    assert!(s.node.kills.lock().unwrap().is_empty());
+    // Revoking through the store locks the key out of the api.
+    store.revoke_key(&keys[1].id).await.unwrap();
+    s.call_as(&key, "GET", "/v2/sandboxes", None)
+        .await
+        .assert_error(401);
+    assert!(matches!(
+        store.revoke_key("nope").await,
+        Err(arca_api::ApiError::NotFound(_))
+    ));
+    assert!(store.create_team("ops").await.is_ok());
+    assert!(store.create_key("ops").await.is_ok());
+}
+
+#[tokio::test]
+async fn key_store_creates_a_fresh_database_and_bootstraps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}/home/arca.db", dir.path().display());
+    let store = arca_api::KeyStore::open(&url).await.unwrap();
+    let first = store.ensure_bootstrap().await.unwrap().unwrap();
+    assert!(first.starts_with("e2b_"));
+    assert_eq!(store.list_keys().await.unwrap().len(), 1);
+}
