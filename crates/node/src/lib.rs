@@ -62,6 +62,10 @@ pub struct NodeConfig {
     pub net: NetConfig,
     /// Process limit per sandbox.
     pub pids_limit: u64,
+    /// Booted sandboxes kept ready per template in use (0: none).
+    pub warm_pool: usize,
+    /// (template, disk MiB) to keep warm from the start, before first use.
+    pub prewarm: Vec<(String, u32)>,
 }
 
 /// Why a node could not start.
@@ -140,7 +144,7 @@ impl Instance {
     fn save_state(&self) {
         let st = StateFile {
             phase: Phase::Running,
-            spec: self.spec.clone(),
+            spec: Some(self.spec.clone()),
             started_at: self.started_at,
             end_at: *lock(&self.end_at),
             pid: Some(self.pid),
@@ -163,6 +167,11 @@ struct Inner {
     ended: broadcast::Sender<SandboxId>,
     envd: EnvdClient,
     disks: Arc<disk::DiskTemplates>,
+    /// Booted, unclaimed sandboxes by (template, disk size).
+    warm: Mutex<HashMap<(String, u32), Vec<Booted>>>,
+    /// (template, disk size) pairs to keep warm sandboxes of.
+    hot: Mutex<std::collections::HashSet<(String, u32)>>,
+    refill: Arc<tokio::sync::Notify>,
 }
 
 /// The node agent. Cheap to clone.
@@ -251,6 +260,9 @@ impl Node {
                 ended,
                 envd: EnvdClient::new(),
                 disks: Arc::new(disk::DiskTemplates::new(disks_dir, DEFAULT_ID_MAP.outside)),
+                warm: Mutex::new(HashMap::new()),
+                hot: Mutex::new(std::collections::HashSet::new()),
+                refill: Arc::new(tokio::sync::Notify::new()),
             }),
         };
         for (path, st) in dead {
@@ -275,18 +287,46 @@ impl Node {
                 }
             }
         }
+        for key in &node.inner.config.prewarm {
+            if template_rootfs(&node.inner.config.home, &key.0).is_dir() {
+                lock(&node.inner.hot).insert(key.clone());
+            }
+        }
         node.spawn_loops();
+        if node.inner.config.warm_pool > 0 {
+            let weak = Arc::downgrade(&node.inner);
+            let wake = node.inner.refill.clone();
+            tokio::spawn(async move {
+                // Holds only a weak reference while waiting, and never
+                // cancels a boot half-way.
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let booted = Node { inner }.refill_round().await;
+                    if !booted {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+                    }
+                }
+            });
+        }
         Ok(node)
     }
 
     fn reattach(&self, dir: PathBuf, st: StateFile) {
-        let id = st.spec.sandbox_id.clone();
+        let Some(spec) = st.spec.clone() else {
+            self.reap_leftover(&dir, Some(&st));
+            return;
+        };
+        let id = spec.sandbox_id.clone();
+        let instance = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let Some(slot) = st.slot_index.and_then(|i| self.inner.slots.take_adopted(i)) else {
             tracing::warn!(sandbox_id = %id, "running sandbox without its network slot; reaping it");
             self.reap_leftover(&dir, Some(&st));
             return;
         };
-        let Ok(cgroup) = self.inner.layout.open(id.as_str()) else {
+        let Ok(cgroup) = self.inner.layout.open(&instance) else {
             self.inner.slots.release(slot);
             self.reap_leftover(&dir, Some(&st));
             return;
@@ -304,7 +344,7 @@ impl Node {
             logs: Mutex::new(VecDeque::new()),
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
-            spec: st.spec,
+            spec,
         });
         inst.log("info", "reattached after a node restart");
         tracing::info!(sandbox_id = %id, "reattached a running sandbox");
@@ -435,37 +475,60 @@ impl Node {
         {
             return Err(NodeError::Conflict(format!("sandbox {id} already exists")));
         }
-        let result = self.build(spec, rootfs).await;
+        let key = (spec.template_id.clone(), spec.disk_size_mb);
+        let warm = lock(&self.inner.warm).get_mut(&key).and_then(Vec::pop);
+        let result = async {
+            let booted = match warm {
+                Some(b) => b,
+                None => {
+                    self.boot(id.to_string(), &spec.template_id, rootfs, spec.disk_size_mb)
+                        .await?
+                }
+            };
+            self.activate(booted, spec).await
+        }
+        .await;
         lock(&self.inner.creating).remove(&id);
+        // This template is in use: keep sandboxes of it ready.
+        lock(&self.inner.hot).insert(key);
+        self.inner.refill.notify_one();
         result
     }
 
-    async fn build(&self, spec: SandboxSpec, rootfs: PathBuf) -> Result<SandboxStatus, NodeError> {
+    /// Starts a sandbox without an identity: slot, cgroup, disk, envd up.
+    async fn boot(
+        &self,
+        instance_id: String,
+        template_id: &str,
+        rootfs: PathBuf,
+        disk_size_mb: u32,
+    ) -> Result<Booted, NodeError> {
         let inner = &self.inner;
-        let id = spec.sandbox_id.clone();
-        let dir = sandboxes_dir(&inner.config.home).join(id.as_str());
+        let dir = sandboxes_dir(&inner.config.home).join(&instance_id);
         let internal =
             |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
         std::fs::create_dir_all(&dir)
             .map_err(|e| internal("creating the sandbox directory", &e))?;
-        let started_at = Utc::now();
         let mut st = StateFile {
             phase: Phase::Creating,
-            spec: spec.clone(),
-            started_at,
-            end_at: spec.end_at,
+            spec: None,
+            started_at: Utc::now(),
+            end_at: Utc::now(),
             pid: None,
             pid_start: None,
             slot_index: None,
         };
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
-
-        let mut made = Partial {
+        let mut b = Booted {
             node: self.clone(),
+            instance_id: instance_id.clone(),
             dir: dir.clone(),
             slot: None,
             cgroup: None,
+            pid: 0,
+            pid_start: 0,
+            disk_size_mb,
         };
         let slot = inner
             .slots
@@ -474,20 +537,15 @@ impl Node {
             .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
         let (sandbox_ip, netns) = (slot.sandbox_ip, slot.netns_path.clone());
         st.slot_index = Some(slot.index);
-        made.slot = Some(slot);
+        b.slot = Some(slot);
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
 
-        let limits = Limits {
-            cpus: spec.cpu_count,
-            memory_mib: u64::from(spec.memory_mb),
-            pids: inner.config.pids_limit,
-        };
         let cgroup = inner
             .layout
-            .create(id.as_str(), limits)
+            .create(&instance_id, WARM_LIMITS.with_pids(inner.config.pids_limit))
             .map_err(|e| internal("creating the cgroup", &e))?;
-        made.cgroup = Some(cgroup.clone());
+        b.cgroup = Some(cgroup.clone());
 
         // The writable layer lives on the sandbox's own ext4 image so that
         // writes stop at diskSizeMB; it is mounted inside the sandbox only.
@@ -498,75 +556,98 @@ impl Node {
         }
         let image = dir.join("disk.img");
         let disks = inner.disks.clone();
-        let (size, img) = (spec.disk_size_mb, image.clone());
+        let img = image.clone();
         tokio::task::spawn_blocking(move || {
             disks
-                .template(size)
+                .template(disk_size_mb)
                 .and_then(|t| disk::sparse_copy(&t, &img))
         })
         .await
         .map_err(|e| internal("disk task", &e))?
         .map_err(|e| internal("making the sandbox's disk", &e))?;
-        let etc_files = vec![
+        let host = &instance_id;
+        let files = vec![
             // Name resolution inside: the host's non-loopback resolvers.
             ("/etc/resolv.conf".to_string(), arca_net::resolv_conf()),
-            ("/etc/hostname".to_string(), format!("{id}\n")),
+            ("/etc/hostname".to_string(), format!("{host}\n")),
             (
                 "/etc/hosts".to_string(),
                 format!(
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{host}\n"
                 ),
             ),
         ];
-
         let cfg = InitConfig {
-            sandbox_id: id.to_string(),
-            hostname: id.to_string(),
+            sandbox_id: instance_id.clone(),
+            hostname: instance_id.clone(),
             lower_dirs: vec![rootfs],
             upper_dir: disk_dir.join("upper"),
             work_dir: disk_dir.join("work"),
             root_dir: root,
-            disk: Some(arca_runtime::DiskSpec {
-                image,
-                mount_point: disk_dir,
-            }),
-            files: etc_files,
             envd_binary: inner.config.envd_binary.clone(),
             envd_args: vec![],
-            env: vec![
-                (
-                    "PATH".into(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ),
-                ("E2B_SANDBOX_ID".into(), id.to_string()),
-                ("E2B_TEMPLATE_ID".into(), spec.template_id.clone()),
-            ],
+            env: vec![(
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            )],
             netns: Some(netns.clone()),
             cgroup_dirs: cgroup.dirs().to_vec(),
             id_map: DEFAULT_ID_MAP,
             boot_id: arca_runtime::new_boot_id(),
             no_new_privs: false,
+            disk: Some(arca_runtime::DiskSpec {
+                image,
+                mount_point: disk_dir,
+            }),
+            files,
         };
         let exe = inner.config.init_exe.clone();
         let pid = tokio::task::spawn_blocking(move || arca_runtime::launch(&exe, &cfg))
             .await
             .map_err(|e| internal("init task", &e))?
             .map_err(|e| internal("starting the sandbox", &e))?;
-        let pid_start = state::process_start(pid)
+        b.pid = pid;
+        b.pid_start = state::process_start(pid)
             .ok_or_else(|| NodeError::Internal("sandbox init exited at once".into()))?;
-        st.phase = Phase::Running;
         st.pid = Some(pid);
-        st.pid_start = Some(pid_start);
+        st.pid_start = Some(b.pid_start);
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
-
         inner
             .envd
             .wait_ready(sandbox_ip, ENVD_READY_WITHIN)
             .await
             .map_err(|e| internal("waiting for envd", &e))?;
+        let _ = template_id;
+        Ok(b)
+    }
+
+    /// Gives a booted sandbox its identity: limits, `/init`, state file,
+    /// registry. This is all a warm create costs.
+    async fn activate(&self, mut b: Booted, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
+        let inner = &self.inner;
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
+        let cgroup = b
+            .cgroup
+            .clone()
+            .ok_or_else(|| NodeError::Internal("booted without a cgroup".into()))?;
+        cgroup
+            .set_limits(Limits {
+                cpus: spec.cpu_count,
+                memory_mib: u64::from(spec.memory_mb),
+                pids: inner.config.pids_limit,
+            })
+            .map_err(|e| internal("setting the sandbox's limits", &e))?;
+        let (sandbox_ip, netns) = match &b.slot {
+            Some(s) => (s.sandbox_ip, s.netns_path.clone()),
+            None => return Err(NodeError::Internal("booted without a slot".into())),
+        };
+        let mut env = spec.env_vars.clone();
+        env.insert("E2B_SANDBOX_ID".into(), spec.sandbox_id.to_string());
+        env.insert("E2B_TEMPLATE_ID".into(), spec.template_id.clone());
         let init = serde_json::json!({
-            "envVars": spec.env_vars,
+            "envVars": env,
             "accessToken": spec.envd_access_token,
             "defaultUser": "user",
             "defaultWorkdir": "/home/user",
@@ -577,59 +658,119 @@ impl Node {
             .init(sandbox_ip, None, &init)
             .await
             .map_err(|e| internal("configuring envd", &e))?;
-
         let inst = Arc::new(Instance {
-            started_at,
+            started_at: Utc::now(),
             end_at: Mutex::new(spec.end_at),
-            pid,
-            pid_start,
-            slot: Mutex::new(made.slot.take()),
+            pid: b.pid,
+            pid_start: b.pid_start,
+            slot: Mutex::new(b.slot.take()),
             sandbox_ip,
             netns,
             cgroup,
-            dir,
+            dir: b.dir.clone(),
             logs: Mutex::new(VecDeque::new()),
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
             spec,
         });
-        made.disarm();
+        b.disarm();
+        inst.save_state();
         inst.log("info", "sandbox started");
         let status = inst.status();
         sample(&inst);
-        lock(&inner.sandboxes).insert(id, inst);
+        lock(&inner.sandboxes).insert(inst.spec.sandbox_id.clone(), inst);
         Ok(status)
+    }
+
+    /// One round of keeping `warm_pool` booted sandboxes ready for each
+    /// template in use; returns whether it booted any.
+    async fn refill_round(&self) -> bool {
+        let keys: Vec<(String, u32)> = lock(&self.inner.hot).iter().cloned().collect();
+        let mut booted_any = false;
+        for key in keys {
+            let have = lock(&self.inner.warm).get(&key).map_or(0, Vec::len);
+            if have >= self.inner.config.warm_pool {
+                continue;
+            }
+            let rootfs = template_rootfs(&self.inner.config.home, &key.0);
+            let id = format!("w{}", random_suffix());
+            match self.boot(id, &key.0, rootfs, key.1).await {
+                Ok(b) => {
+                    lock(&self.inner.warm).entry(key).or_default().push(b);
+                    booted_any = true;
+                }
+                Err(e) => {
+                    tracing::warn!(template = %key.0, error = %e, "cannot prepare a warm sandbox");
+                }
+            }
+        }
+        booted_any
     }
 }
 
-/// What a failed create made so far; cleaned up on drop.
-struct Partial {
+/// Limits of a warm sandbox until it is claimed.
+const WARM_LIMITS: Limits = Limits {
+    cpus: 1,
+    memory_mib: 512,
+    pids: DEFAULT_PIDS_LIMIT,
+};
+
+trait WithPids {
+    fn with_pids(self, pids: u64) -> Limits;
+}
+
+impl WithPids for Limits {
+    fn with_pids(self, pids: u64) -> Limits {
+        Limits { pids, ..self }
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..19)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+/// A sandbox that was booted but not (yet) handed out; everything it holds
+/// is torn down when it is dropped, unless it was disarmed by activation.
+struct Booted {
     node: Node,
+    instance_id: String,
     dir: PathBuf,
     slot: Option<Slot>,
     cgroup: Option<Cgroup>,
+    pid: i32,
+    pid_start: u64,
+    disk_size_mb: u32,
 }
 
-impl Partial {
-    fn disarm(mut self) {
+impl Booted {
+    fn disarm(&mut self) {
         self.dir = PathBuf::new();
         self.cgroup = None;
     }
 }
 
-impl Drop for Partial {
+impl Drop for Booted {
     fn drop(&mut self) {
         if self.dir.as_os_str().is_empty() {
             return;
         }
         if let Some(cg) = self.cgroup.take() {
             let _ = cg.kill_all();
+            if self.pid > 0 {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+            }
             let _ = cg.remove();
         }
         if let Some(slot) = self.slot.take() {
             self.node.inner.slots.release(slot);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        tracing::debug!(instance = %self.instance_id, disk_mb = self.disk_size_mb, "unused sandbox removed");
     }
 }
 

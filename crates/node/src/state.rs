@@ -21,7 +21,8 @@ pub(crate) enum Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct StateFile {
     pub(crate) phase: Phase,
-    pub(crate) spec: SandboxSpec,
+    /// What the sandbox was created as; none while it is booting (or warm).
+    pub(crate) spec: Option<SandboxSpec>,
     pub(crate) started_at: DateTime<Utc>,
     pub(crate) end_at: DateTime<Utc>,
     /// Host pid of the sandbox's PID 1 (envd).

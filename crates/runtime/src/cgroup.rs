@@ -227,7 +227,7 @@ impl Layout {
             }
         }
         cg.dirs = dirs;
-        cg.apply(limits)?;
+        cg.set_limits(limits)?;
         Ok(cg)
     }
 
@@ -326,7 +326,9 @@ impl Cgroup {
         &self.dirs
     }
 
-    fn apply(&self, l: Limits) -> Result<(), CgroupError> {
+    /// Sets cpu, memory and pids limits (at creation, and when a warm
+    /// sandbox is claimed with its real limits).
+    pub fn set_limits(&self, l: Limits) -> Result<(), CgroupError> {
         let mem = l.memory_mib.saturating_mul(1 << 20);
         let (mdir, mv2) = &self.memory;
         if *mv2 {

@@ -45,6 +45,10 @@ pub(crate) struct Args {
     /// Network slots kept ready ahead of demand.
     #[arg(long, default_value_t = 8)]
     warm_slots: usize,
+    /// Booted sandboxes kept ready per template in use, so a create only
+    /// configures one (0 turns the warm pool off).
+    #[arg(long, default_value_t = 2)]
+    warm_pool: usize,
     /// Base domain returned to SDKs for host routing (recipe B); unset
     /// leaves the clients' E2B_DOMAIN.
     #[arg(long)]
@@ -181,6 +185,8 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         envd_binary: envd,
         net,
         pids_limit: arca_node::DEFAULT_PIDS_LIMIT,
+        warm_pool: args.warm_pool,
+        prewarm: vec![("base".to_string(), arca_api::DEFAULT_DISK_MB)],
     })
     .await
     .context("starting the node (try `arca doctor`)")?;
