@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything scripts/test.sh needs on a fresh Debian 12 machine (run as root).
+# `setup.sh --runtime` installs only what `arca up` needs (Debian packages, the musl target);
+# scripts/up.sh calls it that way.
 #
 # Idempotent: every step checks whether its result is already there, so a second run only
 # does a few version checks. Network access needed on the first run: Debian apt, crates.io,
@@ -21,9 +23,10 @@ log() { printf '[setup] %s\n' "$*"; }
 #   debootstrap: builds the built-in Debian `base` template (arca-image)
 #   iproute2, nftables: ip and nft, how arca-net makes sandbox network slots and the host firewall
 #   busybox-static: the tiny root file system the runtime tests start sandboxes from
+#   e2fsprogs: mkfs.ext4 for sandbox disks          bubblewrap: a baseline of `arca bench`
 # ---------------------------------------------------------------------------------------------
 apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential
-  iproute2 nftables debootstrap busybox-static)
+  iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
@@ -54,6 +57,9 @@ for comp in rustfmt clippy; do
     rustup component add "${comp}"
   fi
 done
+if [[ "${1:-}" == --runtime ]]; then
+  exit 0
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "cargo install cargo-nextest"
   cargo install cargo-nextest --locked
