@@ -172,6 +172,8 @@ struct Inner {
     /// (template, disk size) pairs to keep warm sandboxes of.
     hot: Mutex<std::collections::HashSet<(String, u32)>>,
     refill: Arc<tokio::sync::Notify>,
+    /// Warm sandboxes wanted per hot template (starts at `warm_pool`).
+    warm_target: std::sync::atomic::AtomicUsize,
 }
 
 /// The node agent. Cheap to clone.
@@ -247,6 +249,7 @@ impl Node {
         let in_use: Vec<u32> = survivors.iter().filter_map(|(_, s)| s.slot_index).collect();
         let slots = SlotPool::new(config.net.clone(), &in_use).await?;
         let disks_dir = config.home.join("disks");
+        let warm_pool = config.warm_pool;
         let (events, _) = broadcast::channel(1024);
         let (ended, _) = broadcast::channel(1024);
         let node = Node {
@@ -263,6 +266,7 @@ impl Node {
                 warm: Mutex::new(HashMap::new()),
                 hot: Mutex::new(std::collections::HashSet::new()),
                 refill: Arc::new(tokio::sync::Notify::new()),
+                warm_target: std::sync::atomic::AtomicUsize::new(warm_pool),
             }),
         };
         for (path, st) in dead {
@@ -293,7 +297,7 @@ impl Node {
             }
         }
         node.spawn_loops();
-        if node.inner.config.warm_pool > 0 {
+        {
             let weak = Arc::downgrade(&node.inner);
             let wake = node.inner.refill.clone();
             tokio::spawn(async move {
@@ -689,7 +693,12 @@ impl Node {
         let mut booted_any = false;
         for key in keys {
             let have = lock(&self.inner.warm).get(&key).map_or(0, Vec::len);
-            if have >= self.inner.config.warm_pool {
+            if have
+                >= self
+                    .inner
+                    .warm_target
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
                 continue;
             }
             let rootfs = template_rootfs(&self.inner.config.home, &key.0);
@@ -900,6 +909,30 @@ impl RouteSource for Node {
 }
 
 impl Node {
+    /// Changes how many warm sandboxes are kept per hot template; lowering
+    /// it drops the surplus.
+    pub fn set_warm_pool(&self, n: usize) {
+        self.inner
+            .warm_target
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        let surplus: Vec<Booted> = lock(&self.inner.warm)
+            .values_mut()
+            .flat_map(|v| {
+                let keep = v.len().min(n);
+                v.split_off(keep)
+            })
+            .collect();
+        drop(surplus);
+        self.inner.refill.notify_one();
+    }
+
+    /// Warm sandboxes ready for `template_id` with a disk of `disk_mb`.
+    pub fn warm_count(&self, template_id: &str, disk_mb: u32) -> usize {
+        lock(&self.inner.warm)
+            .get(&(template_id.to_string(), disk_mb))
+            .map_or(0, Vec::len)
+    }
+
     /// Address of a sandbox's envd, for tools and tests on this host.
     pub fn envd_addr(&self, id: &SandboxId) -> Option<std::net::SocketAddr> {
         let inst = lock(&self.inner.sandboxes).get(id).cloned()?;
