@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The one command that runs every check and test (CI runs it through .ci/run):
-#   setup -> rustfmt -> clippy -> nextest -> static musl build of arca-envd ->
-#   SDK compatibility suites (Python e2b 2.63.0 and 2.45.1, JS e2b 2.51.0) against that binary.
+#   setup -> rustfmt -> clippy -> nextest -> static musl build of arca-envd -> debug build of
+#   arca -> SDK compatibility suites (Python e2b 2.63.0 and 2.45.1, JS e2b 2.51.0) against that
+#   envd -> end-to-end suites (the same SDKs against `arca up`, as root; tests/e2e).
 #
 # Environment:
-#   ARCA_TEST_SKIP_CARGO=1  skip fmt/clippy/nextest/build and test an existing binary
-#   ARCA_ENVD_BIN           binary for the SDK suites (default: the musl release build)
+#   ARCA_TEST_SKIP_CARGO=1  skip fmt/clippy/nextest/build and test existing binaries
+#   ARCA_ENVD_BIN           envd for the SDK suites and in sandboxes (default: musl release build)
+#   ARCA_BIN                arca for the end-to-end suites (default: target/debug/arca)
+#   ARCA_E2E_CACHE          where `arca up` builds the base template once (tests/e2e/harness.py)
 # Exits non-zero when any step fails; the SDK suites all run even if one of them fails.
 set -euo pipefail
 
@@ -45,6 +48,10 @@ if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
 
   step "cargo nextest"
   ARCA_TEST_PRIVILEGED=1 cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
+
+  # nextest builds test profiles only; the end-to-end suites run the real `arca`.
+  step "arca (debug build for the end-to-end suites)"
+  cargo build --locked -p arca-cli
 fi
 
 bin="${ARCA_ENVD_BIN:-$repo/target/x86_64-unknown-linux-musl/release/arca-envd}"
@@ -87,6 +94,16 @@ for ver in 2.63.0 2.45.1; do
 done
 run_suite "js-e2b-2.51.0" 49931 tests/compat/js \
   node --test --test-timeout=120000 --test-reporter=tap envd.test.mjs
+
+# End to end: each suite starts its own `arca up` (fresh home, random ports and network
+# prefix; the base template is built once into ARCA_E2E_CACHE) and checks the host is clean
+# afterwards. The port argument of run_suite is unused here.
+export ARCA_BIN="${ARCA_BIN:-$repo/target/debug/arca}"
+for ver in 2.63.0 2.45.1; do
+  run_suite "e2e-python-e2b-$ver" 0 tests/e2e "$repo/.cache/venv/e2b-$ver/bin/python" -m pytest
+done
+run_suite "e2e-js-e2b-2.51.0" 0 tests/e2e "$repo/.cache/venv/e2b-2.63.0/bin/python" harness.py run -- \
+  node --test --test-timeout=120000 --test-reporter=tap js/sandbox.test.mjs
 
 step "summary"
 printf '%s\n' "${summaries[@]}"

@@ -1,0 +1,66 @@
+"""Recovery (issue 3): `kill -9` of `arca up` while sandboxes run, then a restart with the same
+home and ports. Running sandboxes come back with the same ids and their processes alive; a
+sandbox whose PID 1 died while the node was down is reaped; the api and the node agree."""
+
+from __future__ import annotations
+
+import os
+import pytest
+from e2b import NotFoundException, Sandbox, SandboxQuery
+
+from conftest import unique, wait_until
+
+BACKGROUND = "nohup sleep 1000 >/dev/null 2>&1 & echo $!"
+
+
+def test_kill9_and_restart(arca):
+    tag = unique()
+    sbxs = [Sandbox.create(metadata={"e2e-rec": tag}, timeout=600) for _ in range(4)]
+    survivors, doomed = sbxs[:3], sbxs[3]
+    try:
+        pids = {}
+        for s in sbxs:
+            pids[s.sandbox_id] = int(s.commands.run(BACKGROUND).stdout)
+            s.files.write("/home/user/before-restart", s.sandbox_id)
+        records = {r["sandboxID"]: r for r in arca.list_sandboxes()}
+        assert set(records) >= {s.sandbox_id for s in sbxs}
+
+        arca.kill9()
+        # With the node down, sandboxes keep running on the host.
+        assert {s.sandbox_id for s in sbxs} <= (arca.node_sandboxes() or set())
+        # One sandbox's PID 1 dies while nobody watches: it must be reaped on restart.
+        procs = arca.cgroup_file(doomed.sandbox_id, "cgroup.procs")
+        for pid in procs.read_text().split():
+            os.kill(int(pid), 9)
+
+        os.environ.update(arca.start())
+
+        q = SandboxQuery(metadata={"e2e-rec": tag})
+        listed = {i.sandbox_id for i in Sandbox.list(query=q).next_items()}
+        assert listed == {s.sandbox_id for s in survivors}
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(doomed.sandbox_id)
+        for s in survivors:
+            # Same records (metadata, end) as before the crash.
+            rec = arca.api("GET", f"/sandboxes/{s.sandbox_id}").json()
+            for k in ("templateID", "metadata", "startedAt", "endAt"):
+                assert rec[k] == records[s.sandbox_id][k], k
+            # The background process is the same one, and files are kept.
+            pid = pids[s.sandbox_id]
+            r = s.commands.run(f"cat /proc/{pid}/cmdline | tr '\\0' ' '; cat before-restart")
+            assert r.stdout == f"sleep 1000 {s.sandbox_id}", r.stdout
+            # A new connection from the SDK works too.
+            again = Sandbox.connect(s.sandbox_id)
+            assert again.commands.run("echo back").stdout == "back\n"
+
+        # Api and node agree: every listed sandbox is on the host and nothing else is.
+        api_ids = {r["sandboxID"] for r in arca.list_sandboxes()}
+        wait_until(lambda: arca.node_sandboxes() == api_ids, "the reaped sandbox's files and cgroup gone")
+    finally:
+        for s in sbxs:
+            s.kill()
+    # Killing reattached sandboxes cleans up as usual.
+    wait_until(
+        lambda: arca.node_sandboxes() is not None and not ({s.sandbox_id for s in sbxs} & arca.node_sandboxes()),
+        "reattached sandboxes gone",
+    )
