@@ -647,6 +647,14 @@ impl Node {
             Some(s) => (s.sandbox_ip, s.netns_path.clone()),
             None => return Err(NodeError::Internal("booted without a slot".into())),
         };
+        if b.instance_id != spec.sandbox_id.as_str() {
+            // A warm sandbox booted under another name: it takes the id now.
+            let (pid, name) = (b.pid, spec.sandbox_id.to_string());
+            tokio::task::spawn_blocking(move || rename_host(pid, &name))
+                .await
+                .map_err(|e| internal("rename task", &e))?
+                .map_err(|e| internal("setting the sandbox's host name", &e))?;
+        }
         let mut env = spec.env_vars.clone();
         env.insert("E2B_SANDBOX_ID".into(), spec.sandbox_id.to_string());
         env.insert("E2B_TEMPLATE_ID".into(), spec.template_id.clone());
@@ -705,8 +713,20 @@ impl Node {
             let id = format!("w{}", random_suffix());
             match self.boot(id, &key.0, rootfs, key.1).await {
                 Ok(b) => {
-                    lock(&self.inner.warm).entry(key).or_default().push(b);
-                    booted_any = true;
+                    // The target may have dropped while this one booted.
+                    let target = self
+                        .inner
+                        .warm_target
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    let mut warm = lock(&self.inner.warm);
+                    let list = warm.entry(key).or_default();
+                    if list.len() < target {
+                        list.push(b);
+                        booted_any = true;
+                    } else {
+                        drop(warm);
+                        drop(b);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(template = %key.0, error = %e, "cannot prepare a warm sandbox");
@@ -715,6 +735,37 @@ impl Node {
         }
         booted_any
     }
+}
+
+/// Gives a running sandbox the host name `name`: `sethostname` in its uts
+/// namespace (from a thread of its own, which `setns` changes), and its
+/// `/etc/hostname` and `/etc/hosts`.
+fn rename_host(pid: i32, name: &str) -> std::io::Result<()> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    let n = name.to_string();
+    std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
+        nix::unistd::sethostname(&n)?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the rename thread panicked"))??;
+    let root = PathBuf::from(format!("/proc/{pid}/root/etc"));
+    let owner = Some(DEFAULT_ID_MAP.outside);
+    for (file, content) in [
+        ("hostname", format!("{name}\n")),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n"
+            ),
+        ),
+    ] {
+        let p = root.join(file);
+        std::fs::write(&p, content)?;
+        std::os::unix::fs::chown(&p, owner, owner)?;
+    }
+    Ok(())
 }
 
 /// Limits of a warm sandbox until it is claimed.
