@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "arca", version)]
 struct Cli {
+    /// Print data as JSON Lines (one object per line) where a command
+    /// supports it.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,6 +25,14 @@ struct Cli {
 enum Command {
     /// Start Arca on this machine with the embedded defaults.
     Up(commands::up::Args),
+    /// Create, list, run commands in, and kill sandboxes (needs `arca up`).
+    Sandbox(commands::sandbox::Args),
+    /// Create, list and revoke API keys in $ARCA_HOME's database.
+    Keys(commands::keys::Args),
+    /// Check what this host has for running sandboxes, with fixes.
+    Doctor(commands::doctor::Args),
+    /// Print a shell completion script.
+    Completion(commands::completion::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,8 +50,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let ctx = commands::Ctx { json: cli.json };
     let result = match cli.command {
         Command::Up(args) => commands::up::run(&args),
+        Command::Sandbox(args) => commands::sandbox::run(&args, &ctx),
+        Command::Keys(args) => commands::keys::run(&args, &ctx),
+        Command::Doctor(args) => commands::doctor::run(&args, &ctx),
+        Command::Completion(args) => {
+            commands::completion::run(&args, <Cli as clap::CommandFactory>::command())
+        }
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,71 @@
+//! `arca keys create [--team T]`: prints a new key. On a home without a
+//! team yet it does what the first `arca up` does: makes the team `default`
+//! and its first key, and saves that key to `$ARCA_HOME/api_key`.
+//! With `--json`: `{"key", "team"}`.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::commands::{Ctx, EXIT_NOT_FOUND, block_on, out, out_json};
+
+/// Options of `arca keys create`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Team (name or id) the key belongs to.
+    #[arg(long, default_value = "default")]
+    team: String,
+}
+
+pub(crate) fn run(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    block_on(create(args, home, ctx))?
+}
+
+async fn create(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let store = super::open(home, true).await?;
+    let mut team = args.team.as_str();
+    let key = if let Some(first) = store.ensure_bootstrap().await? {
+        let path = save_first_key(home, &first)?;
+        eprintln!(
+            "arca: created the team `default` and its first key, also saved to {}",
+            path.display()
+        );
+        if args.team != "default" {
+            eprintln!("arca: no team `{team}` exists; the key is for `default`");
+            team = "default";
+        }
+        first
+    } else {
+        match store.create_key(&args.team).await {
+            Ok(k) => k,
+            Err(arca_api::ApiError::NotFound(m)) => {
+                eprintln!("arca: {m}; see the teams in `arca keys list`");
+                return Ok(ExitCode::from(EXIT_NOT_FOUND));
+            }
+            Err(e) => return Err(e).context("creating the key"),
+        }
+    };
+    if ctx.json {
+        out_json(&serde_json::json!({"key": key, "team": team}))?;
+    } else {
+        out(&key)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `$ARCA_HOME/api_key` (0600) as `arca up` does, unless it exists.
+fn save_first_key(home: &Path, key: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = home.join("api_key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{key}")?;
+    Ok(path)
+}
