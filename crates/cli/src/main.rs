@@ -33,6 +33,9 @@ enum Command {
     Doctor(commands::doctor::Args),
     /// Print a shell completion script.
     Completion(commands::completion::Args),
+    /// Measure create latency, command round trips, throughput and memory
+    /// against baselines run in the same process.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Completion(args) => {
             commands::completion::run(&args, <Cli as clap::CommandFactory>::command())
         }
+        Command::Bench(args) => commands::bench::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -347,7 +347,7 @@ impl SlotPool {
     /// background work first. Keeps going after a failure and returns the
     /// first one. `net.ipv4.ip_forward` is left as it is: something else
     /// on the host may rely on it by now.
-    pub async fn destroy(self) -> Result<(), NetError> {
+    pub async fn destroy(&self) -> Result<(), NetError> {
         self.idle().await;
         let inner = &self.inner;
         let mut first_error = None;

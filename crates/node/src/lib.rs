@@ -996,13 +996,11 @@ impl Node {
     /// Kills every sandbox and removes the network slots (for tests and an
     /// explicit `arca down`; a normal shutdown leaves sandboxes running).
     pub async fn shutdown_all(self) -> Result<(), StartError> {
+        self.set_warm_pool(0);
         let ids: Vec<SandboxId> = lock(&self.inner.sandboxes).keys().cloned().collect();
         for id in ids {
             self.end(&id, EndReason::Killed).await;
         }
-        match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner.slots.destroy().await.map_err(StartError::Net),
-            Err(_) => Ok(()),
-        }
+        self.inner.slots.destroy().await.map_err(StartError::Net)
     }
 }

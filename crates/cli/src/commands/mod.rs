@@ -6,6 +6,7 @@
 //! the fields each command documents (format version 1; fields may be added,
 //! never renamed or removed).
 
+pub(crate) mod bench;
 pub(crate) mod completion;
 pub(crate) mod doctor;
 pub(crate) mod keys;

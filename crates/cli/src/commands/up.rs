@@ -239,7 +239,9 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    // Sandboxes keep running; the next `arca up` reattaches them.
+    // Warm sandboxes belong to nobody: remove them. Handed-out sandboxes
+    // keep running; the next `arca up` reattaches them.
+    node.set_warm_pool(0);
     eprintln!("arca: stopping; running sandboxes stay up and are reattached on the next start");
     Ok(ExitCode::SUCCESS)
 }
