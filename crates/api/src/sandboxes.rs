@@ -81,6 +81,19 @@ impl CreateRequest {
                 "autoResume needs autoPause: only a paused sandbox can resume".into(),
             ));
         }
+        // Refuse what this server cannot honour yet rather than ignore it: a
+        // sandbox asked to be offline must not get the network, and one
+        // asked to pause at its end must not be killed instead.
+        if body.allow_internet_access == Some(false) {
+            return Err(ApiError::BadRequest(
+                "allow_internet_access: false is not supported yet by this Arca server (egress rules come with network policy); omit it or pass true".into(),
+            ));
+        }
+        if auto_pause {
+            return Err(ApiError::BadRequest(
+                "autoPause (on_timeout: pause) is not supported yet by this Arca server; omit it so the sandbox is killed at its end".into(),
+            ));
+        }
         Ok(CreateRequest {
             template: template_name(&body.template_id)?,
             timeout_secs,

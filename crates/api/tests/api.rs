@@ -125,7 +125,7 @@ async fn get_info_returns_the_sandbox_detail() {
             "/v2/sandboxes",
             Some(json!({
                 "templateID": "base", "timeout": 60, "metadata": {"k": "v"},
-                "envVars": {"A": "B"}, "allow_internet_access": false,
+                "envVars": {"A": "B"}, "allow_internet_access": true,
             })),
         )
         .await;
@@ -154,7 +154,7 @@ async fn get_info_returns_the_sandbox_detail() {
     assert_eq!(d["diskSizeMB"], 1024);
     assert_eq!(d["metadata"], json!({"k": "v"}));
     assert_eq!(d["envdAccessToken"], created["envdAccessToken"]);
-    assert_eq!(d["allowInternetAccess"], false);
+    assert_eq!(d["allowInternetAccess"], true);
     assert_eq!(
         d["lifecycle"],
         json!({"autoResume": false, "onTimeout": "kill"})
@@ -163,7 +163,7 @@ async fn get_info_returns_the_sandbox_detail() {
     assert!((58..=60).contains(&secs_from_now(&d["endAt"])));
     let spec = s.node.specs.lock().unwrap()[0].clone();
     assert_eq!(spec.env_vars.get("A").map(String::as_str), Some("B"));
-    assert!(!spec.allow_internet_access);
+    assert!(spec.allow_internet_access);
     // A legacy `-<clientID>` suffix is accepted; junk ids are 400.
     let r = s
         .call("GET", &format!("/sandboxes/{id}-6532622b"), None)
@@ -573,12 +573,23 @@ async fn lifecycle_combinations_are_checked() {
             .await
             .assert_error(400);
     }
+    // What the node cannot honour yet is refused, not ignored.
+    for body in [
+        json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}),
+        json!({"templateID": "base", "autoPause": true}),
+        json!({"templateID": "base", "allow_internet_access": false}),
+    ] {
+        let v = s
+            .call("POST", "/v2/sandboxes", Some(body))
+            .await
+            .assert_error(400);
+        assert!(
+            v["message"].as_str().unwrap().contains("not supported yet"),
+            "{v}"
+        );
+    }
     let r = s
-        .call(
-            "POST",
-            "/v2/sandboxes",
-            Some(json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}})),
-        )
+        .call("POST", "/v2/sandboxes", Some(json!({"templateID": "base"})))
         .await;
     assert_eq!(r.status, 201);
     let id = r.json()["sandboxID"].as_str().unwrap().to_string();
@@ -588,7 +599,7 @@ async fn lifecycle_combinations_are_checked() {
         .json();
     assert_eq!(
         d["lifecycle"],
-        json!({"autoResume": true, "onTimeout": "pause"})
+        json!({"autoResume": false, "onTimeout": "kill"})
     );
     // Pause itself is issue 5: a clear 501, and 404 for unknown ids.
     let r = s

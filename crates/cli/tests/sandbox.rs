@@ -145,8 +145,23 @@ impl Drop for Sandbox {
 }
 
 fn start(envd: &Path, limits: Limits) -> Sandbox {
+    match try_start(envd, limits, &|_| {}, vec![]) {
+        Ok(s) => s,
+        Err((_, e)) => panic!("sandbox did not start: {e}"),
+    }
+}
+
+/// Starts a sandbox whose template `tweak` may change first, writing
+/// `files` into it; the guard cleans up whether or not the start worked.
+fn try_start(
+    envd: &Path,
+    limits: Limits,
+    tweak: &dyn Fn(&Path),
+    files: Vec<(String, String)>,
+) -> Result<Sandbox, (Sandbox, arca_runtime::RuntimeError)> {
     let dir = tempfile::tempdir().unwrap();
     let lower = busybox_rootfs(dir.path());
+    tweak(&lower);
     let (upper, work, root) = (
         dir.path().join("upper"),
         dir.path().join("work"),
@@ -195,16 +210,19 @@ fn start(envd: &Path, limits: Limits) -> Sandbox {
         boot_id: boot_id.clone(),
         no_new_privs: false,
         disk: None,
-        files: vec![],
+        files,
     };
-    let pid = arca_runtime::launch(Path::new(env!("CARGO_BIN_EXE_arca")), &cfg).unwrap();
-    let sbx = Sandbox {
+    let mut sbx = Sandbox {
         dir,
         netns,
         cgroup,
-        pid,
+        pid: 0,
         boot_id,
     };
+    match arca_runtime::launch(Path::new(env!("CARGO_BIN_EXE_arca")), &cfg) {
+        Ok(pid) => sbx.pid = pid,
+        Err(e) => return Err((sbx, e)),
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while sbx.request("GET", "/health", "", "").0 != 204 {
         assert!(
@@ -213,7 +231,7 @@ fn start(envd: &Path, limits: Limits) -> Sandbox {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    sbx
+    Ok(sbx)
 }
 
 impl Sandbox {
@@ -503,4 +521,47 @@ fn teardown_leaves_no_mount_process_or_cgroup() {
     for d in dirs {
         assert!(!d.exists(), "cgroup {} is left", d.display());
     }
+}
+
+#[test]
+fn template_symlinks_cannot_redirect_init_to_host_files() {
+    let Some(envd) = prerequisites() else { return };
+    // A host file the template's links point at; it must stay untouched.
+    let host = tempfile::tempdir().unwrap();
+    let victim = host.path().join("victim");
+    std::fs::write(&victim, "host data\n").unwrap();
+    let victim_s = victim.display().to_string();
+    let link_hosts = |lower: &Path| {
+        let hosts = lower.join("etc/hosts");
+        let _ = std::fs::remove_file(&hosts);
+        std::os::unix::fs::symlink(&victim_s, &hosts).unwrap();
+        // /tmp pointing at a host directory must not get mode 1777.
+        std::fs::remove_dir(lower.join("tmp")).unwrap();
+        std::os::unix::fs::symlink(host.path(), lower.join("tmp")).unwrap();
+    };
+    let files = vec![("/etc/hosts".to_string(), "127.0.0.1 localhost\n".to_string())];
+    let started = try_start(&envd, SMALL, &link_hosts, files);
+    // Writing through the link stays inside the sandbox (or fails there).
+    if let Ok(sbx) = &started {
+        let (_, out) = sbx.sh("cat /etc/hosts 2>&1; ls -ld /tmp");
+        assert!(!out.contains("host data"), "{out}");
+    }
+    drop(started);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host data\n");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(host.path()).unwrap().permissions().mode() & 0o7777;
+    assert_ne!(mode, 0o1777, "the host directory was made world-writable");
+
+    // A mount point that is a link to a host directory is refused.
+    let target = tempfile::tempdir().unwrap();
+    let link_run = |lower: &Path| {
+        std::fs::remove_dir(lower.join("run")).unwrap();
+        std::os::unix::fs::symlink(target.path(), lower.join("run")).unwrap();
+    };
+    let err = match try_start(&envd, SMALL, &link_run, vec![]) {
+        Ok(_) => panic!("a template whose /run is a symlink started"),
+        Err((_, e)) => e.to_string(),
+    };
+    assert!(err.contains("/run"), "{err}");
+    assert!(std::fs::read_dir(target.path()).unwrap().next().is_none(), "something was mounted or made on the host");
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::fsys::{METADATA_XATTR_PREFIX, make_dirs};
-use crate::users::User;
+use crate::users::{ActAs, User};
 use crate::{State, paths, sys};
 
 /// Longest metadata key, in bytes.
@@ -247,9 +247,16 @@ pub(crate) async fn download(
     let gzip = accepts_gzip(&headers)?;
     let io =
         |e: std::io::Error, what: &str| connect_to_http(&crate::error::io_error(&e, what, &path));
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| io(e, "open"))?;
+    // Opened as the user, so a download reads only what the user may read.
+    let (u, p) = (user.clone(), path.clone());
+    let std_file = tokio::task::spawn_blocking(move || {
+        let _as = ActAs::user(&u);
+        std::fs::File::open(&p)
+    })
+    .await
+    .map_err(|e| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| io(e, "open"))?;
+    let file = tokio::fs::File::from_std(std_file.try_clone().map_err(|e| io(e, "open"))?);
     let meta = file.metadata().await.map_err(|e| io(e, "stat"))?;
     if meta.is_dir() {
         return Err(FileError::new(
@@ -287,10 +294,9 @@ pub(crate) async fn download(
     let internal =
         |e: http::Error| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     if gzip {
-        let path2 = path.clone();
+        let mut f = std_file;
         let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            let mut f = std::fs::File::open(&path2)?;
             std::io::copy(&mut f, &mut enc)?;
             enc.finish()
         })
@@ -400,7 +406,7 @@ impl Upload {
     /// Opens `path` for writing as the CONTRACT describes: parents made,
     /// new files created 0666 (0644 after umask) then chowned, existing
     /// files chowned before being truncated.
-    fn open(path: PathBuf, user: &User) -> Result<Upload, FileError> {
+    fn open(path: PathBuf, user: &User, acting: bool) -> Result<Upload, FileError> {
         let err = |e: std::io::Error, what: &str| {
             connect_to_http(&crate::error::io_error(&e, what, &path))
         };
@@ -415,8 +421,14 @@ impl Upload {
         }
         let exists = std::fs::symlink_metadata(&path).is_ok();
         if exists {
-            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
-                .map_err(|e| err(e, "chown"))?;
+            // Acting as a user, a file someone else owns keeps its owner
+            // (the write itself is still checked as the user).
+            let owned = std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid));
+            if let Err(e) = owned {
+                if !(acting && e.raw_os_error() == Some(nix::libc::EPERM)) {
+                    return Err(err(e, "chown"));
+                }
+            }
         }
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -492,7 +504,10 @@ where
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let writer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, FileError> {
-        let mut up = Upload::open(path, &user)?;
+        // Checked as the user: envd is root and must not write where the
+        // user could not (through symlinks or otherwise).
+        let identity = ActAs::user(&user);
+        let mut up = Upload::open(path, &user, identity.is_active())?;
         if gzip {
             let mut dec = flate2::write::GzDecoder::new(Vec::new());
             while let Some(chunk) = rx.blocking_recv() {

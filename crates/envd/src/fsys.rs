@@ -15,7 +15,7 @@ use arca_proto::filesystem::{
 
 use crate::error::io_error;
 use crate::rpc::CallCtx;
-use crate::users::{Names, User};
+use crate::users::{ActAs, Names, User};
 use crate::{State, paths, sys};
 
 /// Prefix of the extended attributes that hold user metadata of a file.
@@ -216,6 +216,7 @@ pub(crate) async fn make_dir(
 ) -> Result<MakeDirResponse, ConnectError> {
     let path = resolve(&state, &ctx, &req.path)?;
     blocking(move || {
+        let _as = ActAs::user(&ctx.user);
         match fs::metadata(&path) {
             Ok(m) if m.is_dir() => {
                 return Err(ConnectError::new(
@@ -248,6 +249,7 @@ pub(crate) async fn move_entry(
     let src = resolve(&state, &ctx, &req.source)?;
     let dst = resolve(&state, &ctx, &req.destination)?;
     blocking(move || {
+        let _as = ActAs::user(&ctx.user);
         fs::symlink_metadata(&src).map_err(|e| io_error(&e, "move", &src))?;
         if let Some(parent) = dst.parent() {
             make_dirs(parent, &ctx.user)?;
@@ -268,6 +270,7 @@ pub(crate) async fn remove(
 ) -> Result<RemoveResponse, ConnectError> {
     let path = resolve(&state, &ctx, &req.path)?;
     blocking(move || {
+        let _as = ActAs::user(&ctx.user);
         let result = match fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),

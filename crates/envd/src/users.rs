@@ -18,6 +18,41 @@ pub(crate) struct User {
     pub(crate) groups: Vec<u32>,
 }
 
+/// While alive, file system access of the calling thread is checked as
+/// `user` (the thread's fsuid and fsgid), so envd, which runs as root,
+/// cannot be used to reach files the user could not. New files belong to
+/// the user. Only for a blocking thread, for the duration of one request;
+/// dropping it restores root. A no-op for root itself.
+pub(crate) struct ActAs {
+    active: bool,
+}
+
+impl ActAs {
+    pub(crate) fn user(user: &User) -> ActAs {
+        if user.uid == 0 {
+            return ActAs { active: false };
+        }
+        // Group first: after fsuid changes, root's file capabilities are gone.
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(user.gid));
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(user.uid));
+        ActAs { active: true }
+    }
+
+    /// Whether checks run as a non-root user.
+    pub(crate) fn is_active(&self) -> bool {
+        self.active
+    }
+}
+
+impl Drop for ActAs {
+    fn drop(&mut self) {
+        if self.active {
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
+            nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
+        }
+    }
+}
+
 /// Where accounts are read from; tests point it at fixture files.
 #[derive(Debug, Clone)]
 pub(crate) struct UserDb {

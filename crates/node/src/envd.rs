@@ -82,6 +82,34 @@ impl EnvdClient {
         }
     }
 
+    /// Writes one file inside the sandbox as its root user (`POST /files`).
+    pub(crate) async fn write_file(
+        &self,
+        ip: Ipv4Addr,
+        token: &str,
+        path: &str,
+        content: String,
+    ) -> Result<(), String> {
+        let req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!(
+                "http://{ip}:{ENVD_PORT}/files?path={path}&username=root"
+            ))
+            .header("content-type", "application/octet-stream")
+            .header("x-access-token", token)
+            .body(Full::new(Bytes::from(content)))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.http.request(req))
+            .await
+            .map_err(|_| format!("{path}: envd did not answer in 10 s"))?
+            .map_err(|e| format!("{path}: {e}"))?;
+        if resp.status() == http::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("writing {path}: envd answered {}", resp.status()))
+        }
+    }
+
     /// `POST /init`; `token` is the current access token once one is set.
     pub(crate) async fn init(
         &self,

@@ -372,7 +372,13 @@ impl Node {
             self.inner.slots.release(slot);
         }
         let _ = std::fs::remove_dir_all(dir);
-        if let Ok(id) = SandboxId::parse(&name) {
+        // A claimed warm sandbox lives in a directory named after its boot
+        // name: report it under its sandbox id.
+        let id = st
+            .and_then(|s| s.spec.as_ref())
+            .map(|s| s.sandbox_id.clone())
+            .or_else(|| SandboxId::parse(&name).ok());
+        if let Some(id) = id {
             let _ = self.inner.events.send(SandboxEvent::Ended {
                 sandbox_id: id.clone(),
                 reason: EndReason::Reaped,
@@ -441,7 +447,7 @@ impl Node {
             // The node is the sandbox init's parent (child subreaper): reap it
             // now, or its zombie keeps the cgroup busy. After a restart the
             // init belongs to the host's init and this returns at once.
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(inst2.pid), None);
+            reap(inst2.pid);
             if let Err(e) = inst2.cgroup.remove() {
                 tracing::warn!(error = ?e, "removing a sandbox's cgroup");
             }
@@ -547,7 +553,13 @@ impl Node {
 
         let cgroup = inner
             .layout
-            .create(&instance_id, WARM_LIMITS.with_pids(inner.config.pids_limit))
+            .create(
+                &instance_id,
+                Limits {
+                    pids: inner.config.pids_limit,
+                    ..WARM_LIMITS
+                },
+            )
             .map_err(|e| internal("creating the cgroup", &e))?;
         b.cgroup = Some(cgroup.clone());
 
@@ -569,18 +581,9 @@ impl Node {
         .await
         .map_err(|e| internal("disk task", &e))?
         .map_err(|e| internal("making the sandbox's disk", &e))?;
-        let host = &instance_id;
-        let files = vec![
-            // Name resolution inside: the host's non-loopback resolvers.
-            ("/etc/resolv.conf".to_string(), arca_net::resolv_conf()),
-            ("/etc/hostname".to_string(), format!("{host}\n")),
-            (
-                "/etc/hosts".to_string(),
-                format!(
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{host}\n"
-                ),
-            ),
-        ];
+        // Name resolution inside: the host's non-loopback resolvers.
+        let mut files = etc_files(&instance_id);
+        files.push(("/etc/resolv.conf".to_string(), arca_net::resolv_conf()));
         let cfg = InitConfig {
             sandbox_id: instance_id.clone(),
             hostname: instance_id.clone(),
@@ -647,12 +650,13 @@ impl Node {
             Some(s) => (s.sandbox_ip, s.netns_path.clone()),
             None => return Err(NodeError::Internal("booted without a slot".into())),
         };
-        if b.instance_id != spec.sandbox_id.as_str() {
+        let renamed = b.instance_id != spec.sandbox_id.as_str();
+        if renamed {
             // A warm sandbox booted under another name: it takes the id now.
-            let (pid, name) = (b.pid, spec.sandbox_id.to_string());
-            tokio::task::spawn_blocking(move || rename_host(pid, &name))
+            let (pid, start, name) = (b.pid, b.pid_start, spec.sandbox_id.to_string());
+            tokio::task::spawn_blocking(move || set_host_name(pid, start, &name))
                 .await
-                .map_err(|e| internal("rename task", &e))?
+                .map_err(|e| internal("host name task", &e))?
                 .map_err(|e| internal("setting the sandbox's host name", &e))?;
         }
         let mut env = spec.env_vars.clone();
@@ -670,6 +674,15 @@ impl Node {
             .init(sandbox_ip, None, &init)
             .await
             .map_err(|e| internal("configuring envd", &e))?;
+        if renamed {
+            for (path, content) in etc_files(spec.sandbox_id.as_str()) {
+                inner
+                    .envd
+                    .write_file(sandbox_ip, &spec.envd_access_token, &path, content)
+                    .await
+                    .map_err(|e| internal("naming the sandbox", &e))?;
+            }
+        }
         let inst = Arc::new(Instance {
             started_at: Utc::now(),
             end_at: Mutex::new(spec.end_at),
@@ -737,11 +750,15 @@ impl Node {
     }
 }
 
-/// Gives a running sandbox the host name `name`: `sethostname` in its uts
-/// namespace (from a thread of its own, which `setns` changes), and its
-/// `/etc/hostname` and `/etc/hosts`.
-fn rename_host(pid: i32, name: &str) -> std::io::Result<()> {
+/// Sets the host name inside a running sandbox's uts namespace, from a
+/// thread of its own (which `setns` changes). Touches no file: the files
+/// are written by envd, inside the sandbox.
+fn set_host_name(pid: i32, pid_start: u64, name: &str) -> std::io::Result<()> {
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    // The pid must still be the sandbox's init once the namespace is open.
+    if !state::same_process(pid, pid_start) {
+        return Err(std::io::Error::other("the sandbox's init is gone"));
+    }
     let n = name.to_string();
     std::thread::spawn(move || -> std::io::Result<()> {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
@@ -749,23 +766,20 @@ fn rename_host(pid: i32, name: &str) -> std::io::Result<()> {
         Ok(())
     })
     .join()
-    .map_err(|_| std::io::Error::other("the rename thread panicked"))??;
-    let root = PathBuf::from(format!("/proc/{pid}/root/etc"));
-    let owner = Some(DEFAULT_ID_MAP.outside);
-    for (file, content) in [
-        ("hostname", format!("{name}\n")),
+    .map_err(|_| std::io::Error::other("the host name thread panicked"))?
+}
+
+/// `/etc` files that name the sandbox.
+fn etc_files(host: &str) -> Vec<(String, String)> {
+    vec![
+        ("/etc/hostname".to_string(), format!("{host}\n")),
         (
-            "hosts",
+            "/etc/hosts".to_string(),
             format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n"
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{host}\n"
             ),
         ),
-    ] {
-        let p = root.join(file);
-        std::fs::write(&p, content)?;
-        std::os::unix::fs::chown(&p, owner, owner)?;
-    }
-    Ok(())
+    ]
 }
 
 /// Limits of a warm sandbox until it is claimed.
@@ -774,16 +788,6 @@ const WARM_LIMITS: Limits = Limits {
     memory_mib: 512,
     pids: DEFAULT_PIDS_LIMIT,
 };
-
-trait WithPids {
-    fn with_pids(self, pids: u64) -> Limits;
-}
-
-impl WithPids for Limits {
-    fn with_pids(self, pids: u64) -> Limits {
-        Limits { pids, ..self }
-    }
-}
 
 fn random_suffix() -> String {
     use rand::Rng as _;
@@ -819,18 +823,52 @@ impl Drop for Booted {
         if self.dir.as_os_str().is_empty() {
             return;
         }
-        if let Some(cg) = self.cgroup.take() {
-            let _ = cg.kill_all();
-            if self.pid > 0 {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+        let (cgroup, slot, dir, pid) = (
+            self.cgroup.take(),
+            self.slot.take(),
+            std::mem::take(&mut self.dir),
+            self.pid,
+        );
+        let (node, instance, disk_mb) = (
+            self.node.clone(),
+            self.instance_id.clone(),
+            self.disk_size_mb,
+        );
+        let teardown = move || {
+            if let Some(cg) = cgroup {
+                let _ = cg.kill_all();
+                if pid > 0 {
+                    reap(pid);
+                }
+                let _ = cg.remove();
             }
-            let _ = cg.remove();
+            if let Some(slot) = slot {
+                node.inner.slots.release(slot);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            tracing::debug!(instance = %instance, disk_mb, "unused sandbox removed");
+        };
+        // Killing and removing can take seconds: never on an async thread.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(teardown);
+            }
+            Err(_) => teardown(),
         }
-        if let Some(slot) = self.slot.take() {
-            self.node.inner.slots.release(slot);
+    }
+}
+
+/// Reaps a sandbox init that was just killed, if the node is its parent;
+/// gives up after a few seconds rather than hang on a process stuck in the
+/// kernel.
+fn reap(pid: i32) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    for _ in 0..500 {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
+            _ => return,
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        tracing::debug!(instance = %self.instance_id, disk_mb = self.disk_size_mb, "unused sandbox removed");
     }
 }
 

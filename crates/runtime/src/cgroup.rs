@@ -227,7 +227,10 @@ impl Layout {
             }
         }
         cg.dirs = dirs;
-        cg.set_limits(limits)?;
+        if let Err(e) = cg.set_limits(limits) {
+            let _ = cg.remove();
+            return Err(e);
+        }
         Ok(cg)
     }
 
@@ -338,11 +341,16 @@ impl Cgroup {
                 write(&swap, "0")?;
             }
         } else {
-            write(&mdir.join("memory.limit_in_bytes"), &mem.to_string())?;
+            // With swap accounting, memory.limit may not exceed memsw.limit and
+            // memsw may not go below memory: raise memsw first, lower it last.
             let memsw = mdir.join("memory.memsw.limit_in_bytes");
-            if memsw.exists() {
-                // Fails when lowering below the current value; fine at creation.
+            let has_memsw = memsw.exists();
+            if has_memsw {
                 let _ = fs::write(&memsw, mem.to_string());
+            }
+            write(&mdir.join("memory.limit_in_bytes"), &mem.to_string())?;
+            if has_memsw {
+                write(&memsw, &mem.to_string())?;
             }
         }
         let quota = u64::from(l.cpus.max(1)) * CPU_PERIOD_US;

@@ -185,6 +185,24 @@ fn ensure_dir(p: &Path) -> Res<()> {
     Ok(())
 }
 
+/// A directory right under the new root to mount on. The root belongs to
+/// the template, and this runs as host root before `pivot_root`: a symlink
+/// here would make the mount (or mkdir) land on the host, so it is refused.
+fn mount_point(root: &Path, name: &str) -> Res<std::path::PathBuf> {
+    let p = root.join(name);
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_dir() => Ok(p),
+        Ok(_) => Err(format!(
+            "the template's /{name} is not a directory (a symbolic link or a file); it must be a directory"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            ctx(fs::create_dir(&p), || format!("creating /{name}"))?;
+            Ok(p)
+        }
+        Err(e) => Err(format!("/{name}: {e}")),
+    }
+}
+
 fn ensure_file(p: &Path) -> Res<()> {
     if !p.exists() {
         ctx(fs::write(p, b""), || format!("creating {}", p.display()))?;
@@ -260,26 +278,12 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         Some(&opts),
     )?;
 
-    for (inside, content) in &cfg.files {
-        let p = root.join(inside.trim_start_matches('/'));
-        if let Some(parent) = p.parent() {
-            ensure_dir(parent)?;
-        }
-        ctx(fs::write(&p, content), || format!("writing {inside}"))?;
-        let id = Some(cfg.id_map.outside);
-        ctx(std::os::unix::fs::lchown(&p, id, id), || {
-            format!("chown of {inside}")
-        })?;
-    }
-
     // /proc of the new pid namespace.
-    let proc_ = root.join("proc");
-    ensure_dir(&proc_)?;
+    let proc_ = mount_point(root, "proc")?;
     mnt(Some("proc"), &proc_, Some("proc"), nodev, None)?;
 
     // A minimal /dev.
-    let dev = root.join("dev");
-    ensure_dir(&dev)?;
+    let dev = mount_point(root, "dev")?;
     mnt(
         Some("tmpfs"),
         &dev,
@@ -332,8 +336,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     }
 
     // /sys, read-only.
-    let sysfs = root.join("sys");
-    ensure_dir(&sysfs)?;
+    let sysfs = mount_point(root, "sys")?;
     mnt(
         Some("sysfs"),
         &sysfs,
@@ -343,8 +346,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     )?;
 
     // /run with envd, read-only, and the boot id.
-    let run = root.join("run");
-    ensure_dir(&run)?;
+    let run = mount_point(root, "run")?;
     mnt(
         Some("tmpfs"),
         &run,
@@ -396,12 +398,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         }
     }
 
-    let tmp = root.join("tmp");
-    ensure_dir(&tmp)?;
-    ctx(
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)),
-        || "chmod /tmp".into(),
-    )?;
+    mount_point(root, "tmp")?;
 
     // Enter the new root; the old one is detached and gone.
     ctx(nix::unistd::chdir(root), || "chdir to the new root".into())?;
@@ -433,6 +430,23 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         || "setresuid".into(),
     )?;
     ctx(nix::unistd::setgroups(&[]), || "setgroups".into())?;
+
+    // Only now, as root of the sandbox's user namespace inside its own root,
+    // touch the template's files: symlinks in them cannot lead to the host,
+    // and host-wide files under /proc/sys refuse this user.
+    for (inside, content) in &cfg.files {
+        let p = Path::new(inside);
+        if let Some(parent) = p.parent() {
+            ctx(fs::create_dir_all(parent), || {
+                format!("creating {}", parent.display())
+            })?;
+        }
+        ctx(fs::write(p, content), || format!("writing {inside}"))?;
+    }
+    ctx(
+        fs::set_permissions("/tmp", fs::Permissions::from_mode(0o1777)),
+        || "chmod /tmp".into(),
+    )?;
 
     // stdio to /dev/null, every other descriptor closed at exec.
     let null = ctx(
