@@ -592,3 +592,56 @@ async fn kill_returns_after_the_process_is_gone_and_end_reports_the_signal() {
     assert_eq!(status, 404);
     let _ = ProcessEvent::default();
 }
+
+#[tokio::test]
+async fn uploads_and_downloads_are_checked_as_the_requesting_user() {
+    require_root!();
+    let envd = start_envd();
+    let port = envd.port;
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // A root-only file, and a link to it where `nobody` may write.
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "root only\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let (status, _, body) = post(
+        port,
+        &format!("/files?path={}&username=nobody", link.display()),
+        "application/octet-stream",
+        &[],
+        Bytes::from_static(b"overwritten"),
+        false,
+    )
+    .await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only\n");
+    let (status, _, _) = get(
+        port,
+        &format!("/files?path={}&username=nobody", secret.display()),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // Root can, and a file `nobody` writes where it may belongs to nobody.
+    let (status, _, body) = get(
+        port,
+        &format!("/files?path={}&username=root", secret.display()),
+    )
+    .await;
+    assert_eq!((status, &body[..]), (200, &b"root only\n"[..]));
+    let mine = dir.path().join("mine");
+    let (status, _, _) = post(
+        port,
+        &format!("/files?path={}&username=nobody", mine.display()),
+        "application/octet-stream",
+        &[],
+        Bytes::from_static(b"x"),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&mine).unwrap().uid(), 65534);
+}
