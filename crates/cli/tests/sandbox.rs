@@ -147,7 +147,7 @@ impl Drop for Sandbox {
 fn start(envd: &Path, limits: Limits) -> Sandbox {
     match try_start(envd, limits, &|_| {}, vec![]) {
         Ok(s) => s,
-        Err((_, e)) => panic!("sandbox did not start: {e}"),
+        Err(b) => panic!("sandbox did not start: {}", b.1),
     }
 }
 
@@ -158,7 +158,7 @@ fn try_start(
     limits: Limits,
     tweak: &dyn Fn(&Path),
     files: Vec<(String, String)>,
-) -> Result<Sandbox, (Sandbox, arca_runtime::RuntimeError)> {
+) -> Result<Sandbox, Box<(Sandbox, arca_runtime::RuntimeError)>> {
     let dir = tempfile::tempdir().unwrap();
     let lower = busybox_rootfs(dir.path());
     tweak(&lower);
@@ -221,7 +221,7 @@ fn try_start(
     };
     match arca_runtime::launch(Path::new(env!("CARGO_BIN_EXE_arca")), &cfg) {
         Ok(pid) => sbx.pid = pid,
-        Err(e) => return Err((sbx, e)),
+        Err(e) => return Err(Box::new((sbx, e))),
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while sbx.request("GET", "/health", "", "").0 != 204 {
@@ -539,7 +539,10 @@ fn template_symlinks_cannot_redirect_init_to_host_files() {
         std::fs::remove_dir(lower.join("tmp")).unwrap();
         std::os::unix::fs::symlink(host.path(), lower.join("tmp")).unwrap();
     };
-    let files = vec![("/etc/hosts".to_string(), "127.0.0.1 localhost\n".to_string())];
+    let files = vec![(
+        "/etc/hosts".to_string(),
+        "127.0.0.1 localhost\n".to_string(),
+    )];
     let started = try_start(&envd, SMALL, &link_hosts, files);
     // Writing through the link stays inside the sandbox (or fails there).
     if let Ok(sbx) = &started {
@@ -560,8 +563,11 @@ fn template_symlinks_cannot_redirect_init_to_host_files() {
     };
     let err = match try_start(&envd, SMALL, &link_run, vec![]) {
         Ok(_) => panic!("a template whose /run is a symlink started"),
-        Err((_, e)) => e.to_string(),
+        Err(b) => b.1.to_string(),
     };
     assert!(err.contains("/run"), "{err}");
-    assert!(std::fs::read_dir(target.path()).unwrap().next().is_none(), "something was mounted or made on the host");
+    assert!(
+        std::fs::read_dir(target.path()).unwrap().next().is_none(),
+        "something was mounted or made on the host"
+    );
 }

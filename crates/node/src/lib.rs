@@ -818,10 +818,11 @@ impl Booted {
     }
 }
 
-impl Drop for Booted {
-    fn drop(&mut self) {
+impl Booted {
+    /// Takes what must be torn down, leaving the value disarmed.
+    fn take_teardown(&mut self) -> Option<impl FnOnce() + Send + 'static> {
         if self.dir.as_os_str().is_empty() {
-            return;
+            return None;
         }
         let (cgroup, slot, dir, pid) = (
             self.cgroup.take(),
@@ -834,7 +835,7 @@ impl Drop for Booted {
             self.instance_id.clone(),
             self.disk_size_mb,
         );
-        let teardown = move || {
+        Some(move || {
             if let Some(cg) = cgroup {
                 let _ = cg.kill_all();
                 if pid > 0 {
@@ -847,6 +848,14 @@ impl Drop for Booted {
             }
             let _ = std::fs::remove_dir_all(&dir);
             tracing::debug!(instance = %instance, disk_mb, "unused sandbox removed");
+        })
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let Some(teardown) = self.take_teardown() else {
+            return;
         };
         // Killing and removing can take seconds: never on an async thread.
         match tokio::runtime::Handle::try_current() {
@@ -1013,6 +1022,23 @@ impl Node {
             .collect();
         drop(surplus);
         self.inner.refill.notify_one();
+    }
+
+    /// Stops keeping warm sandboxes and removes the ready ones, returning
+    /// once they are gone (on shutdown: they belong to nobody).
+    pub async fn drain_warm(&self) {
+        self.inner
+            .warm_target
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let all: Vec<Booted> = lock(&self.inner.warm)
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        for mut b in all {
+            if let Some(teardown) = b.take_teardown() {
+                let _ = tokio::task::spawn_blocking(teardown).await;
+            }
+        }
     }
 
     /// Warm sandboxes ready for `template_id` with a disk of `disk_mb`.

@@ -241,7 +241,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     }
     // Warm sandboxes belong to nobody: remove them. Handed-out sandboxes
     // keep running; the next `arca up` reattaches them.
-    node.set_warm_pool(0);
+    node.drain_warm().await;
     eprintln!("arca: stopping; running sandboxes stay up and are reattached on the next start");
     Ok(ExitCode::SUCCESS)
 }
