@@ -10,12 +10,10 @@ use arca_proto::connect::{Code, ConnectError};
 use axum::body::Body;
 use axum::extract::{Query, Request, State as AxState};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
 
 use crate::fsys::{METADATA_XATTR_PREFIX, make_dirs};
 use crate::users::{ActAs, User};
@@ -84,25 +82,6 @@ fn connect_to_http(err: &ConnectError) -> FileError {
     FileError::new(status, err.message())
 }
 
-/// The v1 signature of a file URL (CONTRACT 3.6).
-pub(crate) fn signature(
-    path: &str,
-    operation: &str,
-    user: &str,
-    token: &str,
-    expiration: Option<i64>,
-) -> String {
-    let mut raw = format!("{path}:{operation}:{user}:{token}");
-    if let Some(exp) = expiration {
-        raw.push_str(&format!(":{exp}"));
-    }
-    let digest = Sha256::digest(raw.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
-
 /// Checks access to `/files`: the access token header when sent, else a
 /// valid signature, once a token is set.
 fn authorize(
@@ -131,12 +110,13 @@ fn authorize(
             "missing access token: send X-Access-Token or use a signed URL",
         ));
     };
-    let expected = signature(
+    let expiration = q.signature_expiration.map(|e| e.to_string());
+    let expected = arca_proto::files::signature(
         q.path.as_deref().unwrap_or(""),
         operation,
         q.username.as_deref().unwrap_or(""),
         &token,
-        q.signature_expiration,
+        expiration.as_deref(),
     );
     if !crate::http::token_matches(sig.as_bytes(), &expected) {
         return Err(FileError::new(
@@ -717,30 +697,6 @@ async fn upload_files(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signatures_match_the_sdk_algorithm() {
-        // sha256("/home/user/a.txt:read:user:tok") in unpadded standard base64.
-        let s = signature("/home/user/a.txt", "read", "user", "tok", None);
-        let digest = Sha256::digest(b"/home/user/a.txt:read:user:tok");
-        let expected = format!(
-            "v1_{}",
-            base64::engine::general_purpose::STANDARD
-                .encode(digest)
-                .trim_end_matches('=')
-        );
-        assert_eq!(s, expected);
-        assert!(!s.ends_with('='));
-        let with_exp = signature("a", "write", "", "tok", Some(1_700_000_000));
-        let digest = Sha256::digest(b"a:write::tok:1700000000");
-        assert_eq!(
-            with_exp,
-            format!(
-                "v1_{}",
-                base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-            )
-        );
-    }
 
     #[test]
     fn ranges_are_parsed_and_clamped() {

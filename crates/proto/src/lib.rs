@@ -5,6 +5,7 @@
 //!   see `CONTRACT.md` section 3), with proto3-JSON serde implementations.
 //! - [`node`]: the node agent's interface ([`node::NodeService`]) and the
 //!   proxy's view of sandboxes ([`node::RouteSource`]).
+//! - [`files`]: signed `/files` URLs.
 //! - [`connect`]: the Connect protocol as the E2B SDKs speak it: codecs,
 //!   content types, envelopes, end-of-stream messages and error codes.
 //!
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+pub mod files;
 pub mod node;
 mod timestamp;
 

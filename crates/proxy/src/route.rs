@@ -7,9 +7,7 @@
 use std::net::IpAddr;
 
 use arca_proto::node::{Route, RouteSource};
-use base64::Engine as _;
 use http::{HeaderMap, Method, Request};
-use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use crate::error::ProxyError;
@@ -183,25 +181,7 @@ fn form_decode(s: &str) -> String {
         .into_owned()
 }
 
-/// The v1 signature of a file URL (CONTRACT 3.6), as envd computes it.
-pub(crate) fn signature(
-    path: &str,
-    operation: &str,
-    user: &str,
-    token: &str,
-    expiration: Option<&str>,
-) -> String {
-    let mut raw = format!("{path}:{operation}:{user}:{token}");
-    if let Some(exp) = expiration {
-        raw.push(':');
-        raw.push_str(exp);
-    }
-    let digest = Sha256::digest(raw.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
+pub(crate) use arca_proto::files::signature;
 
 /// Rule 4: signed URLs find their sandbox by token, unsigned ones need a
 /// single running sandbox.
@@ -420,19 +400,6 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn signature_matches_envd() {
-        // Same vector as envd's files.rs test.
-        let digest = Sha256::digest(b"a:write::tok:1700000000");
-        let expected = format!(
-            "v1_{}",
-            base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-        );
-        assert_eq!(
-            signature("a", "write", "", "tok", Some("1700000000")),
-            expected
-        );
-    }
 
     #[test]
     fn init_is_orchestrator_only() {
