@@ -275,18 +275,13 @@ impl Node {
         for (path, st) in survivors {
             node.reattach(path, st);
         }
-        // cgroups of sandboxes that have no state directory at all.
-        let known: Vec<String> = lock(&node.inner.sandboxes)
-            .keys()
-            .map(|k| k.to_string())
-            .collect();
+        // cgroups of sandboxes that have no state directory at all (every
+        // live or reattached sandbox has one, named like its cgroup).
         for name in node.inner.layout.sandbox_names() {
-            if !known.contains(&name)
-                && !sandboxes_dir(&node.inner.config.home).join(&name).exists()
-            {
+            let dir = sandboxes_dir(&node.inner.config.home).join(&name);
+            if !dir.exists() {
                 if let Ok(cg) = node.inner.layout.open(&name) {
-                    let _ = cg.kill_all();
-                    let _ = cg.remove();
+                    teardown(Some(&cg), 0, None, &node.inner.slots, &dir);
                     tracing::info!(cgroup = %name, "removed a leftover cgroup");
                 }
             }
@@ -361,17 +356,11 @@ impl Node {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let Ok(cg) = self.inner.layout.open(&name) {
-            let _ = cg.kill_all();
-            let _ = cg.remove();
-        }
-        if let Some(slot) = st
+        let slot = st
             .and_then(|s| s.slot_index)
-            .and_then(|i| self.inner.slots.take_adopted(i))
-        {
-            self.inner.slots.release(slot);
-        }
-        let _ = std::fs::remove_dir_all(dir);
+            .and_then(|i| self.inner.slots.take_adopted(i));
+        let cgroup = self.inner.layout.open(&name).ok();
+        teardown(cgroup.as_ref(), 0, slot, &self.inner.slots, dir);
         // A claimed warm sandbox lives in a directory named after its boot
         // name: report it under its sandbox id.
         let id = st
@@ -439,24 +428,9 @@ impl Node {
         // Abort proxied connections first: the SDK must see a reset.
         let _ = self.inner.ended.send(id.clone());
         let inner = self.inner.clone();
-        let inst2 = inst.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = inst2.cgroup.kill_all() {
-                tracing::warn!(error = %e, "killing a sandbox's processes");
-            }
-            // The node is the sandbox init's parent (child subreaper): reap it
-            // now, or its zombie keeps the cgroup busy. After a restart the
-            // init belongs to the host's init and this returns at once.
-            reap(inst2.pid);
-            if let Err(e) = inst2.cgroup.remove() {
-                tracing::warn!(error = ?e, "removing a sandbox's cgroup");
-            }
-            if let Err(e) = std::fs::remove_dir_all(&inst2.dir) {
-                tracing::warn!(error = %e, dir = %inst2.dir.display(), "removing a sandbox's files");
-            }
-            if let Some(slot) = lock(&inst2.slot).take() {
-                inner.slots.release(slot);
-            }
+            let slot = lock(&inst.slot).take();
+            teardown(Some(&inst.cgroup), inst.pid, slot, &inner.slots, &inst.dir);
         })
         .await;
         tracing::info!(sandbox_id = %id, ?reason, "sandbox ended");
@@ -836,17 +810,7 @@ impl Booted {
             self.disk_size_mb,
         );
         Some(move || {
-            if let Some(cg) = cgroup {
-                let _ = cg.kill_all();
-                if pid > 0 {
-                    reap(pid);
-                }
-                let _ = cg.remove();
-            }
-            if let Some(slot) = slot {
-                node.inner.slots.release(slot);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
+            teardown(cgroup.as_ref(), pid, slot, &node.inner.slots, &dir);
             tracing::debug!(instance = %instance, disk_mb, "unused sandbox removed");
         })
     }
@@ -864,6 +828,34 @@ impl Drop for Booted {
             }
             Err(_) => teardown(),
         }
+    }
+}
+
+/// Removes everything a sandbox holds on the host: kills its processes,
+/// reaps its init, removes its cgroup and files, gives its slot back.
+/// Blocking (seconds at worst): call it from a blocking thread.
+fn teardown(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &SlotPool, dir: &Path) {
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.kill_all() {
+            tracing::warn!(error = %e, "killing a sandbox's processes");
+        }
+        // The node is the sandbox init's parent (child subreaper): reap it
+        // now, or its zombie keeps the cgroup busy. After a restart the init
+        // belongs to the host's init and this returns at once.
+        if pid > 0 {
+            reap(pid);
+        }
+        if let Err(e) = cg.remove() {
+            tracing::warn!(error = ?e, "removing a sandbox's cgroup");
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(error = %e, dir = %dir.display(), "removing a sandbox's files");
+        }
+    }
+    if let Some(slot) = slot {
+        slots.release(slot);
     }
 }
 

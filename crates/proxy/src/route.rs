@@ -400,7 +400,6 @@ mod tests {
         ));
     }
 
-
     #[test]
     fn init_is_orchestrator_only() {
         for p in ["/init", "/init/", "//init", "/%69nit", "/INIT"] {

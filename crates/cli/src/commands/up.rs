@@ -122,7 +122,9 @@ async fn ensure_base(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_key(home: &Path, key: &str) -> anyhow::Result<PathBuf> {
+/// Writes `$ARCA_HOME/api_key` (mode 0600): where `arca up`, `arca keys`
+/// and the SDK fallbacks find the first API key.
+pub(crate) fn write_key(home: &Path, key: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = home.join("api_key");
     let mut f = std::fs::OpenOptions::new()

@@ -3,7 +3,6 @@
 //! and its first key, and saves that key to `$ARCA_HOME/api_key`.
 //! With `--json`: `{"key", "team"}`.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -27,7 +26,7 @@ async fn create(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode>
     let store = super::open(home, true).await?;
     let mut team = args.team.as_str();
     let key = if let Some(first) = store.ensure_bootstrap().await? {
-        let path = save_first_key(home, &first)?;
+        let path = crate::commands::up::write_key(home, &first)?;
         eprintln!(
             "arca: created the team `default` and its first key, also saved to {}",
             path.display()
@@ -53,19 +52,4 @@ async fn create(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode>
         out(&key)?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes `$ARCA_HOME/api_key` (0600) as `arca up` does, unless it exists.
-fn save_first_key(home: &Path, key: &str) -> anyhow::Result<std::path::PathBuf> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let path = home.join("api_key");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{key}")?;
-    Ok(path)
 }
