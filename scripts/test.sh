@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command that runs every check and test (CI runs it through .ci/run):
-#   setup -> rustfmt -> clippy -> nextest -> static musl build of arca-envd -> debug build of
-#   arca -> SDK compatibility suites (Python e2b 2.63.0 and 2.45.1, JS e2b 2.51.0) against that
-#   envd -> end-to-end suites (the same SDKs against `arca up`, as root; tests/e2e).
+#   setup -> rustfmt -> clippy -> static musl build of arca-envd -> debug build of arca -> base
+#   template cache -> nextest -> SDK compatibility suites (Python e2b 2.63.0 and 2.45.1, JS e2b
+#   2.51.0) against that envd -> end-to-end suites (the same SDKs against `arca up`, as root;
+#   tests/e2e).
 #
 # Environment:
 #   ARCA_TEST_SKIP_CARGO=1  skip fmt/clippy/nextest/build and test existing binaries
@@ -46,12 +47,20 @@ if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
   step "static arca-envd (musl, release)"
   cargo build --release --locked -p arca-envd --target x86_64-unknown-linux-musl
 
-  step "cargo nextest"
-  ARCA_TEST_PRIVILEGED=1 cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
-
   # nextest builds test profiles only; the end-to-end suites run the real `arca`.
   step "arca (debug build for the end-to-end suites)"
   cargo build --locked -p arca-cli
+
+  # Root-only tests start real sandboxes from the base template: `arca up`
+  # builds it once (debootstrap, a few minutes on a fresh machine) into a cache.
+  step "base template (cached)"
+  ARCA_TEST_BASE_TEMPLATE="$(ARCA_BIN="$repo/target/debug/arca" \
+    ARCA_ENVD_BIN="$repo/target/x86_64-unknown-linux-musl/release/arca-envd" \
+    "$repo/.cache/venv/e2b-2.63.0/bin/python" tests/e2e/harness.py cache)"
+  export ARCA_TEST_BASE_TEMPLATE
+
+  step "cargo nextest"
+  ARCA_TEST_PRIVILEGED=1 cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
 fi
 
 bin="${ARCA_ENVD_BIN:-$repo/target/x86_64-unknown-linux-musl/release/arca-envd}"

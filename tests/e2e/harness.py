@@ -451,6 +451,12 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:] == ["cache"]:
+        # Build (once) and print the cached base template for other suites.
+        cache = Path(os.environ.get("ARCA_E2E_CACHE") or DEFAULT_CACHE)
+        ensure_template_cache(cache)
+        print(cache / "templates" / "base")
+        return 0
     if len(argv) < 3 or argv[1] != "run" or "--" not in argv:
         print(__doc__, file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 //! `arca-sdk` and `arca sandbox` against a real `arca up` of their own (own
 //! home, ports, network prefix and address range). Needs root, the static
 //! envd and a built `base` template (`ARCA_TEST_BASE_TEMPLATE`, default
-//! `/tmp/arca-home/templates/base`, is symlinked into the test's home);
+//! `/var/cache/arca-test/home/templates/base`, which scripts/test.sh builds, is symlinked into the test's home);
 //! skips with the reason otherwise, unless ARCA_TEST_PRIVILEGED=1.
 #![allow(clippy::unwrap_used, clippy::tests_outside_test_module, missing_docs)]
 
@@ -23,7 +23,7 @@ fn envd_static() -> PathBuf {
 
 fn base_template() -> PathBuf {
     std::env::var_os("ARCA_TEST_BASE_TEMPLATE").map_or_else(
-        || PathBuf::from("/tmp/arca-home/templates/base"),
+        || PathBuf::from("/var/cache/arca-test/home/templates/base"),
         PathBuf::from,
     )
 }

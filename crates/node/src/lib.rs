@@ -473,9 +473,11 @@ impl Node {
         }
         .await;
         lock(&self.inner.creating).remove(&id);
-        // This template is in use: keep sandboxes of it ready.
-        lock(&self.inner.hot).insert(key);
-        self.inner.refill.notify_one();
+        if result.is_ok() {
+            // This template is in use: keep sandboxes of it ready.
+            lock(&self.inner.hot).insert(key);
+            self.inner.refill.notify_one();
+        }
         result
     }
 
