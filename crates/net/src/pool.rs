@@ -90,6 +90,8 @@ pub struct SlotPool {
 struct Inner {
     layout: Layout,
     warm_target: usize,
+    /// Set by [`SlotPool::close`]: no more slots are prepared.
+    closing: std::sync::atomic::AtomicBool,
     runner: Arc<dyn Cmd>,
     handle: Handle,
     state: Mutex<State>,
@@ -202,6 +204,7 @@ impl SlotPool {
 
         let inner = Arc::new(Inner {
             warm_target: config.warm_slots,
+            closing: std::sync::atomic::AtomicBool::new(false),
             runner,
             handle: Handle::current(),
             state: Mutex::new(State {
@@ -342,6 +345,37 @@ impl SlotPool {
         let _ = rx.wait_for(|&n| n == 0).await;
     }
 
+    /// For a node that stops while sandboxes may keep running: prepares no
+    /// more slots, deletes the unused prepared ones, and when no slot is in
+    /// use any more, removes everything like [`SlotPool::destroy`]. Slots in
+    /// use and the nft table that guards them stay for the next start.
+    pub async fn close(&self) -> Result<(), NetError> {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.idle().await;
+        let (unused, busy) = {
+            let mut st = self.inner.state();
+            let unused: Vec<Slot> = st.warm.drain(..).collect();
+            for s in &unused {
+                st.taken.remove(&s.index);
+            }
+            (unused, !st.in_use.is_empty())
+        };
+        if !busy {
+            return self.destroy().await;
+        }
+        let mut first_error = None;
+        for slot in unused {
+            if let Err(e) =
+                ops::delete_slot(&*self.inner.runner, &self.inner.layout, slot.index).await
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Removes everything the pool's names cover: every netns `{prefix}-N`
     /// and veth `{prefix}Nh` (in use or not) and the nft table. Waits for
     /// background work first. Keeps going after a failure and returns the
@@ -404,7 +438,9 @@ impl Inner {
         loop {
             let index = {
                 let mut st = self.state();
-                if st.warm.len() + st.preparing >= self.warm_target {
+                if st.warm.len() + st.preparing >= self.warm_target
+                    || self.closing.load(std::sync::atomic::Ordering::SeqCst)
+                {
                     return;
                 }
                 let Some(index) = st.reserve(self.layout.slots()) else {
@@ -457,7 +493,9 @@ impl Inner {
         );
         let recreate = {
             let mut st = self.state();
-            if st.warm.len() + st.preparing < self.warm_target {
+            if st.warm.len() + st.preparing < self.warm_target
+                && !self.closing.load(std::sync::atomic::Ordering::SeqCst)
+            {
                 st.preparing += 1;
                 true
             } else {

@@ -515,3 +515,35 @@ async fn timings() {
     );
     assert_eq!(env.leftovers(), (vec![], vec![], false));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_keeps_slots_in_use_and_removes_the_rest() {
+    require_root!();
+    let env = Env::new(27);
+    let pool = SlotPool::new(env.config_cidr("10.99.27.0/28", 3), &[])
+        .await
+        .unwrap();
+    pool.idle().await;
+    let used = pool.acquire().await.unwrap();
+    pool.idle().await;
+    pool.close().await.unwrap();
+    // The slot in use still works and keeps the host rules; the unused ones are gone.
+    let (netns, _, table) = env.leftovers();
+    assert_eq!(netns, vec![used.netns_name.clone()]);
+    assert!(table, "the nft table guarding the running slot was removed");
+    let _l = listen_in(&used.netns_path, sock(used.sandbox_ip, ENVD_PORT));
+    connect(sock(used.sandbox_ip, ENVD_PORT)).expect("host reaches the slot still in use");
+    drop(pool);
+
+    // A pool with nothing in use removes everything when it closes.
+    let pool = SlotPool::new(env.config_cidr("10.99.27.0/28", 2), &[])
+        .await
+        .unwrap();
+    pool.idle().await;
+    pool.close().await.unwrap();
+    let (netns, links, table) = env.leftovers();
+    assert!(
+        netns.is_empty() && links.is_empty() && !table,
+        "{netns:?} {links:?} {table}"
+    );
+}

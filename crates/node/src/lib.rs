@@ -1035,6 +1035,16 @@ impl Node {
         }
     }
 
+    /// A normal stop: removes warm sandboxes and unused network slots;
+    /// running sandboxes, their slots and the host rules stay for the next
+    /// start to reattach (all of it goes when nothing runs).
+    pub async fn stop(&self) {
+        self.drain_warm().await;
+        if let Err(e) = self.inner.slots.close().await {
+            tracing::warn!(error = %e, "removing unused network slots");
+        }
+    }
+
     /// Warm sandboxes ready for `template_id` with a disk of `disk_mb`.
     pub fn warm_count(&self, template_id: &str, disk_mb: u32) -> usize {
         lock(&self.inner.warm)

@@ -241,9 +241,9 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    // Warm sandboxes belong to nobody: remove them. Handed-out sandboxes
-    // keep running; the next `arca up` reattaches them.
-    node.drain_warm().await;
+    // Warm sandboxes and unused slots belong to nobody: remove them.
+    // Handed-out sandboxes keep running; the next `arca up` reattaches them.
+    node.stop().await;
     eprintln!("arca: stopping; running sandboxes stay up and are reattached on the next start");
     Ok(ExitCode::SUCCESS)
 }
