@@ -64,7 +64,8 @@ impl EnvdClient {
     /// milliseconds).
     pub(crate) async fn wait_ready(&self, ip: Ipv4Addr, within: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + within;
-        let mut pause = Duration::from_millis(1);
+        // envd is up within a few milliseconds of its exec: poll finely.
+        let mut pause = Duration::from_micros(500);
         loop {
             if let Ok((204, _)) = self
                 .call(ip, http::Method::GET, "/health", None, Bytes::new())
@@ -78,7 +79,7 @@ impl EnvdClient {
                 ));
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            pause = (pause * 2).min(Duration::from_millis(2));
         }
     }
 

@@ -516,6 +516,7 @@ impl Node {
             pid_start: 0,
             disk_size_mb,
         };
+        let t0 = Instant::now();
         let slot = inner
             .slots
             .acquire()
@@ -527,6 +528,7 @@ impl Node {
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
 
+        let t_slot = t0.elapsed();
         let cgroup = inner
             .layout
             .create(
@@ -546,6 +548,7 @@ impl Node {
             std::fs::create_dir_all(d)
                 .map_err(|e| internal("creating the sandbox directories", &e))?;
         }
+        let t_cgroup = t0.elapsed();
         let image = dir.join("disk.img");
         let disks = inner.disks.clone();
         let img = image.clone();
@@ -585,10 +588,12 @@ impl Node {
             files,
         };
         let exe = inner.config.init_exe.clone();
+        let t_disk = t0.elapsed();
         let pid = tokio::task::spawn_blocking(move || arca_runtime::launch(&exe, &cfg))
             .await
             .map_err(|e| internal("init task", &e))?
             .map_err(|e| internal("starting the sandbox", &e))?;
+        let t_launch = t0.elapsed();
         b.pid = pid;
         b.pid_start = state::process_start(pid)
             .ok_or_else(|| NodeError::Internal("sandbox init exited at once".into()))?;
@@ -602,6 +607,15 @@ impl Node {
             .await
             .map_err(|e| internal("waiting for envd", &e))?;
         let _ = template_id;
+        tracing::debug!(
+            instance = %instance_id,
+            slot_ms = t_slot.as_secs_f64() * 1e3,
+            cgroup_ms = t_cgroup.as_secs_f64() * 1e3,
+            disk_ms = t_disk.as_secs_f64() * 1e3,
+            launch_ms = t_launch.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "booted (cumulative times)"
+        );
         Ok(b)
     }
 

@@ -38,13 +38,16 @@ impl StateFile {
         dir.join("state.json")
     }
 
-    /// Writes atomically (temp file, fsync, rename).
+    /// Writes atomically (temp file, rename), so a crash of the node never
+    /// leaves a torn file. No fsync: what the file describes (processes,
+    /// mounts, cgroups, network namespaces) does not outlive a crash of the
+    /// machine either, and a crash of the process keeps the page cache.
     pub(crate) fn save(&self, dir: &Path) -> std::io::Result<()> {
-        use std::io::Write as _;
         let tmp = dir.join("state.json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(&tmp, Self::path(dir))
     }
 
