@@ -274,19 +274,29 @@ pub(crate) async fn download(
     let internal =
         |e: http::Error| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     if gzip {
+        // Compressed as it is sent, in a blocking thread: a large file is
+        // never held in memory (envd is PID 1 and shares the sandbox's limit).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let mut f = std_file;
-        let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            std::io::copy(&mut f, &mut enc)?;
-            enc.finish()
-        })
-        .await
-        .map_err(|e| FileError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| io(e, "read"))?;
+        tokio::task::spawn_blocking(move || {
+            let sink = ChunkSender {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(DOWNLOAD_CHUNK),
+            };
+            let mut enc = flate2::write::GzEncoder::new(sink, flate2::Compression::fast());
+            let result = std::io::copy(&mut f, &mut enc)
+                .and_then(|_| enc.finish())
+                .and_then(|mut sink| sink.send());
+            if let Err(e) = result {
+                // The body ends with an error: the client sees a broken
+                // transfer, not a short file.
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         return builder
             .header(header::CONTENT_ENCODING, "gzip")
-            .header(header::CONTENT_LENGTH, bytes.len())
-            .body(Body::from(bytes))
+            .body(Body::from_stream(stream))
             .map_err(internal);
     }
     builder = builder.header(header::ACCEPT_RANGES, "bytes");
@@ -312,6 +322,38 @@ pub(crate) async fn download(
         .header(header::CONTENT_LENGTH, count)
         .body(body)
         .map_err(internal)
+}
+
+/// A `Write` that hands what is written to an async body in chunks.
+struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= DOWNLOAD_CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
 }
 
 async fn file_body(mut file: tokio::fs::File, start: u64, count: u64) -> std::io::Result<Body> {

@@ -645,3 +645,44 @@ async fn uploads_and_downloads_are_checked_as_the_requesting_user() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&mine).unwrap().uid(), 65534);
 }
+
+#[tokio::test]
+async fn gzip_downloads_stream_the_whole_file() {
+    require_root!();
+    let envd = start_envd();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.txt");
+    // Several chunks of compressible but not constant data.
+    let data: Vec<u8> = (0..3_000_000usize)
+        .map(|i| b"arca sandbox "[i % 13] ^ u8::from((i / 4096) % 2 == 1))
+        .collect();
+    std::fs::write(&path, &data).unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let resp = client
+        .request(
+            http::Request::get(format!(
+                "http://127.0.0.1:{}/files?path={}",
+                envd.port,
+                path.display()
+            ))
+            .header("accept-encoding", "gzip")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        body.len() < data.len() / 4,
+        "not compressed: {} bytes",
+        body.len()
+    );
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out).unwrap();
+    assert!(
+        out == data,
+        "the decompressed download differs from the file"
+    );
+}
