@@ -464,10 +464,7 @@ impl Node {
         let result = async {
             let booted = match warm {
                 Some(b) => b,
-                None => {
-                    self.boot(id.to_string(), &spec.template_id, rootfs, spec.disk_size_mb)
-                        .await?
-                }
+                None => self.boot(id.to_string(), rootfs, spec.disk_size_mb).await?,
             };
             self.activate(booted, spec).await
         }
@@ -485,7 +482,6 @@ impl Node {
     async fn boot(
         &self,
         instance_id: String,
-        template_id: &str,
         rootfs: PathBuf,
         disk_size_mb: u32,
     ) -> Result<Booted, NodeError> {
@@ -606,7 +602,6 @@ impl Node {
             .wait_ready(sandbox_ip, ENVD_READY_WITHIN)
             .await
             .map_err(|e| internal("waiting for envd", &e))?;
-        let _ = template_id;
         tracing::debug!(
             instance = %instance_id,
             slot_ms = t_slot.as_secs_f64() * 1e3,
@@ -714,7 +709,7 @@ impl Node {
             }
             let rootfs = template_rootfs(&self.inner.config.home, &key.0);
             let id = format!("w{}", random_suffix());
-            match self.boot(id, &key.0, rootfs, key.1).await {
+            match self.boot(id, rootfs, key.1).await {
                 Ok(b) => {
                     // The target may have dropped while this one booted.
                     let target = self
