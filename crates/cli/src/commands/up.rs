@@ -88,7 +88,20 @@ async fn ensure_base(home: &Path) -> anyhow::Result<()> {
     );
     let started = std::time::Instant::now();
     let opts = arca_image::debian::BootstrapOptions::base(&building);
+    // A bar redrawn in place on a terminal; one line per phase in a log.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let last_phase = std::sync::Mutex::new(None);
     let progress = |p: arca_image::debian::Progress| {
+        if !tty {
+            let mut last = last_phase
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *last != Some(p.phase) {
+                *last = Some(p.phase);
+                eprintln!("  {:>3.0}% {}", p.fraction * 100.0, p.message);
+            }
+            return;
+        }
         let width = 30usize;
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let done = ((p.fraction.clamp(0.0, 1.0) * width as f32) as usize).min(width);
@@ -106,7 +119,9 @@ async fn ensure_base(home: &Path) -> anyhow::Result<()> {
     arca_image::debian::bootstrap(&opts, &progress)
         .await
         .context("building the base template")?;
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     let b = building.clone();
     tokio::task::spawn_blocking(move || {
         arca_image::shift::shift_ownership(&b, arca_runtime::DEFAULT_ID_MAP.outside)
