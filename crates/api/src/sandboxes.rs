@@ -332,6 +332,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
     let spec = SandboxSpec {
         sandbox_id: rec.id.clone(),
         template_id: rec.template_id.clone(),
+        build_id: arca_proto::build::BASE_BUILD_ID.into(),
         team_id: rec.team_id.clone(),
         cpu_count: rec.cpu_count,
         memory_mb: rec.memory_mb,

@@ -22,6 +22,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod build;
 pub mod connect;
 pub mod files;
 pub mod node;

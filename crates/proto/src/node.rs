@@ -91,6 +91,8 @@ pub struct SandboxSpec {
     pub sandbox_id: SandboxId,
     /// Resolved template id (the node holds its file system).
     pub template_id: String,
+    /// The template's build to start from (see [`crate::build`]).
+    pub build_id: String,
     /// Owning team.
     pub team_id: String,
     /// CPUs (a CFS quota of this many cores).

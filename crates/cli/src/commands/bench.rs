@@ -87,7 +87,8 @@ fn time_cmd(n: usize, mut cmd: impl FnMut() -> Command) -> anyhow::Result<Stats>
 fn spec(id: &SandboxId) -> SandboxSpec {
     SandboxSpec {
         sandbox_id: id.clone(),
-        template_id: "base".into(),
+        template_id: arca_proto::build::BASE_TEMPLATE_ID.into(),
+        build_id: arca_proto::build::BASE_BUILD_ID.into(),
         team_id: "bench".into(),
         cpu_count: 1,
         memory_mb: 512,
