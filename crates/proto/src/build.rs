@@ -7,7 +7,6 @@
 //! share the directory uploaded COPY archives are kept in.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -103,9 +102,10 @@ pub enum BuildSource {
     Dockerfile {
         /// Its text.
         dockerfile: String,
-        /// The build context directory on the node (`None`: no context, so
-        /// COPY from the context fails).
-        context: Option<PathBuf>,
+        /// Hash the build context's archive was uploaded under (as for a
+        /// COPY step's `filesHash`); `None`: no context, so COPY from the
+        /// context fails.
+        context_hash: Option<String>,
         /// `--build-arg` values.
         build_args: BTreeMap<String, String>,
     },
