@@ -26,7 +26,7 @@ log() { printf '[setup] %s\n' "$*"; }
 #   e2fsprogs: mkfs.ext4 for sandbox disks          bubblewrap: a baseline of `arca bench`
 # ---------------------------------------------------------------------------------------------
 apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential
-  iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap)
+  iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap docker-registry apache2-utils)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then

@@ -1,5 +1,15 @@
 //! `arca-image`: template root file systems for Arca.
 //!
+//! - [`registry::pull`] pulls an OCI / Docker image (Docker v2 schema 2 or
+//!   OCI manifests, multi-platform indexes, anonymous, basic or bearer-token
+//!   auth, digests verified) into a [`store::LayerStore`].
+//! - [`unpack::unpack_layer`] turns one layer tar into an overlayfs-format
+//!   directory (whiteouts as 0:0 devices, opaque dirs as xattrs, owners
+//!   shifted), refusing entries that would escape it.
+//! - [`store::LayerStore`] keeps unpacked layers by id, each usable as an
+//!   overlay `lowerdir`, written atomically and garbage-collected.
+//! - [`export_ext4`] flattens a layer stack into an ext4 image for the `vm`
+//!   backend.
 //! - [`debian::bootstrap`] builds the `base` template's root file system with
 //!   debootstrap from Debian's mirror (no container registry needed), with a
 //!   progress bar's worth of [`debian::Progress`] reports.
@@ -7,8 +17,23 @@
 //!   user-namespace id range (`root` becomes host uid `offset`), idempotently.
 //! - [`disk_usage`] measures a tree the way `du -sx` does.
 //!
-//! OCI pulls, layer unpacking and ext4 images (ARCHITECTURE.md section 2) are
-//! still to come.
+//! ```no_run
+//! # async fn run() -> Result<(), arca_image::ImageError> {
+//! use std::path::Path;
+//! use arca_image::registry::{pull, PullOptions};
+//! use arca_image::store::LayerStore;
+//!
+//! let store = LayerStore::open(Path::new("/var/lib/arca/layers"))?;
+//! let opts = PullOptions { id_offset: 100_000, ..PullOptions::default() };
+//! let image = pull("busybox:latest", &opts, &store, &|p| eprintln!("{p:?}")).await?;
+//! // overlay lowerdir=top:...:bottom
+//! let lower: Vec<_> = image.layers.iter().rev().map(|id| store.path(id)).collect();
+//! println!("{} layers, cmd {:?}, lowerdirs {lower:?}", image.layers.len(), image.config.cmd);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Building the `base` template instead:
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), arca_image::ImageError> {
@@ -29,8 +54,14 @@
 
 pub mod debian;
 mod error;
+mod export;
+mod fsx;
+pub mod registry;
 pub mod shift;
+pub mod store;
+pub mod unpack;
 mod walk;
 
 pub use error::ImageError;
+pub use export::{Ext4Options, export_ext4, export_ext4_with, flatten};
 pub use walk::disk_usage;
