@@ -1,4 +1,5 @@
-//! `arca-template`: Dockerfiles to typed build plans.
+//! `arca-template`: Dockerfiles and E2B build steps to typed build plans,
+//! build contexts and layer cache keys.
 //!
 //! [`parse`] turns a Dockerfile and its build arguments into a [`Dockerfile`]:
 //! stages (multi-stage, `--platform`, `AS name`, global ARGs in FROM), each
@@ -14,9 +15,18 @@
 //! are accepted and ignored with a [`Warning`]; ONBUILD and RUN flags
 //! (`--mount`, `--network`...) are refused with a [`ParseError`].
 //!
-//! Not done here: glob matching, `.dockerignore`, fetching ADD URLs and the
-//! base images' own configuration (ENV from an image is unknown while
-//! parsing, so `$PATH` in an ENV expands to the value set in this file only).
+//! Not done by the parser: fetching ADD URLs and the base images' own
+//! configuration (ENV from an image is unknown while parsing, so `$PATH` in
+//! an ENV expands to the value set in this file only).
+//!
+//! Around the parser, for the builder (all pure logic or local files; no
+//! sandbox, no network):
+//! - [`e2b::plan`] turns the E2B SDK's build steps into the same plan;
+//! - [`context`] unpacks uploaded archives safely, parses `.dockerignore`
+//!   and resolves a COPY into the exact entries it writes
+//!   ([`context::resolve_copy`]);
+//! - [`cache`] computes layer cache keys from the parent, the step, the
+//!   running configuration and the copied content.
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -32,6 +42,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cache;
+pub mod context;
+pub mod e2b;
 mod error;
 mod expand;
 mod lexer;

@@ -191,7 +191,10 @@ impl Parser<'_> {
                         flag: flag_name(&raw.rest),
                     });
                 }
-                Instruction::Run(self.command(raw, false)?)
+                Instruction::Run {
+                    command: self.command(raw, false)?,
+                    user: None,
+                }
             }
             "CMD" => {
                 let cmd = self.command(raw, true)?;
@@ -282,7 +285,11 @@ impl Parser<'_> {
             }
         };
         let line = raw.line;
-        self.stage().steps.push(Step { line, instruction });
+        self.stage().steps.push(Step {
+            line,
+            instruction,
+            force: false,
+        });
         Ok(())
     }
 
@@ -440,6 +447,7 @@ impl Parser<'_> {
                 self.stage().steps.push(Step {
                     line,
                     instruction: prev,
+                    force: false,
                 });
             }
         }
@@ -787,6 +795,13 @@ mod tests {
         }
     }
 
+    fn run(command: Command) -> Instruction {
+        Instruction::Run {
+            command,
+            user: None,
+        }
+    }
+
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
@@ -916,9 +931,9 @@ mod tests {
             ),
             vec![
                 Instruction::Env(pairs(&[("X", "1")])),
-                Instruction::Run(sh("echo $X \"${Y:-q}\"")),
-                Instruction::Run(Command::Exec(strings(&["echo", "$X"]))),
-                Instruction::Run(sh("[not json")),
+                run(sh("echo $X \"${Y:-q}\"")),
+                run(Command::Exec(strings(&["echo", "$X"]))),
+                run(sh("[not json")),
             ]
         );
     }
@@ -928,8 +943,8 @@ mod tests {
         let s = steps(
             "FROM a\nRUN <<EOF\nset -e\necho $HOME\nEOF\nRUN <<-END\n\tapt-get update\n\tEND\nUSER u",
         );
-        assert_eq!(s[0], Instruction::Run(sh("set -e\necho $HOME\n")));
-        assert_eq!(s[1], Instruction::Run(sh("apt-get update\n")));
+        assert_eq!(s[0], run(sh("set -e\necho $HOME\n")));
+        assert_eq!(s[1], run(sh("apt-get update\n")));
         assert_eq!(s[2], Instruction::User("u".into()));
     }
 
@@ -938,7 +953,7 @@ mod tests {
         let s = steps("FROM a\nRUN python3 - <<'PY' && cat <<B\nprint(1)\nPY\nb\nB\n");
         assert_eq!(
             s[0],
-            Instruction::Run(sh("python3 - <<'PY' && cat <<B\nprint(1)\nPY\nb\nB\n"))
+            run(sh("python3 - <<'PY' && cat <<B\nprint(1)\nPY\nb\nB\n"))
         );
     }
 
@@ -948,11 +963,11 @@ mod tests {
             "FROM a\nRUN one\nSHELL [\"/bin/bash\", \"-euo\", \"pipefail\", \"-c\"]\nRUN two\nCMD three",
         );
         let bash = strings(&["/bin/bash", "-euo", "pipefail", "-c"]);
-        assert_eq!(s[0], Instruction::Run(sh("one")));
+        assert_eq!(s[0], run(sh("one")));
         assert_eq!(s[1], Instruction::Shell(bash.clone()));
         assert_eq!(
             s[2],
-            Instruction::Run(Command::Shell {
+            run(Command::Shell {
                 shell: bash.clone(),
                 script: "two".into()
             })
@@ -1270,10 +1285,7 @@ mod tests {
     fn escape_directive_applies_to_expansion_and_continuations() {
         let d = p("# escape=`\nFROM a\nENV P=c:\\dir`$HOME\nRUN echo `\n  hi");
         assert_eq!(d.target().config.env, pairs(&[("P", "c:\\dir$HOME")]));
-        assert_eq!(
-            d.target().steps[1].instruction,
-            Instruction::Run(sh("echo   hi"))
-        );
+        assert_eq!(d.target().steps[1].instruction, run(sh("echo   hi")));
     }
 
     #[test]

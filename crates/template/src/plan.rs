@@ -94,6 +94,11 @@ pub enum Base {
     Image(String),
     /// An earlier stage, by index.
     Stage(usize),
+    /// Another Arca template (E2B's `fromTemplate`), by the reference the
+    /// caller gives: its name, or the build the api resolved it to. The
+    /// plan does not interpret it. A Dockerfile never produces this: its
+    /// FROM names images and stages only.
+    Template(String),
 }
 
 /// Image configuration accumulated by a stage's instructions.
@@ -123,10 +128,17 @@ pub const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 /// One instruction of a stage and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
-    /// 1-based line where it starts.
+    /// Where the step comes from: the 1-based line where it starts in a
+    /// Dockerfile, or the 1-based step index for E2B steps (the index the
+    /// API reports a failing step by).
     pub line: usize,
     /// What it does.
     pub instruction: Instruction,
+    /// Run this step (and so every later one) even when the layer cache has
+    /// it: E2B's per-step `force` (`skip_cache()` in the SDK). Always false
+    /// for Dockerfile steps. Not part of the cache key: a forced step is
+    /// rebuilt and its result may replace the cached layer.
+    pub force: bool,
 }
 
 /// A build-plan instruction, with variables already expanded where Docker
@@ -145,8 +157,16 @@ pub enum Instruction {
     Env(Vec<(String, String)>),
     /// `LABEL`: the pairs it sets, in order.
     Label(Vec<(String, String)>),
-    /// `RUN`.
-    Run(Command),
+    /// `RUN`, or E2B's `RUN` step.
+    Run {
+        /// What to run.
+        command: Command,
+        /// Run as this user (`name`, `uid`, `name:group`...) instead of the
+        /// stage's current USER, for this step only: E2B's `[command, user]`
+        /// (the SDK's `run_cmd(..., user=...)`). Always `None` for
+        /// Dockerfile RUN, which has no such flag.
+        user: Option<String>,
+    },
     /// `COPY`.
     Copy(CopySpec),
     /// `ADD` (URLs and archive extraction are the builder's business).
@@ -199,16 +219,16 @@ impl Command {
 /// The operands of COPY and ADD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopySpec {
-    /// Sources, in order (paths may hold globs; matching them is the
-    /// builder's business, as is `.dockerignore`).
+    /// Sources, in order (paths may hold globs; [`crate::context::resolve_copy`]
+    /// matches them and applies `.dockerignore`).
     pub sources: Vec<Source>,
     /// Destination, expanded; a trailing `/` means a directory.
     pub dest: String,
     /// `--from=`: where sources are read from (default: the build context).
     pub from: Option<CopyFrom>,
-    /// `--chown=`, expanded.
+    /// `--chown=`, expanded ([`crate::context::parse_chown`] splits it).
     pub chown: Option<String>,
-    /// `--chmod=`, expanded.
+    /// `--chmod=`, expanded ([`crate::context::parse_chmod`] reads it).
     pub chmod: Option<String>,
 }
 
@@ -234,4 +254,18 @@ pub enum CopyFrom {
     Stage(usize),
     /// An image reference.
     Image(String),
+    /// The archive an E2B COPY step uploaded, by its `filesHash`. The
+    /// archive holds the matched files at their paths relative to the SDK's
+    /// context directory; the builder unpacks it
+    /// ([`crate::context::unpack_upload`]) and resolves the step's source
+    /// against that directory ([`crate::context::resolve_copy`]).
+    ///
+    /// E2B differs from Docker in two ways the builder keeps:
+    /// - with `chown: None` the files belong to the user the step runs as
+    ///   (the stage's current USER), not to root;
+    /// - a glob source keeps the matched paths relative to the glob's
+    ///   directory (`src/**/*.py` to `/app/` gives `/app/a/b.py`) instead of
+    ///   flattening them as Docker does; [`crate::context::resolve_copy`]
+    ///   does this for `Files` specs.
+    Files(String),
 }
