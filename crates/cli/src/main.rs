@@ -27,6 +27,8 @@ enum Command {
     Up(commands::up::Args),
     /// Create, list, run commands in, and kill sandboxes (needs `arca up`).
     Sandbox(commands::sandbox::Args),
+    /// Build templates from Dockerfiles, list and delete them (needs `arca up`).
+    Template(commands::template::Args),
     /// Create, list and revoke API keys in $ARCA_HOME's database.
     Keys(commands::keys::Args),
     /// Check what this host has for running sandboxes, with fixes.
@@ -45,6 +47,10 @@ fn main() -> ExitCode {
         let code = arca_runtime::init_main();
         return ExitCode::from(u8::try_from(code).unwrap_or(2));
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__apply") {
+        let code = arca_runtime::apply_main();
+        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -57,6 +63,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => commands::up::run(&args),
         Command::Sandbox(args) => commands::sandbox::run(&args, &ctx),
+        Command::Template(args) => commands::template::run(&args, &ctx),
         Command::Keys(args) => commands::keys::run(&args, &ctx),
         Command::Doctor(args) => commands::doctor::run(&args, &ctx),
         Command::Completion(args) => {

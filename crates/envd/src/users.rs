@@ -105,7 +105,27 @@ impl UserDb {
     /// Looks a user up by name.
     pub(crate) fn lookup(&self, name: &str) -> Option<User> {
         let passwd = read(&self.passwd);
-        let rec = records(&passwd).find(|r| r.len() >= 7 && r[0] == name)?;
+        let by_name = records(&passwd).find(|r| r.len() >= 7 && r[0] == name);
+        // A number is a uid, as Docker's `USER 1234` means: the account
+        // with that uid, or a nameless one with the same gid.
+        let rec = match (by_name, name.parse::<u32>()) {
+            (Some(rec), _) => rec,
+            (None, Ok(uid)) => match records(&passwd).find(|r| r.len() >= 7 && r[2] == name) {
+                Some(rec) => rec,
+                None => {
+                    return Some(User {
+                        name: name.to_string(),
+                        uid,
+                        gid: uid,
+                        home: PathBuf::from("/"),
+                        shell: "/bin/sh".to_string(),
+                        groups: vec![uid],
+                    });
+                }
+            },
+            (None, Err(_)) => return None,
+        };
+        let name = rec[0];
         let uid: u32 = rec[2].parse().ok()?;
         let gid: u32 = rec[3].parse().ok()?;
         let groups_text = read(&self.group);
@@ -177,6 +197,18 @@ mod tests {
         assert_eq!(u.groups, vec![1000, 27, 999]);
         assert_eq!(db.lookup("nohome").unwrap().home, PathBuf::from("/"));
         assert!(db.lookup("nobody-here").is_none());
+    }
+
+    #[test]
+    fn numeric_users_are_uids() {
+        let (_d, db) = db();
+        assert_eq!(db.lookup("1000").unwrap().name, "user");
+        let anon = db.lookup("4321").unwrap();
+        assert_eq!(
+            (anon.uid, anon.gid, anon.name.as_str()),
+            (4321, 4321, "4321")
+        );
+        assert_eq!(anon.home, PathBuf::from("/"));
     }
 
     #[test]

@@ -250,15 +250,21 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
             None,
         )?;
         drop(dev);
-        for d in [&cfg.upper_dir, &cfg.work_dir] {
-            ensure_dir(d)?;
-        }
-        let root_id = Some(cfg.id_map.outside);
-        ctx(
-            std::os::unix::fs::chown(&cfg.upper_dir, root_id, root_id),
-            || "chown of the upper dir".into(),
-        )?;
     }
+    for d in [&cfg.upper_dir, &cfg.work_dir] {
+        ensure_dir(d)?;
+    }
+    // The merged root takes the upper dir's owner and mode: sandbox root's,
+    // 0755, whether the upper dir is on the disk or a build's layer.
+    let root_id = Some(cfg.id_map.outside);
+    ctx(
+        std::os::unix::fs::chown(&cfg.upper_dir, root_id, root_id),
+        || "chown of the upper dir".into(),
+    )?;
+    ctx(
+        fs::set_permissions(&cfg.upper_dir, fs::Permissions::from_mode(0o755)),
+        || "chmod of the upper dir".into(),
+    )?;
     let lower: Vec<String> = cfg
         .lower_dirs
         .iter()

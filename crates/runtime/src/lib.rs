@@ -17,6 +17,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod apply;
 pub mod cgroup;
 mod config;
 mod init;
@@ -27,6 +28,7 @@ mod sys;
 
 use std::path::PathBuf;
 
+pub use apply::{ApplyOptions, apply, apply_main};
 pub use config::{DEFAULT_ID_MAP, DiskSpec, ENVD_PATH, IdMap, InitConfig};
 pub use init::init_main;
 pub use launch::launch;
