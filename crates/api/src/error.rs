@@ -25,6 +25,9 @@ pub enum ApiError {
     /// The request is malformed or asks for something out of range (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The resource exists but belongs to another team (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such sandbox, template, key or route for this team (404).
     #[error("{0}")]
     NotFound(String),
@@ -36,6 +39,9 @@ pub enum ApiError {
         /// Machine-readable code (CONTRACT 2.7), if the contract has one.
         error_code: Option<&'static str>,
     },
+    /// An upload without `Content-Length` (411).
+    #[error("{0}")]
+    LengthRequired(String),
     /// The request body is larger than the server accepts (413).
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -69,7 +75,8 @@ pub enum ApiError {
         #[source]
         source: sqlx::Error,
     },
-    /// The directory of a SQLite file could not be created (at start).
+    /// The directory of a SQLite file, or the uploads directory, could not
+    /// be created (at start).
     #[error("creating database directory {path} failed")]
     CreateDir {
         /// The directory.
@@ -115,8 +122,10 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,

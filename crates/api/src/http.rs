@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{StatusCode, header};
@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
 use crate::error::{ApiError, error_response};
-use crate::{Api, keys, sandboxes};
+use crate::{Api, keys, sandboxes, templates};
 
 /// Largest request body accepted. E2B bodies are small JSON documents; env
 /// vars and metadata of a create fit many times over.
@@ -46,6 +46,51 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
         .route("/sandboxes/{id}/logs", get(sandboxes::logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(sandboxes::logs_v2))
+        .route("/v3/templates", post(templates::request_v3))
+        .route(
+            "/templates",
+            get(templates::list).post(templates::request_v1),
+        )
+        .route(
+            "/templates/tags",
+            post(templates::assign_tags).delete(templates::delete_tags),
+        )
+        .route("/templates/aliases/{alias}", get(templates::get_alias))
+        .route(
+            "/templates/{templateID}",
+            get(templates::get)
+                .post(templates::rebuild_v1)
+                .patch(templates::update)
+                .delete(templates::delete),
+        )
+        .route(
+            "/v2/templates/{templateID}",
+            axum::routing::patch(templates::update),
+        )
+        .route("/templates/{templateID}/tags", get(templates::list_tags))
+        .route(
+            "/templates/{templateID}/files/{hash}",
+            get(templates::file_upload_link),
+        )
+        .route(
+            "/templates/{templateID}/builds/{buildID}",
+            post(templates::trigger_v1),
+        )
+        .route(
+            "/v2/templates/{templateID}/builds/{buildID}",
+            post(templates::start_v2),
+        )
+        .route(
+            "/templates/{templateID}/builds/{buildID}/status",
+            get(templates::build_status),
+        )
+        .route(
+            "/templates/{templateID}/builds/{buildID}/logs",
+            get(templates::build_logs),
+        )
+        // No API key: the link's token authorizes; the body is streamed,
+        // so the JSON body limit does not apply.
+        .route("/uploads/{templateID}/{hash}", put(templates::upload))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(e2b_error_bodies))

@@ -14,14 +14,16 @@ const SANDBOX_ID_RANDOM_LEN: usize = 20;
 
 /// A fresh sandbox id: `i` and 20 characters of `[a-z0-9]` (~103 bits).
 pub(crate) fn new_sandbox_id() -> SandboxId {
-    let mut rng = rand::rng();
-    let mut s = String::with_capacity(1 + SANDBOX_ID_RANDOM_LEN);
-    s.push('i');
-    for _ in 0..SANDBOX_ID_RANDOM_LEN {
-        let i = rng.random_range(0..ID_ALPHABET.len());
-        s.push(char::from(ID_ALPHABET[i]));
-    }
+    let s = format!("i{}", random_alnum(SANDBOX_ID_RANDOM_LEN));
     SandboxId::parse(&s).expect("generated ids use only lowercase letters and digits")
+}
+
+/// `n` random characters of `[a-z0-9]`.
+pub(crate) fn random_alnum(n: usize) -> String {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| char::from(ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())]))
+        .collect()
 }
 
 /// `n` random bytes from the thread's CSPRNG, as lowercase hex.

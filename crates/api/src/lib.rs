@@ -1,19 +1,28 @@
 //! `arca-api`: Arca's control plane, the E2B-compatible REST API
 //! (CONTRACT.md section 2) that the official E2B SDKs talk to.
 //!
-//! It authenticates API keys to teams, resolves templates, keeps every
-//! sandbox in a database (SQLite by default; the SQL is kept portable to
-//! PostgreSQL) and reaches nodes only through
-//! [`NodeService`](arca_proto::node::NodeService). The node is the authority
-//! on which sandboxes exist: the api follows its [`SandboxEvent`]s and
-//! reconciles with its list at start, so a record never outlives its sandbox
-//! for long and no sandbox runs without a record.
+//! It authenticates API keys to teams, keeps every sandbox in a database
+//! (SQLite by default; the SQL is kept portable to PostgreSQL), runs the
+//! template registry (names, builds, tags, build logs, uploaded COPY
+//! archives; CONTRACT 2.4) and reaches nodes only through [`NodeService`]
+//! and [`BuildService`]. The node is the authority on which sandboxes
+//! exist: the api follows its [`SandboxEvent`]s and reconciles with its list
+//! at start, so a record never outlives its sandbox for long and no sandbox
+//! runs without a record.
 //!
 //! ```no_run
-//! # async fn run(node: std::sync::Arc<dyn arca_proto::node::NodeService>) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn run(
+//! #     node: std::sync::Arc<dyn arca_proto::node::NodeService>,
+//! #     builder: std::sync::Arc<dyn arca_proto::build::BuildService>,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
 //! use arca_api::{Api, ApiConfig};
 //!
-//! let api = Api::open("sqlite:/var/lib/arca/arca.db", ApiConfig::default(), node).await?;
+//! let config = ApiConfig {
+//!     uploads_dir: "/var/lib/arca/uploads".into(),
+//!     public_url: "http://127.0.0.1:3000".into(),
+//!     ..ApiConfig::default()
+//! };
+//! let api = Api::open("sqlite:/var/lib/arca/arca.db", config, node, builder).await?;
 //! if let Some(key) = api.ensure_bootstrap().await? {
 //!     println!("E2B_API_KEY={key}");
 //! }
@@ -35,20 +44,25 @@ mod keys;
 mod models;
 mod sandboxes;
 mod sync;
+mod templates;
 
 use std::sync::Arc;
 
+use arca_proto::build::BuildService;
 use arca_proto::node::NodeService;
+use tokio::sync::Semaphore;
 
 pub use crate::config::{
-    ApiConfig, DEFAULT_CPU_COUNT, DEFAULT_DISK_MB, DEFAULT_MAX_TIMEOUT_SECS, DEFAULT_MEMORY_MB,
+    ApiConfig, DEFAULT_CPU_COUNT, DEFAULT_DISK_MB, DEFAULT_MAX_CONCURRENT_BUILDS,
+    DEFAULT_MAX_CPU_COUNT, DEFAULT_MAX_DISK_MB, DEFAULT_MAX_MEMORY_MB, DEFAULT_MAX_TIMEOUT_SECS,
+    DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MEMORY_MB, DEFAULT_PUBLIC_URL,
 };
 pub use crate::error::ApiError;
 pub use crate::keys::KeyInfo;
 pub use axum::Router;
 
 /// The control-plane server. Cheap to clone: clones share the database pool,
-/// the node handle and the configuration.
+/// the node and builder handles, the build slots and the configuration.
 #[derive(Clone)]
 pub struct Api {
     inner: Arc<Inner>,
@@ -58,6 +72,9 @@ struct Inner {
     db: db::Db,
     config: ApiConfig,
     node: Arc<dyn NodeService>,
+    builder: Arc<dyn BuildService>,
+    /// One permit per template build that may run at once.
+    build_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Api {
@@ -71,23 +88,40 @@ impl std::fmt::Debug for Api {
 impl Api {
     /// Opens (creating if missing) the database at `database_url`
     /// (`sqlite:<path>`; the parent directory is created), applies the
-    /// migrations, reconciles the records with `node`'s sandboxes and starts
-    /// following the node's events.
+    /// migrations, creates `config.uploads_dir`, ends template builds a
+    /// previous process left unfinished, reconciles the records with
+    /// `node`'s sandboxes and starts following the node's events. Template
+    /// builds run on `builder` (under `arca up`, the node itself).
     ///
     /// Reconciling removes records of sandboxes the node does not have and
     /// kills sandboxes the node has but the database does not know (they
     /// would otherwise run unbilled and unlisted until their deadline).
+    /// Builds cannot be picked up again: they end as `error` with the
+    /// reason "interrupted by a restart of the api; start the build again".
     pub async fn open(
         database_url: &str,
         config: ApiConfig,
         node: Arc<dyn NodeService>,
+        builder: Arc<dyn BuildService>,
     ) -> Result<Api, ApiError> {
         let db = db::Db::open(database_url).await?;
+        std::fs::create_dir_all(&config.uploads_dir).map_err(|source| ApiError::CreateDir {
+            path: config.uploads_dir.clone(),
+            source,
+        })?;
         // Subscribe before reconciling so that no end is missed in between.
         let events = node.events();
+        let build_slots = Arc::new(Semaphore::new(config.max_concurrent_builds.max(1)));
         let api = Api {
-            inner: Arc::new(Inner { db, config, node }),
+            inner: Arc::new(Inner {
+                db,
+                config,
+                node,
+                builder,
+                build_slots,
+            }),
         };
+        templates::interrupt_unfinished(&api).await?;
         sync::reconcile_at_start(&api).await;
         sync::spawn_event_loop(Arc::downgrade(&api.inner), events);
         Ok(api)
@@ -142,6 +176,18 @@ impl Api {
 
     pub(crate) fn node(&self) -> &dyn NodeService {
         self.inner.node.as_ref()
+    }
+
+    pub(crate) fn builder(&self) -> &dyn BuildService {
+        self.inner.builder.as_ref()
+    }
+
+    pub(crate) fn builder_arc(&self) -> Arc<dyn BuildService> {
+        Arc::clone(&self.inner.builder)
+    }
+
+    pub(crate) fn build_slots(&self) -> Arc<Semaphore> {
+        Arc::clone(&self.inner.build_slots)
     }
 }
 

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use tracing::Instrument as _;
 
 use crate::Api;
-use crate::db::{Claim, Cursor, ListFilter, Order, RecordState, SandboxRecord, TemplateRecord};
+use crate::db::{Claim, Cursor, ListFilter, Order, RecordState, SandboxRecord};
 use crate::error::{ApiError, chain};
 use crate::http::{JsonBody, QueryParams, SandboxPath, Team};
 use crate::ids;
@@ -21,6 +21,8 @@ use crate::models::{
     ConnectSandbox, ListedSandbox, NewSandbox, RefreshRequest, SandboxBody, SandboxDetail,
     SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2, SandboxMetric, TimeoutRequest,
 };
+use crate::templates::refs::{self, TemplateRef};
+use crate::templates::resources;
 
 /// Lifetime of a v1-created sandbox when the request has none.
 const V1_DEFAULT_TIMEOUT_SECS: i64 = 15;
@@ -46,7 +48,7 @@ const ENVD_TOKEN_BYTES: usize = 32;
 /// A create request after validation.
 #[derive(Debug, Clone)]
 struct CreateRequest {
-    template: String,
+    template: TemplateRef,
     timeout_secs: i64,
     auto_pause: bool,
     auto_pause_memory: bool,
@@ -95,7 +97,7 @@ impl CreateRequest {
             ));
         }
         Ok(CreateRequest {
-            template: template_name(&body.template_id)?,
+            template: TemplateRef::parse(&body.template_id, "templateID")?,
             timeout_secs,
             auto_pause,
             auto_pause_memory,
@@ -134,35 +136,6 @@ fn deadline(now: DateTime<Utc>, secs: i64) -> Result<DateTime<Utc>, ApiError> {
     TimeDelta::try_seconds(secs)
         .and_then(|d| now.checked_add_signed(d))
         .ok_or_else(|| ApiError::BadRequest(format!("timeout of {secs} seconds is too large")))
-}
-
-/// The name to look a template reference up by: trimmed and lower-cased,
-/// namespace dropped (templates are not namespaced yet), tag `default` (the
-/// implicit latest) accepted. Other tags do not exist yet.
-fn template_name(raw: &str) -> Result<String, ApiError> {
-    let s = raw.trim().to_lowercase();
-    let s = s.rsplit_once('/').map_or(s.as_str(), |(_ns, name)| name);
-    let (name, tag) = s.split_once(':').map_or((s, None), |(n, t)| (n, Some(t)));
-    if name.is_empty() {
-        return Err(ApiError::BadRequest("templateID must not be empty".into()));
-    }
-    if let Some(tag) = tag.filter(|t| *t != "default") {
-        return Err(ApiError::NotFound(format!(
-            "template '{raw}' not found: it has no tag '{tag}'"
-        )));
-    }
-    Ok(name.to_string())
-}
-
-async fn resolve_template(api: &Api, team: &str, name: &str) -> Result<TemplateRecord, ApiError> {
-    match api.db().find_template(team, name).await? {
-        Some(t) if t.ready => Ok(t),
-        Some(t) => Err(ApiError::BadRequest(format!(
-            "template '{}' has no finished build yet",
-            t.id
-        ))),
-        None => Err(ApiError::NotFound(format!("template '{name}' not found"))),
-    }
 }
 
 // ---- create -----------------------------------------------------------------
@@ -304,24 +277,23 @@ async fn idempotent_create(
 /// the node, mark `running`. On any failure the record is removed and the
 /// node told to drop whatever it may have made.
 async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRecord, ApiError> {
-    let tmpl = resolve_template(&api, &team, &req.template).await?;
-    let cfg = api.config();
-    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let found = refs::resolve_build(&api, &team, &req.template).await?;
+    let res = resources(&api, &found.build);
     let now = now();
     let mut rec = SandboxRecord {
         id: ids::new_sandbox_id(),
         team_id: team,
-        template_id: tmpl.id.clone(),
-        alias: tmpl.alias.clone(),
+        template_id: found.template.id.clone(),
+        alias: found.template.names.first().cloned(),
         state: RecordState::Creating,
         metadata: req.metadata,
         envd_access_token: ids::random_hex(ENVD_TOKEN_BYTES),
-        envd_version: tmpl.envd_version.clone(),
+        envd_version: found.build.envd_version.clone(),
         started_at: now,
         end_at: deadline(now, req.timeout_secs)?,
-        cpu_count: or(tmpl.cpu_count, cfg.default_cpu),
-        memory_mb: or(tmpl.memory_mb, cfg.default_memory_mb),
-        disk_size_mb: or(tmpl.disk_size_mb, cfg.default_disk_mb),
+        cpu_count: res.cpu_count,
+        memory_mb: res.memory_mb,
+        disk_size_mb: res.disk_size_mb,
         allow_internet_access: req.allow_internet_access,
         auto_pause: req.auto_pause,
         auto_pause_memory: req.auto_pause_memory,
@@ -332,7 +304,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
     let spec = SandboxSpec {
         sandbox_id: rec.id.clone(),
         template_id: rec.template_id.clone(),
-        build_id: arca_proto::build::BASE_BUILD_ID.into(),
+        build_id: found.build.id.clone(),
         team_id: rec.team_id.clone(),
         cpu_count: rec.cpu_count,
         memory_mb: rec.memory_mb,
@@ -373,7 +345,10 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
         .await;
     match marked {
         Ok(true) => {
-            tracing::info!(template_id = %rec.template_id, "sandbox created");
+            tracing::info!(template_id = %rec.template_id, build_id = %found.build.id, "sandbox created");
+            if let Err(e) = api.db().count_spawn(&rec.template_id, now).await {
+                tracing::warn!(error = %chain(&e), "could not count the template's spawn");
+            }
             Ok(rec)
         }
         Ok(false) => Err(ApiError::Internal(format!(
@@ -884,22 +859,6 @@ pub(crate) async fn list_v1(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn template_references_resolve_to_names() {
-        assert_eq!(template_name(" Base ").unwrap(), "base");
-        assert_eq!(template_name("base:default").unwrap(), "base");
-        assert_eq!(template_name("team/base").unwrap(), "base");
-        assert_eq!(template_name("team/base:default").unwrap(), "base");
-        assert_eq!(
-            template_name("base:v2").unwrap_err().status(),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            template_name(" ").unwrap_err().status(),
-            StatusCode::BAD_REQUEST
-        );
-    }
 
     #[test]
     fn timeouts_are_bounded_and_name_the_limit() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arca_proto::node::NodeError;
 use chrono::{DateTime, Utc};
-use common::{FakeNode, Server};
+use common::{FakeBuilder, FakeNode, Server};
 use serde_json::{Value, json};
 
 fn time(v: &Value) -> DateTime<Utc> {
@@ -876,7 +876,11 @@ async fn bootstrap_key_has_the_e2b_format_and_is_stored_hashed() {
     let node = FakeNode::new();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}/deep/er/arca.db", dir.path().display());
-    let api = arca_api::Api::open(&url, arca_api::ApiConfig::default(), node.clone())
+    let config = arca_api::ApiConfig {
+        uploads_dir: dir.path().join("uploads"),
+        ..arca_api::ApiConfig::default()
+    };
+    let api = arca_api::Api::open(&url, config.clone(), node.clone(), FakeBuilder::new())
         .await
         .unwrap();
     let key = api.ensure_bootstrap().await.unwrap().unwrap();
@@ -911,7 +915,7 @@ async fn bootstrap_key_has_the_e2b_format_and_is_stored_hashed() {
     api.revoke_key(&keys[1].id).await.unwrap();
     assert!(api.revoke_key("nope").await.is_err());
     drop(api);
-    let api = arca_api::Api::open(&url, arca_api::ApiConfig::default(), node)
+    let api = arca_api::Api::open(&url, config, node, FakeBuilder::new())
         .await
         .unwrap();
     assert_eq!(api.ensure_bootstrap().await.unwrap(), None);

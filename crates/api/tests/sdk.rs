@@ -1,6 +1,8 @@
 //! The official E2B Python SDKs (2.63.0: v2 create; 2.45.1: v1 create)
 //! against the api with a fake node: create, get_info, list with paging,
-//! set_timeout, metrics and kill parse and behave as the SDK expects.
+//! set_timeout, metrics and kill parse and behave as the SDK expects; and
+//! both SDKs' `Template` builder against the template registry with a fake
+//! builder.
 //!
 //! Needs the virtualenvs that `scripts/setup.sh` makes under
 //! `.cache/venv/`; without them the test is skipped, unless
@@ -30,12 +32,10 @@ fn venv_python(version: &str) -> Option<PathBuf> {
     None
 }
 
-async fn run_shapes(version: &str) {
-    let Some(python) = venv_python(version) else {
-        return;
-    };
+async fn run_script(version: &str, script: &str, ok: &str) -> Option<Server> {
+    let python = venv_python(version)?;
     let s = Server::start().await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/shapes.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
     let base = s.base.clone();
     let key = s.key.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -54,10 +54,45 @@ async fn run_shapes(version: &str) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && stdout.contains("sdk ok"),
+        out.status.success() && stdout.contains(ok),
         "python sdk {version} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    Some(s)
+}
+
+async fn run_shapes(version: &str) {
+    if let Some(s) = run_script(version, "tests/sdk/shapes.py", "sdk ok").await {
+        assert!(s.node.ids().is_empty());
+    }
+}
+
+async fn run_template_builder(version: &str) {
+    let Some(s) = run_script(version, "tests/sdk/templates.py", "sdk templates ok").await else {
+        return;
+    };
+    // The script's builds reached the builder: two good ones (the second
+    // found its COPY archive present), the failing one; `base` never did.
+    let specs = s.builder.specs.lock().unwrap().clone();
+    assert_eq!(specs.len(), 3, "{specs:?}");
     assert!(s.node.ids().is_empty());
+    // The archive the SDK uploaded is a gzipped tar.
+    let files: Vec<_> = std::fs::read_dir(&s.uploads)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    assert_eq!(&bytes[..2], [0x1f, 0x8b]);
+}
+
+#[tokio::test]
+async fn python_sdk_2_63_template_builder() {
+    run_template_builder("2.63.0").await;
+}
+
+#[tokio::test]
+async fn python_sdk_2_45_template_builder() {
+    run_template_builder("2.45.1").await;
 }
 
 #[tokio::test]

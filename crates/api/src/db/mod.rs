@@ -1,5 +1,5 @@
-//! The api's database: teams, API keys, templates, sandboxes and
-//! idempotency keys.
+//! The api's database: teams, API keys, sandboxes, idempotency keys and
+//! (in [`templates`]) the template registry.
 //!
 //! Queries are plain runtime SQL (no compile-time checked macros, so no
 //! database is needed to build) in the portable subset described in
@@ -7,6 +7,7 @@
 //! [`dialect`]. Times are stored as Unix microseconds (UTC), booleans as 0/1.
 
 mod dialect;
+pub(crate) mod templates;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -22,11 +23,18 @@ use crate::keys::KeyInfo;
 
 /// The schema migrations, embedded so the binary needs no files at run time.
 /// Append only: an applied migration must never change (sqlx checks sums).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "templates",
+        include_str!("../../migrations/0002_templates.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Embedded;
@@ -109,19 +117,6 @@ pub(crate) struct SandboxRecord {
     pub(crate) auto_pause: bool,
     pub(crate) auto_pause_memory: bool,
     pub(crate) auto_resume: bool,
-}
-
-/// A template the api can start sandboxes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TemplateRecord {
-    pub(crate) id: String,
-    pub(crate) alias: Option<String>,
-    /// 0 = not set (the api's default applies); likewise below.
-    pub(crate) cpu_count: u32,
-    pub(crate) memory_mb: u32,
-    pub(crate) disk_size_mb: u32,
-    pub(crate) envd_version: String,
-    pub(crate) ready: bool,
 }
 
 /// Sort direction of a listing, by `startedAt` then id.
@@ -314,35 +309,6 @@ impl Db {
                 .await?;
         }
         Ok(exists)
-    }
-
-    // ---- templates ------------------------------------------------------
-
-    /// The template with this id or alias that `team_id` may use.
-    pub(crate) async fn find_template(
-        &self,
-        team_id: &str,
-        name: &str,
-    ) -> Result<Option<TemplateRecord>, ApiError> {
-        let row = sqlx::query(
-            "SELECT id, alias, cpu_count, memory_mb, disk_size_mb, envd_version, ready \
-             FROM templates WHERE (id = $1 OR alias = $1) AND (team_id IS NULL OR team_id = $2) \
-             ORDER BY id LIMIT 1",
-        )
-        .bind(name)
-        .bind(team_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(TemplateRecord {
-            id: r.try_get(0)?,
-            alias: r.try_get(1)?,
-            cpu_count: to_u32(r.try_get(2)?)?,
-            memory_mb: to_u32(r.try_get(3)?)?,
-            disk_size_mb: to_u32(r.try_get(4)?)?,
-            envd_version: r.try_get(5)?,
-            ready: r.try_get::<i64, _>(6)? != 0,
-        }))
     }
 
     // ---- sandboxes ------------------------------------------------------
@@ -739,13 +705,8 @@ mod tests {
         let db = Db::open(&url).await.unwrap();
         // A second open finds the schema current.
         let db2 = Db::open(&url).await.unwrap();
-        let base = db2.find_template("t", "base").await.unwrap().unwrap();
-        assert_eq!(
-            (base.cpu_count, base.memory_mb, base.disk_size_mb),
-            (2, 512, 1024)
-        );
-        assert!(base.ready);
-        assert!(db.find_template("t", "nope").await.unwrap().is_none());
+        assert!(db2.template_by_name("base").await.unwrap().is_some());
+        assert!(db.template_by_name("nope").await.unwrap().is_none());
 
         assert!(
             db.bootstrap(("t", "default"), ("k", "h", "m"), Utc::now())

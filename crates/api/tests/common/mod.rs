@@ -1,11 +1,17 @@
-//! Test support: an in-memory [`FakeNode`] and a real HTTP server on
+//! Test support: an in-memory [`FakeNode`], a scriptable [`FakeBuilder`] and
+//! a real HTTP server on `127.0.0.1:0` with a client for it.
 #![allow(unreachable_pub, dead_code)]
-//! `127.0.0.1:0` with a client for it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arca_api::{Api, ApiConfig};
+use arca_proto::build::{
+    BuildFailure, BuildLog, BuildLogLevel, BuildLogSink, BuildResult, BuildService, BuildSource,
+    BuildSpec,
+};
 use arca_proto::node::{
     BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, SandboxEvent, SandboxId,
     SandboxSpec, SandboxState, SandboxStatus,
@@ -16,7 +22,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::broadcast;
+use tokio::sync::{Semaphore, broadcast};
 
 /// A node that keeps sandboxes in a map and can be told to fail.
 pub struct FakeNode {
@@ -213,6 +219,185 @@ impl NodeService for FakeNode {
     }
 }
 
+/// envd version of every build the fake builder finishes.
+pub const BUILT_ENVD_VERSION: &str = "0.6.14";
+
+/// A builder that logs a line per step and succeeds, unless a step's
+/// arguments (or the Dockerfile) contain a marker:
+///
+/// - `FAIL`: that step fails (an `error` line, then a [`BuildFailure`] with
+///   the step; a Dockerfile fails in step `1`);
+/// - `PANIC`: the builder panics;
+/// - `LOGS:<n>`: that step logs `n` extra lines (`warn` for odd ones).
+///
+/// When gated ([`FakeBuilder::gated`]) every build waits for a
+/// [`FakeBuilder::release`] before it does anything.
+pub struct FakeBuilder {
+    gate: Semaphore,
+    running: AtomicUsize,
+    /// Most builds that ran at once.
+    pub max_running: AtomicUsize,
+    /// Every spec `build` was called with.
+    pub specs: Mutex<Vec<BuildSpec>>,
+    /// Every `(template_id, build_id)` `delete_build` was called with.
+    pub deleted: Mutex<Vec<(String, String)>>,
+}
+
+impl FakeBuilder {
+    pub fn new() -> Arc<FakeBuilder> {
+        FakeBuilder::with_gate(Semaphore::MAX_PERMITS)
+    }
+
+    /// Builds wait for [`FakeBuilder::release`].
+    pub fn gated() -> Arc<FakeBuilder> {
+        FakeBuilder::with_gate(0)
+    }
+
+    fn with_gate(permits: usize) -> Arc<FakeBuilder> {
+        Arc::new(FakeBuilder {
+            gate: Semaphore::new(permits),
+            running: AtomicUsize::new(0),
+            max_running: AtomicUsize::new(0),
+            specs: Mutex::new(Vec::new()),
+            deleted: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Lets `n` waiting (or future) builds go on.
+    pub fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    /// Builds that called `build` so far.
+    pub fn started(&self) -> usize {
+        self.specs.lock().unwrap().len()
+    }
+
+    /// The spec of the build with this id.
+    pub fn spec(&self, build_id: &str) -> BuildSpec {
+        self.specs
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.build_id == build_id)
+            .cloned()
+            .unwrap_or_else(|| panic!("build {build_id} never reached the builder"))
+    }
+}
+
+fn line(level: BuildLogLevel, step: &str, message: String) -> BuildLog {
+    BuildLog {
+        timestamp: Utc::now(),
+        level,
+        step: Some(step.to_string()),
+        message,
+    }
+}
+
+impl FakeBuilder {
+    fn run(&self, spec: &BuildSpec, logs: &BuildLogSink) -> Result<BuildResult, BuildFailure> {
+        let send = |l: BuildLog| {
+            let _ = logs.send(l);
+        };
+        send(line(
+            BuildLogLevel::Info,
+            "base",
+            "preparing the base".into(),
+        ));
+        let steps: Vec<(String, String)> = match &spec.source {
+            BuildSource::Steps { steps, .. } => steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        (i + 1).to_string(),
+                        format!("{} {}", s.kind, s.args.join(" ")),
+                    )
+                })
+                .collect(),
+            BuildSource::Dockerfile { dockerfile, .. } => {
+                vec![("1".to_string(), dockerfile.clone())]
+            }
+        };
+        for (step, text) in &steps {
+            send(line(
+                BuildLogLevel::Info,
+                step,
+                format!("step {step}: {text}"),
+            ));
+            if text.contains("PANIC") {
+                panic!("the fake builder panics as asked");
+            }
+            if let Some(n) = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("LOGS:"))
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                for i in 0..n {
+                    let level = if i % 2 == 1 {
+                        BuildLogLevel::Warn
+                    } else {
+                        BuildLogLevel::Debug
+                    };
+                    send(line(level, step, format!("extra line {i}")));
+                }
+            }
+            if text.contains("FAIL") {
+                send(line(
+                    BuildLogLevel::Error,
+                    step,
+                    "command exited with status 1".into(),
+                ));
+                return Err(BuildFailure {
+                    message: format!("step {step} failed: command exited with status 1"),
+                    step: Some(step.clone()),
+                });
+            }
+        }
+        send(line(BuildLogLevel::Info, "finalize", "build done".into()));
+        Ok(BuildResult {
+            envd_version: BUILT_ENVD_VERSION.into(),
+            rootfs_size_mb: 100,
+            cached_steps: 0,
+            built_steps: u32::try_from(steps.len()).unwrap(),
+        })
+    }
+}
+
+impl BuildService for FakeBuilder {
+    fn build(
+        &self,
+        spec: BuildSpec,
+        logs: BuildLogSink,
+    ) -> BoxFuture<'_, Result<BuildResult, BuildFailure>> {
+        Box::pin(async move {
+            self.specs.lock().unwrap().push(spec.clone());
+            self.gate.acquire().await.unwrap().forget();
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_running.fetch_max(now, Ordering::SeqCst);
+            // Yield so that concurrent builds overlap when they can.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let r = self.run(&spec, &logs);
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            r
+        })
+    }
+
+    fn delete_build<'a>(
+        &'a self,
+        template_id: &'a str,
+        build_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            self.deleted
+                .lock()
+                .unwrap()
+                .push((template_id.to_string(), build_id.to_string()));
+            Ok(())
+        })
+    }
+}
+
 /// An answer.
 pub struct Resp {
     pub status: u16,
@@ -241,43 +426,94 @@ impl Resp {
     }
 }
 
-/// An api on a real socket with a fake node and a bootstrapped key.
+/// How to start a [`Server`].
+pub struct Opts {
+    pub node: Arc<FakeNode>,
+    pub builder: Arc<FakeBuilder>,
+    pub dir: tempfile::TempDir,
+    /// `ApiConfig::max_concurrent_builds`.
+    pub max_builds: usize,
+    /// `ApiConfig::max_upload_bytes`.
+    pub max_upload: u64,
+}
+
+impl Opts {
+    pub fn new() -> Opts {
+        Opts {
+            node: FakeNode::new(),
+            builder: FakeBuilder::new(),
+            dir: tempfile::tempdir().unwrap(),
+            max_builds: 2,
+            max_upload: 1 << 20,
+        }
+    }
+}
+
+/// An api on a real socket with a fake node and builder and a
+/// bootstrapped key.
 pub struct Server {
     pub base: String,
     pub api: Api,
     pub node: Arc<FakeNode>,
+    pub builder: Arc<FakeBuilder>,
     pub key: String,
     pub db_path: std::path::PathBuf,
+    pub uploads: std::path::PathBuf,
     pub dir: tempfile::TempDir,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Server {
     pub async fn start() -> Server {
-        Server::start_with(FakeNode::new(), tempfile::tempdir().unwrap()).await
+        Server::start_opts(Opts::new()).await
     }
 
     pub async fn start_with(node: Arc<FakeNode>, dir: tempfile::TempDir) -> Server {
+        Server::start_opts(Opts {
+            node,
+            dir,
+            ..Opts::new()
+        })
+        .await
+    }
+
+    pub async fn start_opts(o: Opts) -> Server {
+        let Opts {
+            node,
+            builder,
+            dir,
+            max_builds,
+            max_upload,
+        } = o;
         let db_path = dir.path().join("home/arca.db");
+        let uploads = dir.path().join("home/uploads");
         let url = format!("sqlite:{}", db_path.display());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
         let config = ApiConfig {
             domain: Some("arca.test".into()),
+            uploads_dir: uploads.clone(),
+            public_url: format!("{base}/"),
+            max_concurrent_builds: max_builds,
+            max_upload_bytes: max_upload,
             ..ApiConfig::default()
         };
-        let api = Api::open(&url, config, node.clone()).await.unwrap();
+        let api = Api::open(&url, config, node.clone(), builder.clone())
+            .await
+            .unwrap();
         let key = match api.ensure_bootstrap().await.unwrap() {
             Some(k) => k,
             None => api.create_key("default").await.unwrap(),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(api.clone().serve(listener));
         Server {
             base,
             api,
             node,
+            builder,
             key,
             db_path,
+            uploads,
             dir,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
@@ -343,4 +579,88 @@ impl Server {
         assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
         r.json()["sandboxID"].as_str().unwrap().to_string()
     }
+}
+
+/// Template build helpers.
+impl Server {
+    /// `POST /v3/templates` with `body`; returns `(templateID, buildID)`.
+    pub async fn request_build(&self, body: serde_json::Value) -> (String, String) {
+        let r = self.call("POST", "/v3/templates", Some(body)).await;
+        assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        (
+            v["templateID"].as_str().unwrap().to_string(),
+            v["buildID"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// `POST /v2/templates/{t}/builds/{b}` with `body`, expecting 202.
+    pub async fn start_build(&self, t: &str, b: &str, body: serde_json::Value) {
+        let r = self
+            .call("POST", &format!("/v2/templates/{t}/builds/{b}"), Some(body))
+            .await;
+        assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+        assert!(r.body.is_empty());
+    }
+
+    /// The status answer of a build (all its log lines from `offset`).
+    pub async fn build_status(&self, t: &str, b: &str, query: &str) -> serde_json::Value {
+        let r = self
+            .call(
+                "GET",
+                &format!("/templates/{t}/builds/{b}/status{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+
+    /// Polls a build's status until it is `ready` or `error`.
+    pub async fn wait_build(&self, t: &str, b: &str) -> serde_json::Value {
+        for _ in 0..500 {
+            let v = self.build_status(t, b, "").await;
+            if v["status"] == "ready" || v["status"] == "error" {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("build {b} of {t} never finished");
+    }
+
+    /// Polls until a build has `status`.
+    pub async fn wait_status(&self, t: &str, b: &str, status: &str) -> serde_json::Value {
+        for _ in 0..500 {
+            let v = self.build_status(t, b, "").await;
+            if v["status"] == status {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("build {b} of {t} never became {status}");
+    }
+
+    /// Registers and starts a build of `name` from `start`, waits for its
+    /// end; returns `(templateID, buildID, final status)`.
+    pub async fn build(
+        &self,
+        name: &str,
+        start: serde_json::Value,
+    ) -> (String, String, serde_json::Value) {
+        let (t, b) = self
+            .request_build(serde_json::json!({ "name": name }))
+            .await;
+        self.start_build(&t, &b, start).await;
+        let v = self.wait_build(&t, &b).await;
+        (t, b, v)
+    }
+}
+
+/// A start body building on `base` with one `RUN` per command.
+pub fn run_steps(cmds: &[&str]) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = cmds
+        .iter()
+        .map(|c| serde_json::json!({"type": "RUN", "args": [c], "force": false}))
+        .collect();
+    serde_json::json!({"fromTemplate": "base", "steps": steps, "force": false})
 }
