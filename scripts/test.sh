@@ -54,10 +54,10 @@ if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
   # Root-only tests start real sandboxes from the base template: `arca up`
   # builds it once (debootstrap, a few minutes on a fresh machine) into a cache.
   step "base template (cached)"
-  ARCA_TEST_BASE_TEMPLATE="$(ARCA_BIN="$repo/target/debug/arca" \
+  ARCA_TEST_BASE_HOME="$(ARCA_BIN="$repo/target/debug/arca" \
     ARCA_ENVD_BIN="$repo/target/x86_64-unknown-linux-musl/release/arca-envd" \
     "$repo/.cache/venv/e2b-2.63.0/bin/python" tests/e2e/harness.py cache)"
-  export ARCA_TEST_BASE_TEMPLATE
+  export ARCA_TEST_BASE_HOME
 
   step "cargo nextest"
   ARCA_TEST_PRIVILEGED=1 cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"

@@ -6,7 +6,8 @@ random ports on 127.0.0.1, a random network prefix (`ate` + 3 letters + `x`: nev
 a developer's `arca up` is never touched) and a free 10.x.0.0/16 sandbox range.
 
 The `base` template is built once by `arca up` itself into a cache home (ARCA_E2E_CACHE,
-default /var/cache/arca-test/home) and every run's home links `templates/base` to it.
+default /var/cache/arca-test/home) and every run's home links the cache's base layer and
+copies its build record.
 
 Used by conftest.py (pytest) and as a wrapper for other runners:
 
@@ -389,9 +390,31 @@ class Arca:
         return found
 
 
+# Where a home keeps the base template (crates/node/src/templates.rs, crates/image store).
+BASE_LAYER = "debian-bookworm-base-v1"
+BASE_BUILD = "00000000-0000-4000-8000-000000000000"
+
+
+def base_layer_dir(home: Path) -> Path:
+    return home / "layers" / "layers" / BASE_LAYER
+
+
+def base_record(home: Path) -> Path:
+    return home / "templates" / "base" / f"{BASE_BUILD}.json"
+
+
+def link_base(cache: Path, home: Path) -> None:
+    """Gives `home` the cache's base template without copying it."""
+    (home / "layers" / "layers").mkdir(parents=True, exist_ok=True)
+    base_layer_dir(home).symlink_to(base_layer_dir(cache))
+    base_record(home).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base_record(cache), base_record(home))
+
+
 def ensure_template_cache(cache: Path) -> None:
-    """Builds the base template into the cache home through `arca up`, once."""
-    if (cache / "templates" / "base" / "rootfs").is_dir():
+    """Builds the base template into the cache home through `arca up`, once (a cache of an
+    older layout is moved into the layer store by the same start)."""
+    if (base_layer_dir(cache) / "diff").is_dir() and base_record(cache).is_file():
         return
     cache.mkdir(parents=True, exist_ok=True)
     builder = Arca(home=cache, log=cache / "arca-up-build.log")
@@ -413,8 +436,7 @@ def new_instance() -> Arca:
     ensure_template_cache(cache)
     work = Path(tempfile.mkdtemp(prefix="arca-e2e-"))
     home = work / "home"
-    (home / "templates").mkdir(parents=True)
-    (home / "templates" / "base").symlink_to(cache / "templates" / "base")
+    link_base(cache, home)
     return Arca(home=home, log=work / "arca-up.log")
 
 
@@ -455,7 +477,7 @@ def main(argv: list[str]) -> int:
         # Build (once) and print the cached base template for other suites.
         cache = Path(os.environ.get("ARCA_E2E_CACHE") or DEFAULT_CACHE)
         ensure_template_cache(cache)
-        print(cache / "templates" / "base")
+        print(cache)
         return 0
     if len(argv) < 3 or argv[1] != "run" or "--" not in argv:
         print(__doc__, file=sys.stderr)

@@ -19,6 +19,7 @@ import pytest
 from e2b import CommandExitException, NotFoundException, Sandbox
 
 from conftest import unique, wait_until
+from harness import base_layer_dir
 
 
 def sh(sbx, cmd: str, user: str = "root", timeout: float = 60):
@@ -96,7 +97,7 @@ def test_host_files_invisible_and_unwritable(arca, sandbox):
     Path(secret).write_text(token)
     name = "arca-e2e-" + unique()
     before = {p: sha256(p) for p in ("/etc/passwd", "/etc/hostname", "/etc/resolv.conf")}
-    template_etc = arca.home / "templates" / "base" / "rootfs" / "etc"
+    template_etc = base_layer_dir(arca.home) / "diff" / "etc"
     template_passwd = sha256(str(template_etc / "passwd"))
     try:
         # Read: not at its path, not through any /proc/<pid>/root, not by searching.

@@ -1,7 +1,7 @@
 //! `arca-sdk` and `arca sandbox` against a real `arca up` of their own (own
 //! home, ports, network prefix and address range). Needs root, the static
-//! envd and a built `base` template (`ARCA_TEST_BASE_TEMPLATE`, default
-//! `/var/cache/arca-test/home/templates/base`, which scripts/test.sh builds, is symlinked into the test's home);
+//! envd and a home with a built `base` template (`ARCA_TEST_BASE_HOME`, default
+//! `/var/cache/arca-test/home`, which scripts/test.sh builds; its base layer is linked into the test's home);
 //! skips with the reason otherwise, unless ARCA_TEST_PRIVILEGED=1.
 #![allow(clippy::unwrap_used, clippy::tests_outside_test_module, missing_docs)]
 
@@ -21,11 +21,14 @@ fn envd_static() -> PathBuf {
         })
 }
 
-fn base_template() -> PathBuf {
-    std::env::var_os("ARCA_TEST_BASE_TEMPLATE").map_or_else(
-        || PathBuf::from("/var/cache/arca-test/home/templates/base"),
-        PathBuf::from,
-    )
+fn base_home() -> PathBuf {
+    std::env::var_os("ARCA_TEST_BASE_HOME")
+        .map_or_else(|| PathBuf::from("/var/cache/arca-test/home"), PathBuf::from)
+}
+
+fn has_base(home: &Path) -> bool {
+    home.join("templates/base").is_dir()
+        && arca_node::templates::TemplateStore::open(home).is_ok_and(|s| s.has_base())
 }
 
 fn prerequisites() -> bool {
@@ -34,8 +37,8 @@ fn prerequisites() -> bool {
         "needs root"
     } else if !envd_static().is_file() {
         "needs the static envd (cargo build --release -p arca-envd --target x86_64-unknown-linux-musl)"
-    } else if !base_template().join("rootfs").is_dir() {
-        "needs a built base template (run `arca up` once; set ARCA_TEST_BASE_TEMPLATE)"
+    } else if !has_base(&base_home()) {
+        "needs a home with a built base template (run `arca up` once; set ARCA_TEST_BASE_HOME)"
     } else {
         return true;
     };
@@ -67,8 +70,10 @@ impl Up {
     fn start() -> Up {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
-        std::fs::create_dir_all(home.join("templates")).unwrap();
-        std::os::unix::fs::symlink(base_template(), home.join("templates/base")).unwrap();
+        arca_node::templates::TemplateStore::open(&home)
+            .unwrap()
+            .share_base_from(&arca_node::templates::TemplateStore::open(&base_home()).unwrap())
+            .unwrap();
         let letters: String = (0..2)
             .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
             .collect();

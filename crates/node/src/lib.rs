@@ -16,9 +16,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod build;
 mod disk;
 mod envd;
+mod startcmd;
 mod state;
+pub mod templates;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -37,6 +40,7 @@ use tokio::sync::broadcast;
 
 use crate::envd::EnvdClient;
 use crate::state::{Phase, StateFile};
+use crate::templates::{TemplateBuild, TemplateStore};
 
 /// Version of the envd protocol the node's envd speaks.
 pub const ENVD_VERSION: &str = "0.6.13";
@@ -64,8 +68,15 @@ pub struct NodeConfig {
     pub pids_limit: u64,
     /// Booted sandboxes kept ready per template in use (0: none).
     pub warm_pool: usize,
-    /// (template, disk MiB) to keep warm from the start, before first use.
-    pub prewarm: Vec<(String, u32)>,
+    /// (template, build, disk MiB) to keep warm from the start, before
+    /// first use.
+    pub prewarm: Vec<(String, String, u32)>,
+    /// Where the api keeps uploaded COPY archives (by hash).
+    pub uploads_dir: PathBuf,
+    /// Registry mirror for Docker Hub images in builds.
+    pub registry_mirror: Option<String>,
+    /// Registries spoken to over plain HTTP (besides loopback ones).
+    pub insecure_registries: Vec<String>,
 }
 
 /// Why a node could not start.
@@ -89,6 +100,9 @@ pub enum StartError {
     /// A required file is missing.
     #[error("{0}")]
     Missing(String),
+    /// Templates or layers cannot be read.
+    #[error(transparent)]
+    Templates(#[from] templates::StoreError),
 }
 
 /// One running sandbox.
@@ -167,14 +181,21 @@ struct Inner {
     ended: broadcast::Sender<SandboxId>,
     envd: EnvdClient,
     disks: Arc<disk::DiskTemplates>,
-    /// Booted, unclaimed sandboxes by (template, disk size).
-    warm: Mutex<HashMap<(String, u32), Vec<Booted>>>,
-    /// (template, disk size) pairs to keep warm sandboxes of.
-    hot: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// Booted, unclaimed sandboxes by (template, build, disk size).
+    warm: Mutex<HashMap<WarmKey, Vec<Booted>>>,
+    /// Keys to keep warm sandboxes of.
+    hot: Mutex<std::collections::HashSet<WarmKey>>,
+    /// Template builds and layers.
+    templates: TemplateStore,
+    /// Layers running builds use, kept from garbage collection.
+    pinned: Mutex<Vec<String>>,
     refill: Arc<tokio::sync::Notify>,
     /// Warm sandboxes wanted per hot template (starts at `warm_pool`).
     warm_target: std::sync::atomic::AtomicUsize,
 }
+
+/// (template, build, disk MiB) of interchangeable warm sandboxes.
+type WarmKey = (String, String, u32);
 
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
@@ -184,11 +205,6 @@ pub struct Node {
 
 fn sandboxes_dir(home: &Path) -> PathBuf {
     home.join("sandboxes")
-}
-
-/// Directory of a template's root file system on this node.
-pub fn template_rootfs(home: &Path, template_id: &str) -> PathBuf {
-    home.join("templates").join(template_id).join("rootfs")
 }
 
 impl Node {
@@ -249,6 +265,7 @@ impl Node {
         let in_use: Vec<u32> = survivors.iter().filter_map(|(_, s)| s.slot_index).collect();
         let slots = SlotPool::new(config.net.clone(), &in_use).await?;
         let disks_dir = config.home.join("disks");
+        let templates = TemplateStore::open(&config.home)?;
         let warm_pool = config.warm_pool;
         let (events, _) = broadcast::channel(1024);
         let (ended, _) = broadcast::channel(1024);
@@ -267,6 +284,8 @@ impl Node {
                 hot: Mutex::new(std::collections::HashSet::new()),
                 refill: Arc::new(tokio::sync::Notify::new()),
                 warm_target: std::sync::atomic::AtomicUsize::new(warm_pool),
+                templates,
+                pinned: Mutex::new(Vec::new()),
             }),
         };
         for (path, st) in dead {
@@ -287,7 +306,7 @@ impl Node {
             }
         }
         for key in &node.inner.config.prewarm {
-            if template_rootfs(&node.inner.config.home, &key.0).is_dir() {
+            if node.inner.templates.get(&key.0, &key.1).is_some() {
                 lock(&node.inner.hot).insert(key.clone());
             }
         }
@@ -450,21 +469,35 @@ impl Node {
 
     async fn create_sandbox(&self, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
         let id = spec.sandbox_id.clone();
-        let rootfs = template_rootfs(&self.inner.config.home, &spec.template_id);
-        if !rootfs.is_dir() {
-            return Err(NodeError::TemplateNotFound(spec.template_id.clone()));
-        }
+        let build = self
+            .inner
+            .templates
+            .get(&spec.template_id, &spec.build_id)
+            .map(Arc::new)
+            .ok_or_else(|| {
+                NodeError::TemplateNotFound(format!(
+                    "{} (build {})",
+                    spec.template_id, spec.build_id
+                ))
+            })?;
         if lock(&self.inner.sandboxes).contains_key(&id)
             || !lock(&self.inner.creating).insert(id.clone())
         {
             return Err(NodeError::Conflict(format!("sandbox {id} already exists")));
         }
-        let key = (spec.template_id.clone(), spec.disk_size_mb);
+        let key = (
+            spec.template_id.clone(),
+            spec.build_id.clone(),
+            spec.disk_size_mb,
+        );
         let warm = lock(&self.inner.warm).get_mut(&key).and_then(Vec::pop);
         let result = async {
             let booted = match warm {
                 Some(b) => b,
-                None => self.boot(id.to_string(), rootfs, spec.disk_size_mb).await?,
+                None => {
+                    let plan = self.sandbox_plan(build, spec.disk_size_mb)?;
+                    self.boot(id.to_string(), plan).await?
+                }
             };
             self.activate(booted, spec).await
         }
@@ -478,14 +511,28 @@ impl Node {
         result
     }
 
+    /// How to boot a sandbox of `build` with a disk of `disk_mb`.
+    fn sandbox_plan(&self, build: Arc<TemplateBuild>, disk_mb: u32) -> Result<BootPlan, NodeError> {
+        let lowers = self
+            .inner
+            .templates
+            .lower_dirs(&build)
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        Ok(BootPlan {
+            lowers,
+            upper: Upper::Disk(disk_mb),
+            limits: None,
+            template: Some(build),
+        })
+    }
+
     /// Starts a sandbox without an identity: slot, cgroup, disk, envd up.
-    async fn boot(
-        &self,
-        instance_id: String,
-        rootfs: PathBuf,
-        disk_size_mb: u32,
-    ) -> Result<Booted, NodeError> {
+    async fn boot(&self, instance_id: String, plan: BootPlan) -> Result<Booted, NodeError> {
         let inner = &self.inner;
+        let disk_size_mb = match &plan.upper {
+            Upper::Disk(mb) => *mb,
+            Upper::Dir { .. } => 0,
+        };
         let dir = sandboxes_dir(&inner.config.home).join(&instance_id);
         let internal =
             |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
@@ -503,6 +550,7 @@ impl Node {
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
         let mut b = Booted {
+            template: plan.template.clone(),
             node: self.clone(),
             instance_id: instance_id.clone(),
             dir: dir.clone(),
@@ -529,42 +577,54 @@ impl Node {
             .layout
             .create(
                 &instance_id,
-                Limits {
+                plan.limits.unwrap_or(Limits {
                     pids: inner.config.pids_limit,
                     ..WARM_LIMITS
-                },
+                }),
             )
             .map_err(|e| internal("creating the cgroup", &e))?;
         b.cgroup = Some(cgroup.clone());
 
         // The writable layer lives on the sandbox's own ext4 image so that
         // writes stop at diskSizeMB; it is mounted inside the sandbox only.
+        // A build step writes into the layer it is making instead.
         let (disk_dir, root) = (dir.join("disk"), dir.join("root"));
         for d in [&disk_dir, &root] {
             std::fs::create_dir_all(d)
                 .map_err(|e| internal("creating the sandbox directories", &e))?;
         }
         let t_cgroup = t0.elapsed();
-        let image = dir.join("disk.img");
-        let disks = inner.disks.clone();
-        let img = image.clone();
-        tokio::task::spawn_blocking(move || {
-            disks
-                .template(disk_size_mb)
-                .and_then(|t| disk::sparse_copy(&t, &img))
-        })
-        .await
-        .map_err(|e| internal("disk task", &e))?
-        .map_err(|e| internal("making the sandbox's disk", &e))?;
+        let (upper_dir, work_dir, disk) = match plan.upper {
+            Upper::Disk(mb) => {
+                let image = dir.join("disk.img");
+                let disks = inner.disks.clone();
+                let img = image.clone();
+                tokio::task::spawn_blocking(move || {
+                    disks.template(mb).and_then(|t| disk::sparse_copy(&t, &img))
+                })
+                .await
+                .map_err(|e| internal("disk task", &e))?
+                .map_err(|e| internal("making the sandbox's disk", &e))?;
+                (
+                    disk_dir.join("upper"),
+                    disk_dir.join("work"),
+                    Some(arca_runtime::DiskSpec {
+                        image,
+                        mount_point: disk_dir,
+                    }),
+                )
+            }
+            Upper::Dir { upper, work } => (upper, work, None),
+        };
         // Name resolution inside: the host's non-loopback resolvers.
         let mut files = etc_files(&instance_id);
         files.push(("/etc/resolv.conf".to_string(), arca_net::resolv_conf()));
         let cfg = InitConfig {
             sandbox_id: instance_id.clone(),
             hostname: instance_id.clone(),
-            lower_dirs: vec![rootfs],
-            upper_dir: disk_dir.join("upper"),
-            work_dir: disk_dir.join("work"),
+            lower_dirs: plan.lowers,
+            upper_dir,
+            work_dir,
             root_dir: root,
             envd_binary: inner.config.envd_binary.clone(),
             envd_args: vec![],
@@ -577,10 +637,7 @@ impl Node {
             id_map: DEFAULT_ID_MAP,
             boot_id: arca_runtime::new_boot_id(),
             no_new_privs: false,
-            disk: Some(arca_runtime::DiskSpec {
-                image,
-                mount_point: disk_dir,
-            }),
+            disk,
             files,
         };
         let exe = inner.config.init_exe.clone();
@@ -602,6 +659,11 @@ impl Node {
             .wait_ready(sandbox_ip, ENVD_READY_WITHIN)
             .await
             .map_err(|e| internal("waiting for envd", &e))?;
+        if let Some(build) = &plan.template {
+            self.start_template_process(sandbox_ip, build, None)
+                .await
+                .map_err(NodeError::Internal)?;
+        }
         tracing::debug!(
             instance = %instance_id,
             slot_ms = t_slot.as_secs_f64() * 1e3,
@@ -644,16 +706,32 @@ impl Node {
                 .map_err(|e| internal("host name task", &e))?
                 .map_err(|e| internal("setting the sandbox's host name", &e))?;
         }
-        let mut env = spec.env_vars.clone();
+        // The template's ENV, then the create request's, then E2B's own.
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        let (user, workdir) = match &b.template {
+            Some(t) => {
+                env.extend(t.env.iter().cloned());
+                let user = t.default_user().to_string();
+                let workdir = t
+                    .workdir
+                    .clone()
+                    .or_else(|| (user == "user").then(|| "/home/user".to_string()));
+                (user, workdir)
+            }
+            None => ("user".to_string(), Some("/home/user".to_string())),
+        };
+        env.extend(spec.env_vars.clone());
         env.insert("E2B_SANDBOX_ID".into(), spec.sandbox_id.to_string());
         env.insert("E2B_TEMPLATE_ID".into(), spec.template_id.clone());
-        let init = serde_json::json!({
+        let mut init = serde_json::json!({
             "envVars": env,
             "accessToken": spec.envd_access_token,
-            "defaultUser": "user",
-            "defaultWorkdir": "/home/user",
+            "defaultUser": user,
             "timestamp": Utc::now().to_rfc3339(),
         });
+        if let Some(w) = workdir {
+            init["defaultWorkdir"] = serde_json::Value::String(w);
+        }
         inner
             .envd
             .init(sandbox_ip, None, &init)
@@ -695,7 +773,7 @@ impl Node {
     /// One round of keeping `warm_pool` booted sandboxes ready for each
     /// template in use; returns whether it booted any.
     async fn refill_round(&self) -> bool {
-        let keys: Vec<(String, u32)> = lock(&self.inner.hot).iter().cloned().collect();
+        let keys: Vec<WarmKey> = lock(&self.inner.hot).iter().cloned().collect();
         let mut booted_any = false;
         for key in keys {
             let have = lock(&self.inner.warm).get(&key).map_or(0, Vec::len);
@@ -707,9 +785,20 @@ impl Node {
             {
                 continue;
             }
-            let rootfs = template_rootfs(&self.inner.config.home, &key.0);
+            let Some(build) = self.inner.templates.get(&key.0, &key.1) else {
+                // The build was deleted: stop keeping it warm.
+                lock(&self.inner.hot).remove(&key);
+                continue;
+            };
             let id = format!("w{}", random_suffix());
-            match self.boot(id, rootfs, key.1).await {
+            let plan = match self.sandbox_plan(Arc::new(build), key.2) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(template = %key.0, error = %e, "cannot prepare a warm sandbox");
+                    continue;
+                }
+            };
+            match self.boot(id, plan).await {
                 Ok(b) => {
                     // The target may have dropped while this one booted.
                     let target = self
@@ -767,6 +856,26 @@ fn etc_files(host: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// What [`Node::boot`] makes.
+struct BootPlan {
+    /// Overlay lower dirs, upper-most first.
+    lowers: Vec<PathBuf>,
+    /// Where writes go.
+    upper: Upper,
+    /// cgroup limits while booted (default: [`WARM_LIMITS`]).
+    limits: Option<Limits>,
+    /// The template build whose start and ready commands run at boot.
+    template: Option<Arc<TemplateBuild>>,
+}
+
+/// The writable layer of a sandbox.
+enum Upper {
+    /// A fresh ext4 disk of this many MiB.
+    Disk(u32),
+    /// Host directories (a build step's layer).
+    Dir { upper: PathBuf, work: PathBuf },
+}
+
 /// Limits of a warm sandbox until it is claimed.
 const WARM_LIMITS: Limits = Limits {
     cpus: 1,
@@ -786,6 +895,8 @@ fn random_suffix() -> String {
 /// A sandbox that was booted but not (yet) handed out; everything it holds
 /// is torn down when it is dropped, unless it was disarmed by activation.
 struct Booted {
+    /// The template build it runs, for sandboxes.
+    template: Option<Arc<TemplateBuild>>,
     node: Node,
     instance_id: String,
     dir: PathBuf,
@@ -797,6 +908,18 @@ struct Booted {
 }
 
 impl Booted {
+    /// The sandbox's address.
+    fn sandbox_ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.slot.as_ref().map(|s| s.sandbox_ip)
+    }
+
+    /// Tears it down and waits until it is gone.
+    async fn shutdown(mut self) {
+        if let Some(teardown) = self.take_teardown() {
+            let _ = tokio::task::spawn_blocking(teardown).await;
+        }
+    }
+
     fn disarm(&mut self) {
         self.dir = PathBuf::new();
         self.cgroup = None;
@@ -1054,10 +1177,10 @@ impl Node {
         }
     }
 
-    /// Warm sandboxes ready for `template_id` with a disk of `disk_mb`.
-    pub fn warm_count(&self, template_id: &str, disk_mb: u32) -> usize {
+    /// Warm sandboxes ready for a template's build with a disk of `disk_mb`.
+    pub fn warm_count(&self, template_id: &str, build_id: &str, disk_mb: u32) -> usize {
         lock(&self.inner.warm)
-            .get(&(template_id.to_string(), disk_mb))
+            .get(&(template_id.to_string(), build_id.to_string(), disk_mb))
             .map_or(0, Vec::len)
     }
 
@@ -1079,5 +1202,63 @@ impl Node {
             self.end(&id, EndReason::Killed).await;
         }
         self.inner.slots.destroy().await.map_err(StartError::Net)
+    }
+}
+
+impl arca_proto::build::BuildService for Node {
+    fn build(
+        &self,
+        spec: arca_proto::build::BuildSpec,
+        logs: arca_proto::build::BuildLogSink,
+    ) -> BoxFuture<'_, Result<arca_proto::build::BuildResult, arca_proto::build::BuildFailure>>
+    {
+        Box::pin(self.run_build(spec, logs))
+    }
+
+    fn delete_build<'a>(
+        &'a self,
+        template_id: &'a str,
+        build_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            // Warm sandboxes of the build go first; running ones keep their
+            // layers mounted (overlayfs holds them open) until they end.
+            let warm: Vec<Booted> = {
+                let mut warm = lock(&self.inner.warm);
+                let keys: Vec<WarmKey> = warm
+                    .keys()
+                    .filter(|k| k.0 == template_id && k.1 == build_id)
+                    .cloned()
+                    .collect();
+                lock(&self.inner.hot).retain(|k| !(k.0 == template_id && k.1 == build_id));
+                keys.iter()
+                    .filter_map(|k| warm.remove(k))
+                    .flatten()
+                    .collect()
+            };
+            for b in warm {
+                b.shutdown().await;
+            }
+            // Sandboxes of the build keep running on its layers: the build
+            // is retired (no new sandbox starts from it) and its layers go
+            // with a later clean-up once none of them runs.
+            let running: std::collections::HashSet<(String, String)> = lock(&self.inner.sandboxes)
+                .values()
+                .map(|i| (i.spec.template_id.clone(), i.spec.build_id.clone()))
+                .collect();
+            let (t, b) = (template_id.to_string(), build_id.to_string());
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || {
+                inner.templates.retire(&t, &b)?;
+                inner.templates.purge_deleted(&running);
+                // Builds pin a layer before they look for it: holding the
+                // pins while collecting means none can vanish under them.
+                let pinned = lock(&inner.pinned);
+                inner.templates.gc(&pinned)
+            })
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(e.to_string()))
+        })
     }
 }

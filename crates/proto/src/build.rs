@@ -196,7 +196,11 @@ pub trait BuildService: Send + Sync + 'static {
     /// success the build can be used as [`crate::node::SandboxSpec::build_id`];
     /// on failure nothing of it is registered (cached layers of the steps
     /// that did succeed are kept).
-    fn build(&self, spec: BuildSpec, logs: BuildLogSink) -> BoxFuture<'_, Result<BuildResult, BuildFailure>>;
+    fn build(
+        &self,
+        spec: BuildSpec,
+        logs: BuildLogSink,
+    ) -> BoxFuture<'_, Result<BuildResult, BuildFailure>>;
 
     /// Forgets a build and frees the layers nothing else uses. Missing
     /// builds are not an error.

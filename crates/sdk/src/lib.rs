@@ -35,6 +35,7 @@
 mod envd;
 mod error;
 mod models;
+mod templates;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,9 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 pub use crate::envd::{ExitStatus, Output, RunOptions};
 pub use crate::error::SdkError;
 pub use crate::models::{LogEntry, LogLine, Metric, Sandbox, SandboxInfo, SandboxLogs, WriteInfo};
+pub use crate::templates::{
+    BuildLogEntry, BuildReason, BuildStatus, TemplateBuildRef, TemplateInfo,
+};
 
 /// Default control-plane URL (`arca up`'s API).
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:3000";
@@ -410,13 +414,13 @@ fn check_http(url: &str) -> Result<(), SdkError> {
     }
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, SdkError> {
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, SdkError> {
     serde_json::to_vec(v)
         .map(Bytes::from)
         .map_err(|e| SdkError::Config(format!("cannot encode the request: {e}")))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(url: &str, body: &[u8]) -> Result<T, SdkError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(url: &str, body: &[u8]) -> Result<T, SdkError> {
     serde_json::from_slice(body).map_err(|e| SdkError::Protocol {
         url: url.to_string(),
         message: format!("malformed JSON body: {e}"),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use arca_proto::build::{BASE_BUILD_ID, BASE_TEMPLATE_ID};
 use arca_proto::node::{NodeService, RouteSource, SandboxId, SandboxSpec, TimeoutAction};
 
 /// Options of `arca bench`.
@@ -126,13 +127,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn bench(args: &Args) -> anyhow::Result<ExitCode> {
-    let base = arca_node::template_rootfs(&args.home, "base");
-    if !base.is_dir() {
+    let store = arca_node::templates::TemplateStore::open(&args.home)
+        .with_context(|| format!("reading the templates of {}", args.home.display()))?;
+    let Some(build) = store.get(BASE_TEMPLATE_ID, BASE_BUILD_ID) else {
         bail!(
             "no base template in {}; start `arca up` once (it builds it) or pass --home",
             args.home.display()
         );
-    }
+    };
+    let base = store
+        .lower_dirs(&build)?
+        .pop()
+        .context("the base template has no layer")?;
     let envd = match &args.envd {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("arca-envd"),
@@ -145,12 +151,13 @@ async fn bench(args: &Args) -> anyhow::Result<ExitCode> {
 
 fn tempdir() -> anyhow::Result<PathBuf> {
     let p = std::env::temp_dir().join(format!("arca-bench-{}", std::process::id()));
-    std::fs::create_dir_all(p.join("templates/base"))?;
+    std::fs::create_dir_all(&p)?;
     Ok(p)
 }
 
 async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow::Result<ExitCode> {
-    std::os::unix::fs::symlink(base, work.join("templates/base/rootfs"))?;
+    arca_node::templates::TemplateStore::open(work)?
+        .share_base_from(&arca_node::templates::TemplateStore::open(&args.home)?)?;
     let n = args.iterations.max(2);
     println!(
         "arca bench: n={n}, {} CPUs",
@@ -205,6 +212,9 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         pids_limit: arca_node::DEFAULT_PIDS_LIMIT,
         warm_pool: 0,
         prewarm: vec![],
+        uploads_dir: work.join("uploads"),
+        registry_mirror: None,
+        insecure_registries: Vec::new(),
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;
@@ -240,7 +250,7 @@ async fn measure(
     for i in 0..n {
         let id = new_id(n + i)?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while node.warm_count("base", disk) == 0 {
+        while node.warm_count(BASE_TEMPLATE_ID, BASE_BUILD_ID, disk) == 0 {
             if Instant::now() > deadline {
                 bail!("the warm pool did not refill within 30 s");
             }
@@ -256,7 +266,8 @@ async fn measure(
     // Through the REST api and the proxy, as an SDK does.
     let db = format!("sqlite:{}", work.join("arca.db").display());
     let svc: Arc<dyn NodeService> = Arc::new(node.clone());
-    let api = arca_api::Api::open(&db, arca_api::ApiConfig::default(), svc).await?;
+    let builds: Arc<dyn arca_proto::build::BuildService> = Arc::new(node.clone());
+    let api = arca_api::Api::open(&db, arca_api::ApiConfig::default(), svc, builds).await?;
     let key = api.ensure_bootstrap().await?.context("no key")?;
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let proxy_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -279,7 +290,9 @@ async fn measure(
     let mut first = Vec::new();
     for _ in 0..n {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while node.warm_count("base", disk) == 0 && Instant::now() < deadline {
+        while node.warm_count(BASE_TEMPLATE_ID, BASE_BUILD_ID, disk) == 0
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let t = Instant::now();

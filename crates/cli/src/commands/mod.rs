@@ -11,6 +11,7 @@ pub(crate) mod completion;
 pub(crate) mod doctor;
 pub(crate) mod keys;
 pub(crate) mod sandbox;
+pub(crate) mod template;
 pub(crate) mod up;
 
 use std::io::Write as _;

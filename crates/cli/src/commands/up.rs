@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use arca_proto::build::BuildService;
 use arca_proto::node::{NodeService, RouteSource};
 
 /// Default `$ARCA_HOME`.
@@ -53,6 +54,14 @@ pub(crate) struct Args {
     /// leaves the clients' E2B_DOMAIN.
     #[arg(long)]
     domain: Option<String>,
+    /// Registry mirror for Docker Hub images in template builds (e.g.
+    /// `mirror.example.com` or `http://127.0.0.1:5000`).
+    #[arg(long, env = "ARCA_REGISTRY_MIRROR")]
+    registry_mirror: Option<String>,
+    /// A registry (`host:port`) spoken to over plain HTTP in template
+    /// builds (repeatable; loopback registries always are).
+    #[arg(long)]
+    insecure_registry: Vec<String>,
 }
 
 fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
@@ -72,13 +81,19 @@ fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
 
 /// Builds the `base` template if this node does not have it yet.
 async fn ensure_base(home: &Path) -> anyhow::Result<()> {
-    let rootfs = arca_node::template_rootfs(home, "base");
-    if rootfs.is_dir() {
+    // Opening the store also moves a base made by an older version
+    // (`templates/base/rootfs`) into the layer store.
+    let h = home.to_path_buf();
+    let has_base = tokio::task::spawn_blocking(move || {
+        arca_node::templates::TemplateStore::open(&h).map(|s| s.has_base())
+    })
+    .await??;
+    if has_base {
         return Ok(());
     }
-    let parent = rootfs.parent().context("template path has no parent")?;
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let building = parent.join("rootfs.building");
+    let parent = home.join("tmp");
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let building = parent.join("base.building");
     if building.exists() {
         std::fs::remove_dir_all(&building)
             .with_context(|| format!("removing the half-built {}", building.display()))?;
@@ -128,8 +143,12 @@ async fn ensure_base(home: &Path) -> anyhow::Result<()> {
     })
     .await?
     .context("shifting the base template's ownership into the sandbox id range")?;
-    std::fs::rename(&building, &rootfs)
-        .with_context(|| format!("moving the base template to {}", rootfs.display()))?;
+    let h = home.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        arca_node::templates::TemplateStore::open(&h)?.install_base_from(&building)
+    })
+    .await?
+    .context("adding the base template to the layer store")?;
     eprintln!(
         "arca: base template ready in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -203,7 +222,14 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         net,
         pids_limit: arca_node::DEFAULT_PIDS_LIMIT,
         warm_pool: args.warm_pool,
-        prewarm: vec![("base".to_string(), arca_api::DEFAULT_DISK_MB)],
+        prewarm: vec![(
+            arca_proto::build::BASE_TEMPLATE_ID.to_string(),
+            arca_proto::build::BASE_BUILD_ID.to_string(),
+            arca_api::DEFAULT_DISK_MB,
+        )],
+        uploads_dir: home.join("uploads"),
+        registry_mirror: args.registry_mirror.clone(),
+        insecure_registries: args.insecure_registry.clone(),
     })
     .await
     .context("starting the node (try `arca doctor`)")?;
@@ -211,10 +237,15 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     let db = format!("sqlite:{}", home.join("arca.db").display());
     let config = arca_api::ApiConfig {
         domain: args.domain.clone(),
+        // Shared with the node, which reads COPY archives from there.
+        uploads_dir: home.join("uploads"),
+        public_url: format!("http://{}", args.api_listen),
         ..arca_api::ApiConfig::default()
     };
     let node_svc: Arc<dyn NodeService> = Arc::new(node.clone());
-    let api = arca_api::Api::open(&db, config, node_svc)
+    // The node builds templates too.
+    let builder: Arc<dyn BuildService> = Arc::new(node.clone());
+    let api = arca_api::Api::open(&db, config, node_svc, builder)
         .await
         .context("opening the database")?;
     if let Some(key) = api

@@ -57,7 +57,7 @@ pub(crate) struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         Client::resolve(
             Some(&self.api_url),
             self.api_key.as_deref().filter(|k| !k.is_empty()),

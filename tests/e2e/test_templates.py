@@ -1,0 +1,267 @@
+"""Templates end to end: the official SDK's `Template` builder and `arca template build` with a
+Dockerfile, against a real `arca up`; the results checked from inside sandboxes of them.
+
+No step downloads anything: every RUN works with what the base template has.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from e2b import BuildException, Sandbox, Template
+
+import harness
+from conftest import unique
+
+BUILD_LIMIT_S = 600
+
+
+def build(template, name: str, **kw) -> list:
+    """Builds with the SDK; returns the log entries it reported."""
+    logs: list = []
+    Template.build(template, name, on_build_logs=logs.append, **kw)
+    return logs
+
+
+def messages(logs) -> list[str]:
+    return [getattr(e, "message", str(e)) for e in logs]
+
+
+def cached_steps(logs) -> int:
+    return sum(1 for m in messages(logs) if m.endswith("CACHED"))
+
+
+def sh(sbx, cmd: str, user: str | None = None) -> str:
+    kw = {"user": user} if user else {}
+    return sbx.commands.run(cmd, **kw).stdout.strip()
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.py").write_text("print('from the template')\n")
+    (tmp_path / "app" / "lib").mkdir()
+    (tmp_path / "app" / "lib" / "util.py").write_text("X = 1\n")
+    (tmp_path / "config.txt").write_text("v1\n")
+    return tmp_path
+
+
+def sdk_template(context: Path, marker: str = "one"):
+    return (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .set_envs({"GREETING": "hello from env"})
+        .run_cmd(f"echo $GREETING > /opt/greeting && echo {marker} > /opt/marker", user="root")
+        .run_cmd("whoami > /home/user/build-user")
+        .copy("app", "/srv/app/")
+        .copy("config.txt", "/etc/arca-test/config.txt", mode=0o640)
+        .run_cmd("mkdir -p /srv/data && chown user:user /srv/data", user="root")
+        .set_workdir("/srv/app")
+        .set_user("user")
+        .set_start_cmd(
+            "python3 -m http.server 8123 --bind 127.0.0.1",
+            "curl -sf http://127.0.0.1:8123/ >/dev/null",
+        )
+    )
+
+
+def test_sdk_builder_result_is_what_sandboxes_run(arca, context):
+    name = "sdk-" + unique()
+    logs = build(sdk_template(context), name)
+    assert any("built" in m for m in messages(logs)), messages(logs)[-5:]
+    assert Template.exists(name)
+    sbx = Sandbox.create(template=name, timeout=120)
+    try:
+        # RUN saw the ENV set before it; the env is in every process too.
+        assert sh(sbx, "cat /opt/greeting") == "hello from env"
+        assert sh(sbx, "echo $GREETING") == "hello from env"
+        # E2B runs build steps as `user` unless a step says otherwise.
+        assert sh(sbx, "cat /home/user/build-user") == "user"
+        # COPY of a directory keeps its tree; mode applies; owner is the step's user.
+        assert sh(sbx, "python3 /srv/app/main.py") == "from the template"
+        assert sh(sbx, "cat /srv/app/lib/util.py") == "X = 1"
+        assert sh(sbx, "stat -c '%a %U' /etc/arca-test/config.txt") == "640 user"
+        # WORKDIR and USER are the sandbox's defaults.
+        assert sh(sbx, "pwd") == "/srv/app"
+        assert sh(sbx, "whoami") == "user"
+        assert sh(sbx, "stat -c %U /srv/data") == "user"
+        # The start command runs, and create returned only once the ready command passed.
+        assert sh(sbx, "curl -s http://127.0.0.1:8123/ | grep -c main.py") == "1"
+        assert "http.server" in sh(sbx, "ps -eo args")
+        # The base template is untouched by the build.
+        info = sbx.get_info()
+        assert info.template_id != "base"
+    finally:
+        sbx.kill()
+    with Sandbox.create(timeout=60) as plain:
+        assert sh(plain, "test -e /opt/greeting && echo yes || echo no") == "no"
+
+
+def test_rebuild_reuses_layers_and_changes_invalidate_from_the_changed_step(arca, context):
+    name = "cache-" + unique()
+    first = build(sdk_template(context), name)
+    assert cached_steps(first) == 0, messages(first)
+    # Nothing changed: every layer step is a cache hit.
+    again = build(sdk_template(context), name)
+    assert cached_steps(again) >= 5, messages(again)
+    # A changed COPY input: the steps before it stay cached, it and the later ones run again.
+    (context / "config.txt").write_text("v2\n")
+    changed = build(sdk_template(context), name)
+    hits = cached_steps(changed)
+    assert 1 <= hits < cached_steps(again), messages(changed)
+    with Sandbox.create(template=name, timeout=60) as sbx:
+        assert sh(sbx, "cat /etc/arca-test/config.txt") == "v2"
+    # A changed RUN line: only the steps before it are reused.
+    changed_run = build(sdk_template(context, marker="two"), name)
+    assert cached_steps(changed_run) == 0 or cached_steps(changed_run) < hits, messages(changed_run)
+    with Sandbox.create(template=name, timeout=60) as sbx:
+        assert sh(sbx, "cat /opt/marker") == "two"
+    # skip_cache rebuilds everything.
+    forced = build(sdk_template(context), name, skip_cache=True)
+    assert cached_steps(forced) == 0, messages(forced)
+
+
+def test_failing_step_is_reported_with_its_step_and_registers_nothing(arca, context):
+    name = "fail-" + unique()
+    t = (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .run_cmd("echo before-the-failure")
+        .run_cmd("echo about to fail >&2; exit 7")
+        .run_cmd("echo never")
+    )
+    with pytest.raises(BuildException) as e:
+        build(t, name)
+    text = str(e.value)
+    assert "exit" in text and "7" in text, text
+    # No sandbox can be made from a template without a finished build.
+    with pytest.raises(Exception) as create_error:
+        Sandbox.create(template=name, timeout=30)
+    assert "build" in str(create_error.value).lower() or "not found" in str(
+        create_error.value
+    ).lower()
+
+
+def test_start_command_that_fails_fails_the_build(arca, context):
+    t = (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .set_start_cmd("echo starting; exit 3", "false")
+    )
+    with pytest.raises(BuildException) as e:
+        build(t, "start-" + unique())
+    assert "start command" in str(e.value), str(e.value)
+
+
+def test_copy_of_a_missing_file_is_refused_by_the_sdk_or_the_server(arca, context):
+    t = Template(file_context_path=str(context)).from_template("base").copy("nope.txt", "/x")
+    with pytest.raises(Exception) as e:
+        build(t, "missing-" + unique())
+    assert "nope.txt" in str(e.value) or "no such" in str(e.value).lower(), str(e.value)
+
+
+# --- the CLI with a Dockerfile --------------------------------------------------------------
+
+DOCKERFILE = """\
+# syntax=docker/dockerfile:1
+ARG GREETING=hello
+FROM e2bdev/base
+ARG GREETING
+ENV APP_HOME=/opt/app \\
+    MODE=test
+LABEL org.example.purpose="arca e2e"
+SHELL ["/bin/bash", "-c"]
+WORKDIR $APP_HOME
+COPY --chown=user:user --chmod=750 run.sh ./bin/
+COPY data/ ./data/
+ADD notes.txt /opt/notes/
+RUN echo "$GREETING from $MODE" > greeting.txt && [[ -n "$BASH_VERSION" ]]
+RUN ["/bin/sh", "-c", "echo exec-form > /opt/app/exec.txt"]
+RUN <<EOF
+set -e
+echo heredoc > /opt/app/heredoc.txt
+EOF
+EXPOSE 8124
+USER user
+CMD ["python3", "-m", "http.server", "8124", "--bind", "127.0.0.1"]
+"""
+
+
+def arca_cli(arca, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ARCA_HOME": str(arca.home)}
+    return subprocess.run(
+        [str(harness.arca_bin()), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_LIMIT_S,
+        check=check,
+    )
+
+
+@pytest.fixture
+def docker_context(tmp_path: Path) -> Path:
+    (tmp_path / "Dockerfile").write_text(DOCKERFILE)
+    (tmp_path / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("A\n")
+    (tmp_path / "data" / "skip.log").write_text("ignored\n")
+    (tmp_path / "notes.txt").write_text("notes\n")
+    (tmp_path / ".dockerignore").write_text("**/*.log\n")
+    return tmp_path
+
+
+def test_cli_dockerfile_build_with_every_instruction(arca, docker_context):
+    name = "df-" + unique()
+    r = arca_cli(arca, "template", "build", str(docker_context), "--name", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with Sandbox.create(template=name, timeout=120) as sbx:
+        assert sh(sbx, "pwd") == "/opt/app"
+        assert sh(sbx, "whoami") == "user"
+        assert sh(sbx, "cat greeting.txt") == "hello from test"
+        assert sh(sbx, "cat exec.txt heredoc.txt") == "exec-form\nheredoc"
+        assert sh(sbx, "stat -c '%a %U:%G' bin/run.sh") == "750 user:user"
+        assert sh(sbx, "cat data/a.txt; ls data") == "A\na.txt"
+        assert sh(sbx, "cat /opt/notes/notes.txt") == "notes"
+        assert sh(sbx, "echo $APP_HOME $MODE") == "/opt/app test"
+        # CMD is the start command: it runs in every sandbox of the template.
+        assert "http.server 8124" in sh(sbx, "ps -eo args")
+
+    # One changed line: the steps above it come from the cache.
+    changed = DOCKERFILE.replace("echo heredoc", "echo heredoc2")
+    (docker_context / "Dockerfile").write_text(changed)
+    r = arca_cli(arca, "--json", "template", "build", str(docker_context), "--name", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cached = [line for line in r.stdout.splitlines() if '"CACHED"' in line]
+    assert len(cached) >= 5, r.stdout
+    with Sandbox.create(template=name, timeout=60) as sbx:
+        assert sh(sbx, "cat heredoc.txt") == "heredoc2"
+
+    listed = arca_cli(arca, "template", "list")
+    assert name in listed.stdout
+    assert arca_cli(arca, "template", "delete", name).returncode == 0
+    with pytest.raises(Exception):
+        Sandbox.create(template=name, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "dockerfile, expect",
+    [
+        ("FROM e2bdev/base\nRUN echo ok\nFROOM x\n", "line 3"),
+        ("FROM 127.0.0.1:1/arca-test/does-not-exist:1\n", "does-not-exist"),
+        ("FROM e2bdev/base\nCOPY missing.txt /x\n", "missing.txt"),
+        ("FROM e2bdev/base\nRUN echo bad >&2 && exit 4\n", "code 4"),
+    ],
+    ids=["syntax", "unknown-base", "missing-copy", "failing-run"],
+)
+def test_cli_bad_builds_say_what_is_wrong(arca, tmp_path, dockerfile, expect):
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    name = "bad-" + unique()
+    r = arca_cli(arca, "template", "build", str(tmp_path), "--name", name)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert expect in (r.stdout + r.stderr), r.stdout + r.stderr
+    with pytest.raises(Exception):
+        Sandbox.create(template=name, timeout=30)
