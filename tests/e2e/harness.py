@@ -14,7 +14,7 @@ Used by conftest.py (pytest) and as a wrapper for other runners:
     python harness.py run -- node --test sdk.test.mjs
 
 starts `arca up`, exports E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY, E2B_DOMAIN (recipe A,
-CONTRACT.md 1.7) to the command, and afterwards kills every sandbox, stops `arca up`, removes
+CONTRACT.md 1.7) and ARCA_HOME to the command, and afterwards kills every sandbox, stops `arca up`, removes
 what it leaves by design (warm network slots, the nft table, empty cgroup parents) and fails
 if anything else is left.
 """
@@ -131,6 +131,8 @@ class Arca:
             "--sandbox-cidr", self.cidr,
             "--warm-slots", str(WARM_SLOTS),
             "--warm-pool", str(WARM_POOL),
+            # Template tests pull from a registry the test starts on 127.0.0.1.
+            "--insecure-registry", "127.0.0.1",
         ]  # fmt: skip
         with open(self.log, "ab") as err, open(out, "wb") as so:
             err.write(f"\n=== {' '.join(cmd)}\n".encode())
@@ -488,7 +490,8 @@ def main(argv: list[str]) -> int:
     rc = 1
     try:
         env = arca.start()
-        rc = subprocess.run(cmd, env={**os.environ, **env}, check=False).returncode
+        run_env = {**os.environ, **env, "ARCA_HOME": str(arca.home)}
+        rc = subprocess.run(cmd, env=run_env, check=False).returncode
     finally:
         problems = finish(arca)
         if rc != 0:

@@ -7,7 +7,9 @@ No step downloads anything: every RUN works with what the base template has.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -255,8 +257,10 @@ def test_cli_dockerfile_build_with_every_instruction(arca, docker_context):
         ("FROM 127.0.0.1:1/arca-test/does-not-exist:1\n", "does-not-exist"),
         ("FROM e2bdev/base\nCOPY missing.txt /x\n", "missing.txt"),
         ("FROM e2bdev/base\nRUN echo bad >&2 && exit 4\n", "code 4"),
+        # Refused before any connection: builds run on the host's network.
+        ("FROM 10.255.255.1:5000/x:1\n", "--insecure-registry"),
     ],
-    ids=["syntax", "unknown-base", "missing-copy", "failing-run"],
+    ids=["syntax", "unknown-base", "missing-copy", "failing-run", "private-registry"],
 )
 def test_cli_bad_builds_say_what_is_wrong(arca, tmp_path, dockerfile, expect):
     (tmp_path / "Dockerfile").write_text(dockerfile)
@@ -322,3 +326,20 @@ def test_cli_multi_stage_dockerfile_from_a_registry_image(arca, registry, tmp_pa
         assert sh(sbx, "/opt/busybox echo ok") == "ok"
         # Nothing of the first stage but what was copied.
         assert sh(sbx, "test -e /out && echo leaked || echo clean") == "clean"
+
+
+def test_a_layer_cannot_make_the_node_touch_host_files(arca, tmp_path):
+    """A RUN step that turns /etc into a symlink to a host path: the node cleans files out of
+    every finished layer (`etc/hosts` and the like) and must not follow the link."""
+    canary = Path(tempfile.mkdtemp(prefix="arca-e2e-canary-"))
+    try:
+        for f in ("hosts", "hostname", "resolv.conf"):
+            (canary / f).write_text("host file\n")
+        (tmp_path / "Dockerfile").write_text(
+            f"FROM e2bdev/base\nRUN rm -rf /etc; ln -s {canary} /etc\n"
+        )
+        arca_cli(arca, "template", "build", str(tmp_path), "--name", "evil-" + unique())
+        for f in ("hosts", "hostname", "resolv.conf"):
+            assert (canary / f).read_text() == "host file\n", f
+    finally:
+        shutil.rmtree(canary, ignore_errors=True)

@@ -105,10 +105,19 @@ impl Api {
         builder: Arc<dyn BuildService>,
     ) -> Result<Api, ApiError> {
         let db = db::Db::open(database_url).await?;
-        std::fs::create_dir_all(&config.uploads_dir).map_err(|source| ApiError::CreateDir {
-            path: config.uploads_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&config.uploads_dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt as _;
+                // Tenants' files: root only.
+                std::fs::set_permissions(
+                    &config.uploads_dir,
+                    std::fs::Permissions::from_mode(0o700),
+                )
+            })
+            .map_err(|source| ApiError::CreateDir {
+                path: config.uploads_dir.clone(),
+                source,
+            })?;
         // Subscribe before reconciling so that no end is missed in between.
         let events = node.events();
         let build_slots = Arc::new(Semaphore::new(config.max_concurrent_builds.max(1)));

@@ -75,9 +75,10 @@ async fn run_template_builder(version: &str) {
     let specs = s.builder.specs.lock().unwrap().clone();
     assert_eq!(specs.len(), 3, "{specs:?}");
     assert!(s.node.ids().is_empty());
-    // The archive the SDK uploaded is a gzipped tar.
+    // The archive the SDK uploaded is a gzipped tar, in the team's directory.
     let files: Vec<_> = std::fs::read_dir(&s.uploads)
         .unwrap()
+        .flat_map(|team| std::fs::read_dir(team.unwrap().path()).unwrap())
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");

@@ -835,13 +835,19 @@ async fn copy_archives_are_uploaded_through_token_links() {
     )
     .await;
     assert_eq!(status, 411);
-    assert!(!s.uploads.join(HASH).exists());
+    assert!(find_upload(&s.uploads).is_none());
 
     let r = put(path.clone(), b"tar bytes").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    assert_eq!(std::fs::read(s.uploads.join(HASH)).unwrap(), b"tar bytes");
-    // No temporary files are left behind.
-    let names: Vec<String> = std::fs::read_dir(&s.uploads)
+    let stored = find_upload(&s.uploads).unwrap();
+    assert_eq!(std::fs::read(&stored).unwrap(), b"tar bytes");
+    // In the team's own directory, root only; no temporary files left.
+    let team_dir = stored.parent().unwrap().to_path_buf();
+    assert_ne!(team_dir, s.uploads);
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&team_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let names: Vec<String> = std::fs::read_dir(&team_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
@@ -864,7 +870,7 @@ async fn copy_archives_are_uploaded_through_token_links() {
     assert_eq!(r.json()["present"], false);
     assert!(r.json()["url"].is_string());
     // A file that disappeared from the directory must be uploaded again.
-    std::fs::remove_file(s.uploads.join(HASH)).unwrap();
+    std::fs::remove_file(&stored).unwrap();
     let r = s
         .call("GET", &format!("/templates/{t}/files/{HASH}"), None)
         .await;
@@ -1418,14 +1424,18 @@ async fn a_restart_ends_unfinished_builds_as_interrupted() {
         ..Opts::new()
     })
     .await;
-    for b in [&building, &registered] {
-        let st = s.build_status(&t, b, "").await;
-        assert_eq!(st["status"], "error", "{st}");
-        assert_eq!(
-            st["reason"]["message"],
-            "interrupted by a restart of the api; start the build again"
-        );
-    }
+    let st = s.build_status(&t, &building, "").await;
+    assert_eq!(st["status"], "error", "{st}");
+    assert_eq!(
+        st["reason"]["message"],
+        "interrupted by a restart of the api; start the build again"
+    );
+    // A build that was only requested was never running: the SDK starts it
+    // after the restart as it would have before.
+    let st = s.build_status(&t, &registered, "").await;
+    assert_eq!(st["status"], "waiting", "{st}");
+    s.start_build(&t, &registered, run_steps(&["c"])).await;
+    assert_eq!(s.wait_build(&t, &registered).await["status"], "ready");
     assert_eq!(s.build_status(&t, &ready, "").await["status"], "ready");
     s.call(
         "POST",
@@ -1439,4 +1449,13 @@ async fn a_restart_ends_unfinished_builds_as_interrupted() {
     let (_, again) = s.request_build(json!({"name": "app:b"})).await;
     s.start_build(&t, &again, run_steps(&["b"])).await;
     assert_eq!(s.wait_build(&t, &again).await["status"], "ready");
+}
+
+/// The one uploaded archive named [`HASH`] under any team's directory.
+fn find_upload(uploads: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(uploads)
+        .ok()?
+        .flatten()
+        .map(|team| team.path().join(HASH))
+        .find(|p| p.is_file())
 }

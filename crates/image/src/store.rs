@@ -352,6 +352,49 @@ impl LayerStore {
         Ok(Some(bytes))
     }
 
+    /// The first half of [`gc`](Self::gc): moves every layer not in `keep`
+    /// out of the store (quick renames) and returns where they went, for
+    /// [`remove_detached`](Self::remove_detached). A caller that must keep
+    /// other work out while the set is decided holds its lock only for this.
+    pub fn detach_unreferenced(&self, keep: &HashSet<LayerId>) -> Result<Vec<PathBuf>, ImageError> {
+        let mut out = Vec::new();
+        for entry in
+            fs::read_dir(&self.layers).map_err(|e| ImageError::io("list", &self.layers, e))?
+        {
+            let entry = entry.map_err(|e| ImageError::io("list", &self.layers, e))?;
+            let id = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| LayerId::new(s).ok());
+            if id.as_ref().is_some_and(|id| keep.contains(id)) {
+                continue;
+            }
+            let path = entry.path();
+            let doomed = self.tmp.join(format!("gc-{:016x}", rand::random::<u64>()));
+            fs::rename(&path, &doomed)
+                .map_err(|e| ImageError::io("move out of the store", &path, e))?;
+            out.push(doomed);
+        }
+        Ok(out)
+    }
+
+    /// The second half of [`gc`](Self::gc): removes what
+    /// [`detach_unreferenced`](Self::detach_unreferenced) moved out; returns
+    /// the bytes freed.
+    pub fn remove_detached(&self, detached: &[PathBuf]) -> u64 {
+        let mut freed = 0;
+        for d in detached {
+            let bytes = walk::disk_usage(d).unwrap_or(0);
+            match fsx::remove_tree(d) {
+                Ok(()) => freed += bytes,
+                Err(e) => {
+                    tracing::warn!(path = %d.display(), error = %e, "removing a collected layer")
+                }
+            }
+        }
+        freed
+    }
+
     /// Removes every committed layer not in `keep` (see the module docs on
     /// concurrency) and leftovers of interrupted writes.
     pub fn gc(&self, keep: &HashSet<LayerId>) -> Result<GcStats, ImageError> {

@@ -33,9 +33,9 @@ use crate::{BootPlan, Booted, Node, Upper, random_suffix};
 const RUN_STEP_LIMIT: Duration = Duration::from_secs(3600);
 /// Image names that mean the `base` template (E2B's default base image).
 const BASE_IMAGE_ALIASES: [&str; 3] = ["e2bdev/base", "docker.io/e2bdev/base", "base"];
-/// Files the sandbox init writes into every root; they are the sandbox's,
-/// not the step's, and are dropped from layers.
-const RUNTIME_FILES: [&str; 3] = ["etc/hosts", "etc/hostname", "etc/resolv.conf"];
+/// Files the sandbox init writes into every root (in `/etc`); they are the
+/// sandbox's, not the step's, and are dropped from layers.
+const RUNTIME_FILES: [&str; 3] = ["hosts", "hostname", "resolv.conf"];
 
 /// Where a build's log lines go, tagged with the current step.
 struct Log {
@@ -114,6 +114,8 @@ struct Builder<'a> {
     scratch: tempfile::TempDir,
     /// Set once a step was forced: later steps are rebuilt too.
     forcing: bool,
+    /// Image bases by reference, pulled once per build.
+    pulled: HashMap<String, State>,
     /// Layers this build pinned.
     pins: Vec<String>,
     cached: u32,
@@ -145,6 +147,7 @@ impl Node {
             contexts: HashMap::new(),
             scratch,
             forcing: spec.force,
+            pulled: HashMap::new(),
             pins: Vec::new(),
             cached: 0,
             built: 0,
@@ -190,7 +193,18 @@ impl Builder<'_> {
                 context_hash,
                 build_args,
             } => {
-                let plan = arca_template::parse(dockerfile, build_args)
+                let first = arca_template::parse(dockerfile, build_args)
+                    .map_err(|e| fail(Some(&e.line.to_string()), e.to_string()))?;
+                // Pull every image base first, so that the stages' ENV and
+                // WORKDIR expand against the images' own values.
+                for stage in &first.stages {
+                    if let Base::Image(r) = &stage.base {
+                        self.image_state(r).await?;
+                    }
+                }
+                let pulled = &self.pulled;
+                let images = |name: &str| pulled.get(name).map(|s| s.config.clone());
+                let plan = arca_template::parse_with_images(dockerfile, build_args, &images)
                     .map_err(|e| fail(Some(&e.line.to_string()), e.to_string()))?;
                 for w in &plan.warnings {
                     self.log.line(
@@ -275,7 +289,7 @@ impl Builder<'_> {
         let step = Some("base");
         let store = &self.node.inner.templates;
         let from_build = |b: TemplateBuild| State {
-            key: sha(&["template", &b.template_id, &b.build_id]),
+            key: build_key(&b),
             layers: b.layers,
             config: StageConfig {
                 env: b.env,
@@ -311,28 +325,53 @@ impl Builder<'_> {
                         format!("template {t} (build {b}) is not on this node; build it first"),
                     )
                 })?;
+                self.pin(&build.layers);
                 self.log
                     .info(step, format!("starting from template {t} (build {b})"));
                 Ok(from_build(build))
             }
-            Base::Image(reference) => {
-                let plain = reference.trim_end_matches(":latest");
-                if BASE_IMAGE_ALIASES.contains(&plain) {
-                    let build = store
-                        .get(
-                            arca_proto::build::BASE_TEMPLATE_ID,
-                            arca_proto::build::BASE_BUILD_ID,
-                        )
-                        .ok_or_else(|| fail(step, "the base template is not built yet"))?;
-                    self.log.info(
-                        step,
-                        format!("{reference} is Arca's built-in base template (Debian bookworm)"),
-                    );
-                    return Ok(from_build(build));
-                }
-                self.pull(reference).await
-            }
+            Base::Image(reference) => self.image_state(reference).await,
         }
+    }
+
+    /// An image base: the built-in base for E2B's default image, else a
+    /// pull (once per build).
+    async fn image_state(&mut self, reference: &str) -> Result<State, BuildFailure> {
+        let step = Some("base");
+        if let Some(s) = self.pulled.get(reference) {
+            return Ok(s.clone());
+        }
+        let plain = reference.trim_end_matches(":latest");
+        let state = if BASE_IMAGE_ALIASES.contains(&plain) {
+            let build = self
+                .node
+                .inner
+                .templates
+                .get(
+                    arca_proto::build::BASE_TEMPLATE_ID,
+                    arca_proto::build::BASE_BUILD_ID,
+                )
+                .ok_or_else(|| fail(step, "the base template is not built yet"))?;
+            self.pin(&build.layers);
+            self.log.info(
+                step,
+                format!("{reference} is Arca's built-in base template (Debian bookworm)"),
+            );
+            State {
+                key: build_key(&build),
+                layers: build.layers,
+                config: StageConfig {
+                    env: build.env,
+                    workdir: build.workdir,
+                    user: build.user,
+                    ..StageConfig::default()
+                },
+            }
+        } else {
+            self.pull(reference).await?
+        };
+        self.pulled.insert(reference.to_string(), state.clone());
+        Ok(state)
     }
 
     async fn pull(&mut self, reference: &str) -> Result<State, BuildFailure> {
@@ -352,9 +391,42 @@ impl Builder<'_> {
             id_offset: arca_runtime::DEFAULT_ID_MAP.outside,
             ..arca_image::registry::PullOptions::default()
         };
+        let parsed = arca_image::registry::Reference::parse(reference)
+            .map_err(|e| fail(step, format!("{reference}: {e}")))?;
+        if !parsed.is_docker_hub()
+            && is_host_internal(&parsed.registry)
+            && !cfg.insecure_registries.iter().any(|a| {
+                *a == parsed.registry
+                    || parsed
+                        .registry
+                        .rsplit_once(':')
+                        .is_some_and(|(h, _)| h == a)
+            })
+        {
+            return Err(fail(
+                step,
+                format!(
+                    "{reference}: registry {} is an address of this host or its private \
+                     network; an operator allows it with `arca up --insecure-registry {}`",
+                    parsed.registry, parsed.registry
+                ),
+            ));
+        }
         self.log.info(step, format!("pulling {reference}"));
         let sink = self.log.sink.clone();
-        let progress = move |p: arca_image::registry::PullProgress| {
+        let inner = &self.node.inner;
+        let arrived = std::sync::Mutex::new(Vec::new());
+        let progress = |p: arca_image::registry::PullProgress| {
+            // Pinned the moment they are in the store, before the pull even
+            // returns: a collection meanwhile must not take them.
+            if let arca_image::registry::PullProgress::LayerCached { digest }
+            | arca_image::registry::PullProgress::LayerDone { digest, .. } = &p
+            {
+                if let Ok(id) = arca_image::store::LayerId::from_digest(digest) {
+                    crate::lock(&inner.pinned).push(id.as_str().to_string());
+                    crate::lock(&arrived).push(id.as_str().to_string());
+                }
+            }
             let _ = sink.send(BuildLog {
                 timestamp: Utc::now(),
                 level: BuildLogLevel::Debug,
@@ -368,8 +440,10 @@ impl Builder<'_> {
             self.node.inner.templates.layers(),
             &progress,
         )
-        .await
-        .map_err(|e| fail(step, format!("pulling {reference}: {e}")))?;
+        .await;
+        self.pins
+            .extend(std::mem::take(&mut *crate::lock(&arrived)));
+        let image = image.map_err(|e| fail(step, format!("pulling {reference}: {e}")))?;
         self.log.info(
             step,
             format!(
@@ -567,12 +641,7 @@ impl Builder<'_> {
             let result = self.work(step, &booted, work).await;
             booted.shutdown().await;
             result?;
-            for f in RUNTIME_FILES {
-                let p = writer.dir().join(f);
-                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
+            drop_runtime_files(writer.dir());
             writer.commit(&id).map_err(|e| fail(label, e.to_string()))?;
             self.built += 1;
         }
@@ -747,7 +816,16 @@ impl Builder<'_> {
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(fail(step, format!("invalid files hash '{hash}'")));
         }
-        let archive = self.node.inner.config.uploads_dir.join(hash);
+        // Each team's uploads are its own (the api keeps them apart).
+        let team = &self.spec.team_id;
+        if team.is_empty()
+            || !team
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(fail(step, format!("unusable team id {team:?}")));
+        }
+        let archive = self.node.inner.config.uploads_dir.join(team).join(hash);
         if !archive.is_file() {
             return Err(fail(
                 step,
@@ -889,6 +967,7 @@ impl Builder<'_> {
         cfg.user.clone_from(&copy.chown);
         let inputs = sha(&["stage", &source.key]);
         let key = arca_template::cache::step_key(&state.key, step, &cfg, Some(&inputs));
+        self.pin(std::slice::from_ref(&key));
         let store = self.node.inner.templates.layers();
         let cached = !self.forcing && layer_id(&key).is_ok_and(|id| store.contains(&id));
         let items = if cached {
@@ -1068,6 +1147,61 @@ fn unreachable_stage() -> Result<(PathBuf, Option<String>), BuildFailure> {
     ))
 }
 
+/// Removes [`RUNTIME_FILES`] from a finished layer. The layer was written
+/// by the sandbox: `etc` may be a symlink to anywhere, so nothing is
+/// followed (the sandbox is gone, so nothing changes meanwhile).
+fn drop_runtime_files(layer: &Path) {
+    let etc = layer.join("etc");
+    if !std::fs::symlink_metadata(&etc).is_ok_and(|m| m.file_type().is_dir()) {
+        return;
+    }
+    for f in RUNTIME_FILES {
+        let p = etc.join(f);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_file()) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Whether a registry `host[:port]` names this host or a private network:
+/// builds run on the host's network, so a tenant's FROM must not reach
+/// services there unless the operator allowed the registry.
+fn is_host_internal(host_port: &str) -> bool {
+    let host = match host_port.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host_port.rsplit_once(':').map_or(host_port, |(h, _)| h),
+    };
+    if host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.octets()[0] == 100 && (64..128).contains(&ip.octets()[1])
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Err(_) => false,
+    }
+}
+
+/// The cache key of a template build as a base: its content, not its name.
+fn build_key(b: &TemplateBuild) -> String {
+    let mut parts: Vec<&str> = vec!["template-v1"];
+    parts.extend(b.layers.iter().map(String::as_str));
+    let config = serde_json::to_string(&(&b.env, &b.workdir, &b.user)).unwrap_or_default();
+    parts.push(&config);
+    sha(&parts)
+}
+
 /// What goes into an `__apply` tar stream.
 enum TarItem {
     Dir {
@@ -1129,6 +1263,8 @@ fn tar_of(items: &[TarItem]) -> Result<std::fs::File, BuildFailure> {
         h.set_gid(0);
         h.set_mtime(0);
         match item {
+            // The root always exists; tar cannot name it.
+            TarItem::Dir { path, .. } if path.trim_matches('/').is_empty() => {}
             TarItem::Dir { path, mode } => {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_mode(*mode);
@@ -1331,6 +1467,29 @@ mod tests {
         assert!(expand_vars("$PATH:/opt", &env).ends_with(":/bin:/opt"));
         assert_eq!(expand_vars("\\$HOME $NOPE.", &env), "$HOME .");
         assert_eq!(expand_vars("50$", &env), "50$");
+    }
+
+    #[test]
+    fn registries_on_this_host_or_private_networks_are_internal() {
+        for h in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "10.1.2.3",
+            "192.168.0.1:443",
+            "169.254.169.254",
+            "[::1]:5000",
+            "100.64.0.1",
+        ] {
+            assert!(is_host_internal(h), "{h}");
+        }
+        for h in [
+            "ghcr.io",
+            "registry-1.docker.io:443",
+            "8.8.8.8",
+            "quay.io:443",
+        ] {
+            assert!(!is_host_internal(h), "{h}");
+        }
     }
 
     #[test]

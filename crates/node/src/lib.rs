@@ -189,6 +189,9 @@ struct Inner {
     templates: TemplateStore,
     /// Layers running builds use, kept from garbage collection.
     pinned: Mutex<Vec<String>>,
+    /// (template, build) of sandboxes being made (cold or warm), which a
+    /// deletion of the build must treat as running.
+    booting: Mutex<Vec<(String, String)>>,
     refill: Arc<tokio::sync::Notify>,
     /// Warm sandboxes wanted per hot template (starts at `warm_pool`).
     warm_target: std::sync::atomic::AtomicUsize,
@@ -286,6 +289,7 @@ impl Node {
                 warm_target: std::sync::atomic::AtomicUsize::new(warm_pool),
                 templates,
                 pinned: Mutex::new(Vec::new()),
+                booting: Mutex::new(Vec::new()),
             }),
         };
         for (path, st) in dead {
@@ -469,6 +473,7 @@ impl Node {
 
     async fn create_sandbox(&self, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
         let id = spec.sandbox_id.clone();
+        let _booting = Booting::new(&self.inner, &spec.template_id, &spec.build_id);
         let build = self
             .inner
             .templates
@@ -785,6 +790,7 @@ impl Node {
             {
                 continue;
             }
+            let _booting = Booting::new(&self.inner, &key.0, &key.1);
             let Some(build) = self.inner.templates.get(&key.0, &key.1) else {
                 // The build was deleted: stop keeping it warm.
                 lock(&self.inner.hot).remove(&key);
@@ -806,8 +812,10 @@ impl Node {
                         .warm_target
                         .load(std::sync::atomic::Ordering::Relaxed);
                     let mut warm = lock(&self.inner.warm);
+                    // The build may have been deleted while this booted.
+                    let still_hot = lock(&self.inner.hot).contains(&key);
                     let list = warm.entry(key).or_default();
-                    if list.len() < target {
+                    if still_hot && list.len() < target {
                         list.push(b);
                         booted_any = true;
                     } else {
@@ -854,6 +862,33 @@ fn etc_files(host: &str) -> Vec<(String, String)> {
             ),
         ),
     ]
+}
+
+/// Marks a (template, build) as having a sandbox in the making while it
+/// lives.
+struct Booting {
+    inner: Arc<Inner>,
+    key: (String, String),
+}
+
+impl Booting {
+    fn new(inner: &Arc<Inner>, template_id: &str, build_id: &str) -> Booting {
+        let key = (template_id.to_string(), build_id.to_string());
+        lock(&inner.booting).push(key.clone());
+        Booting {
+            inner: inner.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        let mut b = lock(&self.inner.booting);
+        if let Some(i) = b.iter().position(|k| *k == self.key) {
+            b.swap_remove(i);
+        }
+    }
 }
 
 /// What [`Node::boot`] makes.
@@ -1242,19 +1277,31 @@ impl arca_proto::build::BuildService for Node {
             // Sandboxes of the build keep running on its layers: the build
             // is retired (no new sandbox starts from it) and its layers go
             // with a later clean-up once none of them runs.
-            let running: std::collections::HashSet<(String, String)> = lock(&self.inner.sandboxes)
-                .values()
-                .map(|i| (i.spec.template_id.clone(), i.spec.build_id.clone()))
-                .collect();
+            let mut running: std::collections::HashSet<(String, String)> =
+                lock(&self.inner.sandboxes)
+                    .values()
+                    .map(|i| (i.spec.template_id.clone(), i.spec.build_id.clone()))
+                    .collect();
+            running.extend(lock(&self.inner.booting).iter().cloned());
             let (t, b) = (template_id.to_string(), build_id.to_string());
             let inner = self.inner.clone();
             tokio::task::spawn_blocking(move || {
                 inner.templates.retire(&t, &b)?;
                 inner.templates.purge_deleted(&running);
                 // Builds pin a layer before they look for it: holding the
-                // pins while collecting means none can vanish under them.
-                let pinned = lock(&inner.pinned);
-                inner.templates.gc(&pinned)
+                // pins while deciding means none can vanish under them. The
+                // removal itself (seconds for big layers) runs unlocked.
+                let detached = {
+                    let pinned = lock(&inner.pinned);
+                    inner.templates.detach_unused(&pinned)?
+                };
+                let freed = inner.templates.remove_detached(&detached);
+                tracing::info!(
+                    layers = detached.len(),
+                    bytes = freed,
+                    "unused layers removed"
+                );
+                Ok::<(), templates::StoreError>(())
             })
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?

@@ -260,9 +260,10 @@ impl TemplateStore {
         Ok(())
     }
 
-    /// Frees the layers no build record (retired ones included) and no
-    /// entry of `pinned` names.
-    pub fn gc(&self, pinned: &[String]) -> Result<(), StoreError> {
+    /// Moves the layers no build record (retired ones included) and no
+    /// entry of `pinned` names out of the store; remove them with
+    /// [`TemplateStore::remove_detached`] (outside any lock).
+    pub fn detach_unused(&self, pinned: &[String]) -> Result<Vec<PathBuf>, StoreError> {
         let keep: HashSet<LayerId> = self
             .records(&["json", "deleted"])
             .iter()
@@ -271,9 +272,13 @@ impl TemplateStore {
             .filter_map(|l| layer_id(l).ok())
             .collect();
         self.layers
-            .gc(&keep)
-            .map(|_| ())
+            .detach_unreferenced(&keep)
             .map_err(|e| StoreError(e.to_string()))
+    }
+
+    /// Removes layers [`TemplateStore::detach_unused`] moved out.
+    pub fn remove_detached(&self, detached: &[PathBuf]) -> u64 {
+        self.layers.remove_detached(detached)
     }
 }
 

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -149,26 +149,61 @@ fn extract(paths: &[String], out: fs::File) -> Res<()> {
     let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
     tar.follow_symlinks(false);
     for raw in paths {
-        let path = clean_path(Path::new(raw))?;
-        let Ok(meta) = fs::symlink_metadata(&path) else {
+        let wanted = clean_path(Path::new(raw))?;
+        // Symlinks on the way resolve inside the sandbox (`/lib ->
+        // usr/lib`), as Docker resolves them in the source stage; the
+        // result is archived under the name asked for.
+        let Ok(real) = fs::canonicalize(&wanted) else {
             continue;
         };
-        let name = path.strip_prefix("/").unwrap_or(&path);
-        let result = if meta.is_dir() {
-            if name.as_os_str().is_empty() {
-                tar.append_dir_all(".", &path)
-            } else {
-                tar.append_dir_all(name, &path)
-            }
-        } else {
-            tar.append_path_with_name(&path, name)
+        let Ok(meta) = fs::symlink_metadata(&real) else {
+            continue;
         };
-        result.map_err(|e| format!("archiving {}: {e}", path.display()))?;
+        let name = wanted.strip_prefix("/").unwrap_or(&wanted).to_path_buf();
+        if meta.is_dir() {
+            append_tree(&mut tar, &real, &name, meta.dev())?;
+        } else {
+            tar.append_path_with_name(&real, &name)
+                .map_err(|e| format!("archiving {}: {e}", real.display()))?;
+        }
     }
     let mut w = tar
         .into_inner()
         .map_err(|e| format!("writing the archive: {e}"))?;
     w.flush().map_err(|e| format!("writing the archive: {e}"))
+}
+
+/// Archives the tree at `dir` as `name`, without following symlinks and
+/// without entering other file systems (`/proc`, `/sys`, `/dev`, `/run`).
+fn append_tree<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, dev: u64) -> Res<()> {
+    let err = |p: &Path, e: std::io::Error| format!("archiving {}: {e}", p.display());
+    if !name.as_os_str().is_empty() {
+        tar.append_path_with_name(dir, name)
+            .map_err(|e| err(dir, e))?;
+    }
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| err(dir, e))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    entries.sort();
+    for entry in entries {
+        let path = dir.join(&entry);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        let sub = name.join(&entry);
+        if meta.is_dir() {
+            append_tree(tar, &path, &sub, dev)?;
+        } else {
+            tar.append_path_with_name(&path, &sub)
+                .map_err(|e| err(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Joins the sandbox's namespaces and becomes its root.
@@ -214,13 +249,34 @@ fn clean_path(raw: &Path) -> Res<PathBuf> {
 /// Creates the missing parents of `path` as root-owned 0755 directories.
 /// Existing components are followed as the kernel follows them (inside the
 /// sandbox's root).
-fn make_parents(path: &Path) -> Res<()> {
-    if let Some(parent) = path.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+///
+/// With `owner`, the directories it creates get that owner (as BuildKit
+/// gives `COPY --chown` destinations): a user copying into a new directory
+/// can write there afterwards.
+fn make_parents(path: &Path, owner: Option<(u32, u32)>) -> Res<()> {
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
+    let mut missing = Vec::new();
+    let mut p = parent;
+    while fs::metadata(p).is_err() {
+        missing.push(p.to_path_buf());
+        match p.parent() {
+            Some(up) => p = up,
+            None => break,
+        }
+    }
+    for dir in missing.iter().rev() {
+        match fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                        .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+        }
     }
     Ok(())
 }
@@ -262,7 +318,7 @@ fn write_entry<R: Read>(
             .unwrap_or(0),
     ));
     let mtime = header.mtime().unwrap_or(0);
-    make_parents(&path)?;
+    make_parents(&path, owner)?;
     let shown = path.display();
     let mode = chmod.unwrap_or(header_mode);
     if kind.is_dir() {
@@ -389,18 +445,26 @@ fn ensure_user(ids: &Ids) -> Res<()> {
     if ids.users.contains_key("user") {
         return Ok(());
     }
-    if ids.users.values().any(|(u, _, _)| *u == 1000) {
-        return Err("the image has no account 'user' but uid 1000 is taken: \
-             E2B's SDKs run commands as 'user'; rename that account or add 'user' yourself"
-            .into());
-    }
+    // uid 1000 where free (E2B's), else the next free one, as useradd
+    // picks (`node` and `ubuntu` images have 1000 taken).
+    let taken_uid = |id: u32| ids.users.values().any(|(u, _, _)| *u == id);
+    let taken_gid = |id: u32| ids.groups.values().any(|g| *g == id);
+    let uid = (1000..60000)
+        .find(|id| !taken_uid(*id))
+        .ok_or("no free uid for the account 'user'")?;
+    let gid = match ids.groups.get("user") {
+        Some(g) => *g,
+        None => (uid..60000)
+            .find(|id| !taken_gid(*id))
+            .ok_or("no free gid for the account 'user'")?,
+    };
     let shell = if Path::new("/bin/bash").exists() {
         "/bin/bash"
     } else {
         "/bin/sh"
     };
     let append = |p: &str, line: String| -> Res<()> {
-        make_parents(Path::new(p))?;
+        make_parents(Path::new(p), None)?;
         let mut text = fs::read_to_string(p).unwrap_or_default();
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
@@ -415,10 +479,10 @@ fn ensure_user(ids: &Ids) -> Res<()> {
     };
     append(
         "/etc/passwd",
-        format!("user:x:1000:1000::/home/user:{shell}\n"),
+        format!("user:x:{uid}:{gid}::/home/user:{shell}\n"),
     )?;
-    if !ids.groups.contains_key("user") && !ids.groups.values().any(|g| *g == 1000) {
-        append("/etc/group", "user:x:1000:\n".into())?;
+    if !ids.groups.contains_key("user") {
+        append("/etc/group", format!("user:x:{gid}:\n"))?;
     }
     let home = Path::new("/home/user");
     match fs::DirBuilder::new()
@@ -429,7 +493,7 @@ fn ensure_user(ids: &Ids) -> Res<()> {
         Ok(()) => {}
         Err(e) => return Err(format!("creating /home/user: {e}")),
     }
-    std::os::unix::fs::chown(home, Some(1000), Some(1000))
+    std::os::unix::fs::chown(home, Some(uid), Some(gid))
         .map_err(|e| format!("chown /home/user: {e}"))?;
     Ok(())
 }

@@ -276,11 +276,21 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         cfg.upper_dir.display(),
         cfg.work_dir.display()
     );
+    // The kernel takes mount options up to a page long.
+    if opts.len() >= 4096 {
+        return Err(format!(
+            "the template has too many layers ({}) for one overlay mount; \
+             build it with fewer steps (join RUN lines)",
+            cfg.lower_dirs.len()
+        ));
+    }
+    // nodev: a device node in an image (or made by a build step) opens
+    // nothing; /dev's nodes are bind mounts of their own.
     mnt(
         Some("overlay"),
         root,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(&opts),
     )?;
 

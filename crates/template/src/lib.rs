@@ -52,7 +52,7 @@ mod parse;
 mod plan;
 
 pub use error::{ParseError, ParseErrorKind};
-pub use parse::parse;
+pub use parse::{ImageConfigs, parse, parse_with_images};
 pub use plan::{
     Base, Command, CopyFrom, CopySpec, DEFAULT_SHELL, Dockerfile, Instruction, Source, Stage,
     StageConfig, Step, Warning,

@@ -29,8 +29,30 @@ use crate::plan::{
 /// A [`ParseError`] with the 1-based line of the first instruction that is
 /// malformed, unknown or unsupported.
 pub fn parse(text: &str, build_args: &BTreeMap<String, String>) -> Result<Dockerfile, ParseError> {
+    parse_with_images(text, build_args, &|_| None)
+}
+
+/// The configuration an image base starts a stage with: its ENV, WORKDIR
+/// and USER (the rest of [`StageConfig`] is ignored).
+pub type ImageConfigs<'a> = &'a dyn Fn(&str) -> Option<StageConfig>;
+
+/// [`parse`], with `images` giving the configuration of each image a FROM
+/// names (`None`: unknown, empty), so that `ENV PATH=/x:$PATH` and relative
+/// WORKDIRs expand against the image's values as Docker does. A builder
+/// parses once to learn the bases, pulls them, then parses again with
+/// their configurations.
+///
+/// # Errors
+///
+/// As [`parse`].
+pub fn parse_with_images(
+    text: &str,
+    build_args: &BTreeMap<String, String>,
+    images: ImageConfigs<'_>,
+) -> Result<Dockerfile, ParseError> {
     let lexed = lex(text)?;
     let mut parser = Parser {
+        images,
         escape: lexed.escape,
         build_args,
         global_args: BTreeMap::new(),
@@ -59,6 +81,7 @@ pub fn parse(text: &str, build_args: &BTreeMap<String, String>) -> Result<Docker
 }
 
 struct Parser<'a> {
+    images: ImageConfigs<'a>,
     escape: char,
     build_args: &'a BTreeMap<String, String>,
     global_args: BTreeMap<String, Option<String>>,
@@ -372,7 +395,15 @@ impl Parser<'_> {
         {
             Some(parent) => (Base::Stage(parent.index), parent.config.clone()),
             None if lower == "scratch" => (Base::Scratch, default_config()),
-            None => (Base::Image(image), default_config()),
+            None => {
+                let mut config = default_config();
+                if let Some(c) = (self.images)(&image) {
+                    config.env = c.env;
+                    config.workdir = c.workdir;
+                    config.user = c.user;
+                }
+                (Base::Image(image), config)
+            }
         };
         self.args.clear();
         self.cmd_set = false;
@@ -811,6 +842,29 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn image_configs_are_the_start_of_expansion() {
+        let text = "FROM py\nENV PATH=/venv/bin:$PATH\nWORKDIR sub\nFROM scratch\nENV P=$PATH\n";
+        let images = |name: &str| {
+            (name == "py").then(|| StageConfig {
+                env: vec![("PATH".into(), "/usr/bin".into())],
+                workdir: Some("/app".into()),
+                ..StageConfig::default()
+            })
+        };
+        let d = parse_with_images(text, &BTreeMap::new(), &images).unwrap();
+        let c = &d.stages[0].config;
+        assert_eq!(
+            c.env,
+            vec![("PATH".to_string(), "/venv/bin:/usr/bin".to_string())]
+        );
+        assert_eq!(c.workdir.as_deref(), Some("/app/sub"));
+        assert_eq!(
+            d.stages[1].config.env,
+            vec![("P".to_string(), String::new())]
+        );
     }
 
     #[test]

@@ -717,7 +717,7 @@ impl Db {
     ) -> Result<u64, ApiError> {
         let r = sqlx::query(
             "UPDATE template_builds SET status = 'error', reason = $1, updated_at = $2, \
-             finished_at = $2 WHERE status IN ('waiting', 'building')",
+             finished_at = $2 WHERE status IN ('waiting', 'building') AND started_at IS NOT NULL",
         )
         .bind(to_json(reason)?)
         .bind(micros(now))

@@ -62,6 +62,11 @@ pub(crate) struct Args {
     /// builds (repeatable; loopback registries always are).
     #[arg(long)]
     insecure_registry: Vec<String>,
+    /// The API's URL as clients reach it, for the upload links of template
+    /// builds (default: the API's listen address; 127.0.0.1 when it listens
+    /// on all addresses).
+    #[arg(long, env = "ARCA_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
@@ -239,7 +244,13 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         domain: args.domain.clone(),
         // Shared with the node, which reads COPY archives from there.
         uploads_dir: home.join("uploads"),
-        public_url: format!("http://{}", args.api_listen),
+        public_url: args.public_url.clone().unwrap_or_else(|| {
+            let mut addr = args.api_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }),
         ..arca_api::ApiConfig::default()
     };
     let node_svc: Arc<dyn NodeService> = Arc::new(node.clone());
