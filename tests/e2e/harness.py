@@ -43,6 +43,8 @@ DEFAULT_CACHE = "/var/cache/arca-test/home"
 # Network slots and booted sandboxes kept ready; small, so the leak counts are easy to read.
 WARM_SLOTS = 2
 WARM_POOL = 2
+# Disk of one template build step, MiB.
+BUILD_DISK_MB = 768
 # The first start builds the base template with debootstrap.
 FIRST_START_LIMIT_S = 900
 START_LIMIT_S = 60
@@ -133,6 +135,8 @@ class Arca:
             "--warm-pool", str(WARM_POOL),
             # Template tests pull from a registry the test starts on 127.0.0.1.
             "--insecure-registry", "127.0.0.1",
+            # Small, so that the test of the limit writes little.
+            "--build-disk-mb", str(BUILD_DISK_MB),
         ]  # fmt: skip
         with open(self.log, "ab") as err, open(out, "wb") as so:
             err.write(f"\n=== {' '.join(cmd)}\n".encode())

@@ -183,6 +183,7 @@ COPY data/ ./data/
 ADD notes.txt /opt/notes/
 RUN echo "$GREETING from $MODE" > greeting.txt && [[ -n "$BASH_VERSION" ]]
 RUN ["/bin/sh", "-c", "echo exec-form > /opt/app/exec.txt"]
+RUN rm /etc/debian_version && rm -rf /usr/share/doc && mkdir /usr/share/doc && touch /usr/share/doc/only
 RUN <<EOF
 set -e
 echo heredoc > /opt/app/heredoc.txt
@@ -230,6 +231,9 @@ def test_cli_dockerfile_build_with_every_instruction(arca, docker_context):
         assert sh(sbx, "cat data/a.txt; ls data") == "A\na.txt"
         assert sh(sbx, "cat /opt/notes/notes.txt") == "notes"
         assert sh(sbx, "echo $APP_HOME $MODE") == "/opt/app test"
+        # A deleted file and a replaced directory stay so in the layers (whiteout, opaque dir).
+        assert sh(sbx, "test -e /etc/debian_version && echo there || echo gone") == "gone"
+        assert sh(sbx, "ls /usr/share/doc") == "only"
         # CMD is the start command: it runs in every sandbox of the template.
         assert "http.server 8124" in sh(sbx, "ps -eo args")
 
@@ -326,6 +330,17 @@ def test_cli_multi_stage_dockerfile_from_a_registry_image(arca, registry, tmp_pa
         assert sh(sbx, "/opt/busybox echo ok") == "ok"
         # Nothing of the first stage but what was copied.
         assert sh(sbx, "test -e /out && echo leaked || echo clean") == "clean"
+
+
+def test_a_build_step_cannot_fill_the_host_disk(arca, tmp_path):
+    """A RUN writes to a disk of its own: past the limit it gets ENOSPC, and the build fails."""
+    mb = harness.BUILD_DISK_MB + 64
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM e2bdev/base\nRUN dd if=/dev/zero of=/big bs=1M count={mb} status=none\n"
+    )
+    r = arca_cli(arca, "template", "build", str(tmp_path), "--name", "fill-" + unique())
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "No space left on device" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_a_layer_cannot_make_the_node_touch_host_files(arca, tmp_path):

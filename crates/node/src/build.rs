@@ -624,11 +624,15 @@ impl Builder<'_> {
                 memory_mib: u64::from(self.spec.memory_mb.max(128)),
                 pids: self.node.inner.config.pids_limit,
             };
+            // The step writes to a disk image of its own, so that a RUN
+            // cannot fill the host's disk; its writes are copied into the
+            // layer afterwards.
+            let image = writer.scratch_path("disk.img");
             let plan = BootPlan {
                 lowers,
-                upper: Upper::Dir {
-                    upper: writer.dir().to_path_buf(),
-                    work: writer.work_dir().to_path_buf(),
+                upper: Upper::DiskAt {
+                    mb: self.node.inner.config.build_disk_mb,
+                    image: image.clone(),
                 },
                 limits: Some(limits),
                 template: None,
@@ -641,6 +645,11 @@ impl Builder<'_> {
             let result = self.work(step, &booted, work).await;
             booted.shutdown().await;
             result?;
+            let (mnt, dest) = (writer.scratch_path("mnt"), writer.dir().to_path_buf());
+            tokio::task::spawn_blocking(move || crate::disk::copy_upper_out(&image, &mnt, &dest))
+                .await
+                .map_err(|e| fail(label, e.to_string()))?
+                .map_err(|e| fail(label, format!("taking the step's files off its disk: {e}")))?;
             drop_runtime_files(writer.dir());
             writer.commit(&id).map_err(|e| fail(label, e.to_string()))?;
             self.built += 1;

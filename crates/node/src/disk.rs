@@ -111,6 +111,39 @@ pub(crate) fn usage(path: &Path) -> Option<(u64, u64)> {
     Some((s.blocks() * frag, (s.blocks() - s.blocks_free()) * frag))
 }
 
+/// Copies the writable layer a build step left on its disk image (`upper/`
+/// of the ext4 image) into `dest`, whiteouts, xattrs and owners included:
+/// the image is mounted read-only (nodev, nosuid, noexec) on `mount_point`
+/// for the copy and unmounted whatever happens. Blocking.
+pub(crate) fn copy_upper_out(image: &Path, mount_point: &Path, dest: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(mount_point)?;
+    run(Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,ro,nodev,nosuid,noexec"])
+        .arg(image)
+        .arg(mount_point))?;
+    let mut src = mount_point.join("upper").into_os_string();
+    src.push("/.");
+    let copied = run(Command::new("cp")
+        .args(["-a", "--no-target-directory"])
+        .arg(&src)
+        .arg(dest));
+    let unmounted = run(Command::new("umount").arg(mount_point));
+    copied.and(unmounted)
+}
+
+fn run(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,7 +77,12 @@ pub struct NodeConfig {
     pub registry_mirror: Option<String>,
     /// Registries spoken to over plain HTTP (besides loopback ones).
     pub insecure_registries: Vec<String>,
+    /// Writable disk of each build step, MiB: what one RUN may write.
+    pub build_disk_mb: u32,
 }
+
+/// Default [`NodeConfig::build_disk_mb`].
+pub const DEFAULT_BUILD_DISK_MB: u32 = 8192;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -535,7 +540,7 @@ impl Node {
     async fn boot(&self, instance_id: String, plan: BootPlan) -> Result<Booted, NodeError> {
         let inner = &self.inner;
         let disk_size_mb = match &plan.upper {
-            Upper::Disk(mb) => *mb,
+            Upper::Disk(mb) | Upper::DiskAt { mb, .. } => *mb,
             Upper::Dir { .. } => 0,
         };
         let dir = sandboxes_dir(&inner.config.home).join(&instance_id);
@@ -600,8 +605,12 @@ impl Node {
         }
         let t_cgroup = t0.elapsed();
         let (upper_dir, work_dir, disk) = match plan.upper {
-            Upper::Disk(mb) => {
-                let image = dir.join("disk.img");
+            upper @ (Upper::Disk(_) | Upper::DiskAt { .. }) => {
+                let mb = mb_of(&upper);
+                let image = match upper {
+                    Upper::DiskAt { image, .. } => image,
+                    Upper::Disk(_) | Upper::Dir { .. } => dir.join("disk.img"),
+                };
                 let disks = inner.disks.clone();
                 let img = image.clone();
                 tokio::task::spawn_blocking(move || {
@@ -907,8 +916,18 @@ struct BootPlan {
 enum Upper {
     /// A fresh ext4 disk of this many MiB.
     Disk(u32),
+    /// The same, with its image at a path that outlives the sandbox (a
+    /// build step's: the node copies the writes out afterwards).
+    DiskAt { mb: u32, image: PathBuf },
     /// Host directories (a build step's layer).
     Dir { upper: PathBuf, work: PathBuf },
+}
+
+fn mb_of(upper: &Upper) -> u32 {
+    match upper {
+        Upper::Disk(mb) | Upper::DiskAt { mb, .. } => *mb,
+        Upper::Dir { .. } => 0,
+    }
 }
 
 /// Limits of a warm sandbox until it is claimed.

@@ -68,6 +68,10 @@ impl TemplateStore {
     pub fn open(home: &Path) -> Result<TemplateStore, StoreError> {
         let dir = home.join("templates");
         std::fs::create_dir_all(&dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        // A crash in the middle of a build step can leave its disk image
+        // mounted in the store's temp area; the store's clean-up must not
+        // walk into it.
+        unmount_under(&home.join("layers").join("tmp"));
         let layers =
             LayerStore::open(&home.join("layers")).map_err(|e| StoreError(e.to_string()))?;
         let store = TemplateStore { dir, layers };
@@ -279,6 +283,28 @@ impl TemplateStore {
     /// Removes layers [`TemplateStore::detach_unused`] moved out.
     pub fn remove_detached(&self, detached: &[PathBuf]) -> u64 {
         self.layers.remove_detached(detached)
+    }
+}
+
+/// Lazily unmounts every mount point under `dir` (from this process's
+/// mount table).
+fn unmount_under(dir: &Path) {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    // Deepest first.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => tracing::info!(mount = %p.display(), "unmounted a leftover build disk"),
+            Err(e) => tracing::warn!(mount = %p.display(), error = %e, "cannot unmount a leftover"),
+        }
     }
 }
 

@@ -215,6 +215,7 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         uploads_dir: work.join("uploads"),
         registry_mirror: None,
         insecure_registries: Vec::new(),
+        build_disk_mb: arca_node::DEFAULT_BUILD_DISK_MB,
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;

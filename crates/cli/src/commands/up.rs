@@ -67,6 +67,9 @@ pub(crate) struct Args {
     /// on all addresses).
     #[arg(long, env = "ARCA_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Disk each template build step may write, MiB.
+    #[arg(long, default_value_t = arca_node::DEFAULT_BUILD_DISK_MB)]
+    build_disk_mb: u32,
 }
 
 fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
@@ -235,6 +238,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         uploads_dir: home.join("uploads"),
         registry_mirror: args.registry_mirror.clone(),
         insecure_registries: args.insecure_registry.clone(),
+        build_disk_mb: args.build_disk_mb,
     })
     .await
     .context("starting the node (try `arca doctor`)")?;
