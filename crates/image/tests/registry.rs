@@ -441,6 +441,60 @@ async fn basic_auth_needs_the_right_credentials() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_layer_is_not_given_to_another_repository_by_digest() {
+    if !support::have_registry() {
+        return;
+    }
+    // The layers of a private image are in the store after an authorised pull.
+    let private = Registry::start(Auth::Htpasswd {
+        user: "alice".to_owned(),
+        password: "s3cret".to_owned(),
+    });
+    let image = two_layer_image();
+    private.push_image("team-a/secret", "v1", &image);
+    let (_tmp, store) = store();
+    let mut alice = opts();
+    alice.auth = Some(Credentials::new("alice", "s3cret"));
+    pull(
+        &format!("{}/team-a/secret:v1", private.addr),
+        &alice,
+        &store,
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    // Another registry serves a manifest naming the same layers, but it
+    // does not have (or let anyone read) their blobs.
+    let other = Registry::start(Auth::None);
+    other.push_image("team-b/thief", "v1", &image);
+    for l in &image.layers {
+        fs::remove_file(other.blob_path(&l.digest)).unwrap();
+    }
+    let err = pull(
+        &format!("{}/team-b/thief:v1", other.addr),
+        &opts(),
+        &store,
+        &|_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(&image.layers[0].digest)
+            || matches!(err, ImageError::Layer { .. }),
+        "{err}"
+    );
+    // The same repository is trusted with its own cached layers.
+    pull(
+        &format!("{}/team-a/secret:v1", private.addr),
+        &alice,
+        &store,
+        &|_| {},
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_tokens_come_from_the_realm() {
     if !support::have_registry() {
         return;

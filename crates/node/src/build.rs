@@ -153,20 +153,25 @@ impl Node {
             built: 0,
         };
         let result = b.run().await;
-        {
-            let mut pinned = crate::lock(&self.inner.pinned);
-            for p in &b.pins {
-                if let Some(i) = pinned.iter().position(|x| x == p) {
-                    pinned.swap_remove(i);
-                }
-            }
-        }
         match result {
             Ok(r) => Ok(r),
             Err(e) => {
                 b.log
                     .line(BuildLogLevel::Error, e.step.as_deref(), e.message.clone());
                 Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Builder<'_> {
+    /// Unpins this build's layers however it ends (finished, failed, or
+    /// dropped by a caller that stopped waiting).
+    fn drop(&mut self) {
+        let mut pinned = crate::lock(&self.node.inner.pinned);
+        for p in &self.pins {
+            if let Some(i) = pinned.iter().position(|x| x == p) {
+                pinned.swap_remove(i);
             }
         }
     }

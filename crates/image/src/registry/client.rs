@@ -549,7 +549,10 @@ impl<'a> Session<'a> {
         Ok((body, content_type, digest))
     }
 
-    async fn blob_response(&self, digest: &str) -> Result<(Uri, Response<Incoming>), ImageError> {
+    pub(crate) async fn blob_response(
+        &self,
+        digest: &str,
+    ) -> Result<(Uri, Response<Incoming>), ImageError> {
         let (uri, resp) = self.get(&format!("blobs/{digest}"), None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();

@@ -352,6 +352,16 @@ async fn fetch_layer(
                 });
             }
         }
+        // A layer first pulled from another repository is only reused once
+        // this one shows it holds the blob (and lets us read it): knowing a
+        // digest must not be enough to get a private image's layer.
+        let repo = source.split_once('@').map_or(source, |(r, _)| r);
+        let same_repo = store
+            .meta(&id)?
+            .is_some_and(|m| m.source.split_once('@').is_some_and(|(r, _)| r == repo));
+        if !same_repo {
+            drop(session.blob_response(&desc.digest).await.map_err(wrap)?);
+        }
         progress(PullProgress::LayerCached { digest });
         return Ok(());
     }

@@ -45,6 +45,6 @@ pub use copy::{
     resolve_copy,
 };
 pub use ignore::{DockerIgnore, IgnoreError};
-pub use unpack::{UnpackError, UnpackSummary, unpack_upload};
+pub use unpack::{MAX_UNPACKED_BYTES, UnpackError, UnpackSummary, unpack_upload};
 
 pub(crate) use copy::{field, hex};

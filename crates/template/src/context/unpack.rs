@@ -61,6 +61,13 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+    /// The archive unpacks to more than [`MAX_UNPACKED_BYTES`] (a
+    /// decompression bomb, or simply too much for one build context).
+    #[error(
+        "the uploaded archive unpacks to more than {} GiB; copy less in one step",
+        MAX_UNPACKED_BYTES >> 30
+    )]
+    TooLarge,
     /// Writing into the destination failed.
     #[error("cannot write {}", path.display())]
     Write {
@@ -76,9 +83,15 @@ impl UnpackError {
     /// Whether the archive itself is at fault (the edge maps it to 4xx),
     /// rather than the node's file system.
     pub fn is_invalid_input(&self) -> bool {
-        matches!(self, Self::UnsafeEntry { .. } | Self::Read { .. })
+        matches!(
+            self,
+            Self::UnsafeEntry { .. } | Self::Read { .. } | Self::TooLarge
+        )
     }
 }
+
+/// Most bytes of file content one archive may unpack to.
+pub const MAX_UNPACKED_BYTES: u64 = 16 << 30;
 
 /// What [`unpack_upload`] wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -106,6 +119,14 @@ pub struct UnpackSummary {
 /// [`UnpackError::NotEmpty`] and [`UnpackError::Write`] otherwise. On error
 /// `dest` holds a partial result the caller should remove.
 pub fn unpack_upload(archive: &Path, dest: &Path) -> Result<UnpackSummary, UnpackError> {
+    unpack_limited(archive, dest, MAX_UNPACKED_BYTES)
+}
+
+fn unpack_limited(
+    archive: &Path,
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<UnpackSummary, UnpackError> {
     prepare_dest(dest)?;
     let read_err = |source| UnpackError::Read {
         path: archive.to_owned(),
@@ -124,6 +145,8 @@ pub fn unpack_upload(archive: &Path, dest: &Path) -> Result<UnpackSummary, Unpac
         dest,
         summary: UnpackSummary::default(),
         dir_modes: Vec::new(),
+        written: 0,
+        max_bytes,
     };
     let mut tar = tar::Archive::new(reader);
     for entry in tar.entries().map_err(read_err)? {
@@ -182,6 +205,10 @@ struct Unpacker<'a> {
     summary: UnpackSummary,
     /// Directory modes to apply at the end.
     dir_modes: Vec<(PathBuf, u32)>,
+    /// File bytes written so far.
+    written: u64,
+    /// Most file bytes to write.
+    max_bytes: u64,
 }
 
 impl Unpacker<'_> {
@@ -241,7 +268,13 @@ impl Unpacker<'_> {
                     .mode(0o600)
                     .open(&target)
                     .map_err(|source| self.write_err(&target, source))?;
-                io::copy(&mut entry, &mut out).map_err(read_err)?;
+                let left = self.max_bytes.saturating_sub(self.written);
+                let n = io::copy(&mut io::Read::take(&mut entry, left + 1), &mut out)
+                    .map_err(read_err)?;
+                if n > left {
+                    return Err(UnpackError::TooLarge);
+                }
+                self.written += n;
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                     .map_err(|source| self.write_err(&target, source))?;
                 self.summary.files += 1;
@@ -502,6 +535,22 @@ mod tests {
             PathBuf::from("/etc/passwd")
         );
         assert_eq!(fs::read(d.join("app/again.sh")).unwrap(), b"#!/bin/sh\n");
+    }
+
+    #[test]
+    fn archives_that_unpack_to_too_much_are_refused() {
+        let f = Fixture::new();
+        let bytes = archive(&[
+            E::File("a", &[0; 600], 0o644),
+            E::File("b", &[0; 600], 0o644),
+        ]);
+        let path = f.root.path().join("bomb.tar");
+        fs::write(&path, bytes).unwrap();
+        let e = unpack_limited(&path, &f.dest(), 1000).unwrap_err();
+        assert!(matches!(e, UnpackError::TooLarge), "{e}");
+        assert!(e.is_invalid_input());
+        let ok = f.root.path().join("ok");
+        unpack_limited(&path, &ok, 1200).unwrap();
     }
 
     #[test]
