@@ -510,18 +510,6 @@ mod tests {
 
     use super::*;
 
-    fn require_root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var("ARCA_TEST_PRIVILEGED").as_deref() != Ok("1"),
-            "ARCA_TEST_PRIVILEGED=1 but not running as root"
-        );
-        eprintln!("skipped: flattening whiteouts and opaque dirs needs root");
-        false
-    }
-
     fn names(p: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(p)
             .unwrap()
@@ -533,7 +521,7 @@ mod tests {
 
     #[test]
     fn flattens_like_overlayfs_without_following_symlinks() {
-        if !require_root() {
+        if !crate::test_root::require_root("flattening whiteouts and opaque dirs") {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -604,7 +592,7 @@ mod tests {
 
     #[test]
     fn exports_a_private_ext4_image() {
-        if !require_root() {
+        if !crate::test_root::require_root("flattening whiteouts and opaque dirs") {
             return;
         }
         if find_tool("mkfs.ext4").is_none() {

@@ -65,3 +65,20 @@ mod walk;
 pub use error::ImageError;
 pub use export::{Ext4Options, export_ext4, export_ext4_with, flatten};
 pub use walk::disk_usage;
+
+#[cfg(test)]
+mod test_root {
+    /// Whether a test that needs root can run: skips (saying `what` needs
+    /// root) when not root, fails when privileged tests were asked for.
+    pub(crate) fn require_root(what: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var("ARCA_TEST_PRIVILEGED").as_deref() != Ok("1"),
+            "ARCA_TEST_PRIVILEGED=1 but not running as root"
+        );
+        eprintln!("skipped: {what} needs root");
+        false
+    }
+}

@@ -230,20 +230,6 @@ mod tests {
         }
     }
 
-    /// Skips (printing why) unless root; fails if asked for privileged tests
-    /// without root.
-    fn require_root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var("ARCA_TEST_PRIVILEGED").as_deref() != Ok("1"),
-            "ARCA_TEST_PRIVILEGED=1 but not running as root"
-        );
-        eprintln!("skipped: shift_ownership tests need root");
-        false
-    }
-
     fn owner(path: &Path) -> (u32, u32) {
         let m = fs::symlink_metadata(path).unwrap();
         (m.uid(), m.gid())
@@ -263,7 +249,7 @@ mod tests {
 
     #[test]
     fn shifts_a_tree_keeping_setid_caps_and_outside_targets() {
-        if !require_root() {
+        if !crate::test_root::require_root("shift_ownership tests") {
             return;
         }
         let outside = tempfile::tempdir().unwrap();
@@ -349,7 +335,7 @@ mod tests {
 
     #[test]
     fn resumes_a_half_shifted_tree() {
-        if !require_root() {
+        if !crate::test_root::require_root("shift_ownership tests") {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -366,7 +352,7 @@ mod tests {
 
     #[test]
     fn does_not_enter_mount_points() {
-        if !require_root() {
+        if !crate::test_root::require_root("shift_ownership tests") {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();

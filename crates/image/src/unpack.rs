@@ -999,20 +999,6 @@ mod tests {
 
     use super::*;
 
-    /// Skips (printing why) unless root; fails if asked for privileged tests
-    /// without root.
-    fn require_root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var("ARCA_TEST_PRIVILEGED").as_deref() != Ok("1"),
-            "ARCA_TEST_PRIVILEGED=1 but not running as root"
-        );
-        eprintln!("skipped: this unpack test needs root");
-        false
-    }
-
     /// Builds tars entry by entry, with raw (unvalidated) names so that
     /// hostile archives can be made.
     struct Tar(tar::Builder<Vec<u8>>);
@@ -1363,7 +1349,7 @@ mod tests {
 
     #[test]
     fn unpacks_every_kind_of_entry_with_metadata() {
-        if !require_root() {
+        if !crate::test_root::require_root("this unpack test") {
             return;
         }
         let f = Fixture::new();
@@ -1484,7 +1470,7 @@ mod tests {
 
     #[test]
     fn whiteouts_and_opaque_dirs_become_overlay_format() {
-        if !require_root() {
+        if !crate::test_root::require_root("this unpack test") {
             return;
         }
         let f = Fixture::new();

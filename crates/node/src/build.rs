@@ -234,14 +234,8 @@ impl Builder<'_> {
             return Err(fail(None, "the build has no stage"));
         };
         // Every template gets the account E2B's SDKs run as.
-        let key = sha(&[&last.key, "finalize-user-v1"]);
-        let work = Work::Apply {
-            chown: None,
-            chmod: None,
-            ensure_user: true,
-            items: Vec::new(),
-        };
-        self.layer_step(&mut last, "finalize", key, work).await?;
+        self.add_user(&mut last, "finalize", "finalize-user-v1")
+            .await?;
         let start_cmd = spec
             .start_cmd
             .clone()
@@ -502,14 +496,7 @@ impl Builder<'_> {
         if is_e2b {
             // E2B's builder runs steps as `user` (with sudo) from the start,
             // in its home, whatever the base image is.
-            let key = sha(&[&state.key, "e2b-user-v1"]);
-            let work = Work::Apply {
-                chown: None,
-                chmod: None,
-                ensure_user: true,
-                items: Vec::new(),
-            };
-            self.layer_step(&mut state, "base", key, work).await?;
+            self.add_user(&mut state, "base", "e2b-user-v1").await?;
             if state.config.user.is_none() {
                 state.config.user = Some("user".into());
             }
@@ -596,6 +583,23 @@ impl Builder<'_> {
             }
         }
         Ok(state)
+    }
+
+    /// A layer adding the account `user` where the image has none.
+    async fn add_user(
+        &mut self,
+        state: &mut State,
+        step: &str,
+        salt: &str,
+    ) -> Result<(), BuildFailure> {
+        let key = sha(&[&state.key, salt]);
+        let work = Work::Apply {
+            chown: None,
+            chmod: None,
+            ensure_user: true,
+            items: Vec::new(),
+        };
+        self.layer_step(state, step, key, work).await
     }
 
     /// Makes (or finds in the cache) the layer of one step. `make` does the
