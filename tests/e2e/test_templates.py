@@ -263,8 +263,9 @@ def test_cli_dockerfile_build_with_every_instruction(arca, docker_context):
         ("FROM e2bdev/base\nRUN echo bad >&2 && exit 4\n", "code 4"),
         # Refused before any connection: builds run on the host's network.
         ("FROM 10.255.255.1:5000/x:1\n", "--insecure-registry"),
+        ("FROM --platform=linux/s390x e2bdev/base\n", "runs linux/amd64 only"),
     ],
-    ids=["syntax", "unknown-base", "missing-copy", "failing-run", "private-registry"],
+    ids=["syntax", "unknown-base", "missing-copy", "failing-run", "private-registry", "platform"],
 )
 def test_cli_bad_builds_say_what_is_wrong(arca, tmp_path, dockerfile, expect):
     (tmp_path / "Dockerfile").write_text(dockerfile)

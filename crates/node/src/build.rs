@@ -200,6 +200,26 @@ impl Builder<'_> {
             } => {
                 let first = arca_template::parse(dockerfile, build_args)
                     .map_err(|e| fail(Some(&e.line.to_string()), e.to_string()))?;
+                // Sandboxes run on this host's CPU: another platform's image
+                // would not run, so it is refused rather than pulled.
+                let host = arca_image::registry::Platform::host();
+                for stage in &first.stages {
+                    if let Some(p) = &stage.platform {
+                        let line = stage.line.to_string();
+                        let wanted = arca_image::registry::Platform::parse(p)
+                            .map_err(|e| fail(Some(&line), format!("FROM --platform: {e}")))?;
+                        if wanted.os != host.os || wanted.architecture != host.architecture {
+                            return Err(fail(
+                                Some(&line),
+                                format!(
+                                    "FROM --platform={p}: this node runs {}/{} only; \
+                                     drop --platform or use {}/{}",
+                                    host.os, host.architecture, host.os, host.architecture
+                                ),
+                            ));
+                        }
+                    }
+                }
                 // Pull every image base first, so that the stages' ENV and
                 // WORKDIR expand against the images' own values.
                 for stage in &first.stages {
