@@ -67,3 +67,21 @@ def test_kill9_and_restart(arca):
         lambda: arca.node_sandboxes() is not None and not ({s.sandbox_id for s in sbxs} & arca.node_sandboxes()),
         "reattached sandboxes gone",
     )
+
+
+def test_a_paused_sandbox_survives_a_restart_and_resumes(arca):
+    """Issue 5: a paused sandbox stays paused across `kill -9` of `arca up`; connect then resumes
+    it with its processes."""
+    sbx = Sandbox.create(timeout=600)
+    try:
+        pid = int(sbx.commands.run(BACKGROUND).stdout)
+        assert sbx.pause() is True
+        arca.kill9()
+        os.environ.update(arca.start())
+        assert Sandbox.get_info(sbx.sandbox_id).state == "paused"
+        assert not sbx.is_running()
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        r = again.commands.run(f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
+        assert r.stdout == "sleep 1000 ", r.stdout
+    finally:
+        Sandbox.kill(sbx.sandbox_id)

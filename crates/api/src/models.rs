@@ -52,6 +52,18 @@ pub(crate) struct ConnectSandbox {
     pub(crate) timeout: Option<i64>,
 }
 
+/// `SandboxPauseRequest`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct PauseRequest {
+    pub(crate) memory: Option<bool>,
+}
+
+/// `ResumedSandbox` (deprecated resume).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ResumeRequest {
+    pub(crate) timeout: Option<i64>,
+}
+
 /// `SandboxTimeoutRequest`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct TimeoutRequest {

@@ -18,8 +18,9 @@ use crate::error::{ApiError, chain};
 use crate::http::{JsonBody, QueryParams, SandboxPath, Team};
 use crate::ids;
 use crate::models::{
-    ConnectSandbox, ListedSandbox, NewSandbox, RefreshRequest, SandboxBody, SandboxDetail,
-    SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2, SandboxMetric, TimeoutRequest,
+    ConnectSandbox, ListedSandbox, NewSandbox, PauseRequest, RefreshRequest, ResumeRequest,
+    SandboxBody, SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2,
+    SandboxMetric, TimeoutRequest,
 };
 use crate::templates::refs::{self, TemplateRef};
 use crate::templates::resources;
@@ -91,9 +92,14 @@ impl CreateRequest {
                 "allow_internet_access: false is not supported yet by this Arca server (egress rules come with network policy); omit it or pass true".into(),
             ));
         }
-        if auto_pause {
+        if auto_pause && !auto_pause_memory {
             return Err(ApiError::BadRequest(
-                "autoPause (on_timeout: pause) is not supported yet by this Arca server; omit it so the sandbox is killed at its end".into(),
+                "autoPauseMemory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
+            ));
+        }
+        if auto_resume {
+            return Err(ApiError::BadRequest(
+                "autoResume is not supported yet by this Arca server; resume with connect".into(),
             ));
         }
         Ok(CreateRequest {
@@ -447,7 +453,10 @@ async fn connect(
     let timeout = check_timeout(timeout, 0, api.config().max_timeout_secs)?;
     let mut rec = find(&api, &team, &id).await?;
     if rec.state == RecordState::Paused {
-        return Err(resume_unsupported());
+        // Resumed in place: same id and token, `endAt = now + timeout`.
+        let rec = resume_record(&api, rec, timeout).await?;
+        let body = SandboxBody::new(&rec, api.config().domain.as_deref());
+        return Ok((StatusCode::CREATED, Json(body)).into_response());
     }
     // Connecting never shortens a sandbox's life (CONTRACT 4.4).
     let wanted = deadline(now(), timeout)?;
@@ -518,31 +527,84 @@ pub(crate) async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn resume_unsupported() -> ApiError {
-    ApiError::NotImplemented("resume is not supported yet by this Arca server".into())
+/// A JSON body that may be left out (or empty).
+fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
-/// `POST /sandboxes/{id}/pause`: not yet (issue 5); 404 for unknown ids so
-/// the SDK still tells "gone" apart.
+/// Thaws a paused sandbox on its node with a deadline `timeout` seconds
+/// from now and records it running.
+async fn resume_record(
+    api: &Api,
+    mut rec: SandboxRecord,
+    timeout: i64,
+) -> Result<SandboxRecord, ApiError> {
+    let id = rec.id.clone();
+    let status = match api.node().resume(&id, deadline(now(), timeout)?).await {
+        Ok(s) => s,
+        Err(e) => return Err(node_failure(api, &id, e).await),
+    };
+    api.db().set_end_at(&id, status.end_at).await?;
+    api.db().set_state(&id, RecordState::Running).await?;
+    rec.end_at = status.end_at;
+    rec.state = RecordState::Running;
+    Ok(rec)
+}
+
+/// `POST /sandboxes/{id}/pause` (204): every process stops where it is,
+/// memory and files kept; 409 when already paused.
 pub(crate) async fn pause(
     State(api): State<Api>,
     Team(team): Team,
     SandboxPath(id): SandboxPath,
+    body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    find(&api, &team, &id).await?;
-    Err(ApiError::NotImplemented(
-        "pause is not supported yet by this Arca server".into(),
-    ))
+    let body: Option<PauseRequest> = optional_json(&body)?;
+    let rec = find(&api, &team, &id).await?;
+    if body.is_some_and(|b| b.memory == Some(false)) {
+        return Err(ApiError::BadRequest(
+            "memory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
+        ));
+    }
+    if rec.state == RecordState::Paused {
+        return Err(ApiError::Conflict {
+            message: format!("sandbox {id} is already paused"),
+            error_code: None,
+        });
+    }
+    if let Err(e) = api.node().pause(&id).await {
+        return Err(node_failure(&api, &id, e).await);
+    }
+    api.db().set_state(&id, RecordState::Paused).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /sandboxes/{id}/resume` (deprecated): not yet (issue 5).
+/// `POST /sandboxes/{id}/resume` (deprecated, 201): resumes a paused
+/// sandbox for `timeout` seconds (default 15); 409 when it is running.
 pub(crate) async fn resume(
     State(api): State<Api>,
     Team(team): Team,
     SandboxPath(id): SandboxPath,
-) -> Result<StatusCode, ApiError> {
-    find(&api, &team, &id).await?;
-    Err(resume_unsupported())
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: Option<ResumeRequest> = optional_json(&body)?;
+    let rec = find(&api, &team, &id).await?;
+    if rec.state != RecordState::Paused {
+        return Err(ApiError::Conflict {
+            message: format!("sandbox {id} is already running"),
+            error_code: None,
+        });
+    }
+    let timeout = body.and_then(|b| b.timeout).unwrap_or(15);
+    let timeout = check_timeout(timeout, 0, api.config().max_timeout_secs)?;
+    let rec = resume_record(&api, rec, timeout).await?;
+    let body = SandboxBody::new(&rec, api.config().domain.as_deref());
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 /// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds, inclusive).

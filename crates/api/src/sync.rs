@@ -83,6 +83,19 @@ pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiv
             let Some(inner) = inner.upgrade() else { break };
             let api = Api { inner };
             match event {
+                Ok(SandboxEvent::Paused { sandbox_id }) => {
+                    if let Err(e) = api
+                        .db()
+                        .set_state(&sandbox_id, crate::db::RecordState::Paused)
+                        .await
+                    {
+                        tracing::warn!(
+                            sandbox_id = %sandbox_id,
+                            error = %chain(&e),
+                            "could not record a pause at the deadline"
+                        );
+                    }
+                }
                 Ok(SandboxEvent::Ended { sandbox_id, reason }) => {
                     match api.db().delete_sandbox(sandbox_id.as_str()).await {
                         Ok(true) => {

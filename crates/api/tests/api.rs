@@ -576,7 +576,7 @@ async fn lifecycle_combinations_are_checked() {
     // What the node cannot honour yet is refused, not ignored.
     for body in [
         json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}),
-        json!({"templateID": "base", "autoPause": true}),
+        json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
         json!({"templateID": "base", "allow_internet_access": false}),
     ] {
         let v = s
@@ -601,12 +601,82 @@ async fn lifecycle_combinations_are_checked() {
         d["lifecycle"],
         json!({"autoResume": false, "onTimeout": "kill"})
     );
-    // Pause itself is issue 5: a clear 501, and 404 for unknown ids.
+    // autoPause is passed to the node as the timeout action.
     let r = s
-        .call("POST", &format!("/sandboxes/{id}/pause"), Some(json!({})))
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base", "autoPause": true})),
+        )
         .await;
-    let v = r.assert_error(501);
-    assert!(v["message"].as_str().unwrap().contains("pause"));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let paused_at_end = r.json()["sandboxID"].as_str().unwrap().to_string();
+    let d = s
+        .call("GET", &format!("/sandboxes/{paused_at_end}"), None)
+        .await
+        .json();
+    assert_eq!(d["lifecycle"]["onTimeout"], "pause");
+    // Pause: 204, then 409; paused in get and list; connect resumes (201),
+    // a second connect finds it running (200); the deprecated resume of a
+    // running sandbox is a 409.
+    s.call("POST", &format!("/sandboxes/{id}/pause"), Some(json!({})))
+        .await
+        .assert_status(204);
+    s.call("POST", &format!("/sandboxes/{id}/pause"), None)
+        .await
+        .assert_error(409);
+    let d = s
+        .call("GET", &format!("/sandboxes/{id}"), None)
+        .await
+        .json();
+    assert_eq!(d["state"], "paused");
+    let listed = s
+        .call("GET", "/v2/sandboxes?state=paused", None)
+        .await
+        .json();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["sandboxID"] == id.as_str())
+    );
+    let r = s
+        .call(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 60})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.json()["sandboxID"], id.as_str());
+    let d = s
+        .call("GET", &format!("/sandboxes/{id}"), None)
+        .await
+        .json();
+    assert_eq!(d["state"], "running");
+    let r = s
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 60})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    s.call(
+        "POST",
+        &format!("/sandboxes/{id}/resume"),
+        Some(json!({"timeout": 30})),
+    )
+    .await
+    .assert_error(409);
+    s.call(
+        "POST",
+        &format!("/sandboxes/{id}/pause"),
+        Some(json!({"memory": false})),
+    )
+    .await
+    .assert_error(400);
     s.call("POST", "/sandboxes/inope/pause", Some(json!({})))
         .await
         .assert_error(404);

@@ -125,6 +125,10 @@ struct Instance {
     logs: Mutex<VecDeque<LogEntry>>,
     metrics: Mutex<VecDeque<MetricSample>>,
     last_cpu: Mutex<Option<(Instant, u64)>>,
+    /// Frozen by a pause.
+    paused: std::sync::atomic::AtomicBool,
+    /// Serialises pause, resume and kill of this sandbox.
+    transition: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,7 +154,11 @@ impl Instance {
             sandbox_id: self.spec.sandbox_id.clone(),
             template_id: self.spec.template_id.clone(),
             team_id: self.spec.team_id.clone(),
-            state: SandboxState::Running,
+            state: if self.is_paused() {
+                SandboxState::Paused
+            } else {
+                SandboxState::Running
+            },
             started_at: self.started_at,
             end_at: *lock(&self.end_at),
             cpu_count: self.spec.cpu_count,
@@ -158,6 +166,10 @@ impl Instance {
             disk_size_mb: self.spec.disk_size_mb,
             envd_version: ENVD_VERSION.to_string(),
         }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn save_state(&self) {
@@ -169,6 +181,7 @@ impl Instance {
             pid: Some(self.pid),
             pid_start: Some(self.pid_start),
             slot_index: lock(&self.slot).as_ref().map(|s| s.index),
+            paused: self.is_paused(),
         };
         if let Err(e) = st.save(&self.dir) {
             tracing::error!(sandbox_id = %self.spec.sandbox_id, error = %e, "cannot save state");
@@ -371,6 +384,8 @@ impl Node {
             logs: Mutex::new(VecDeque::new()),
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
+            paused: std::sync::atomic::AtomicBool::new(st.paused),
+            transition: tokio::sync::Mutex::new(()),
             spec,
         });
         inst.log("info", "reattached after a node restart");
@@ -419,10 +434,24 @@ impl Node {
                     lock(&node.inner.sandboxes).values().cloned().collect();
                 for inst in all {
                     let id = inst.spec.sandbox_id.clone();
-                    if *lock(&inst.end_at) <= now {
-                        // Pause-on-timeout arrives with issue 5; until then it ends too.
+                    // A paused sandbox does not expire (it is kept until
+                    // resumed or killed); its processes still must exist.
+                    if !inst.is_paused() && *lock(&inst.end_at) <= now {
                         if inst.spec.on_timeout == TimeoutAction::Pause {
-                            inst.log("warn", "pause on timeout is not supported yet; killing");
+                            match node.pause_sandbox(&id).await {
+                                Ok(()) => {
+                                    inst.log("info", "paused at its deadline");
+                                    let _ = node
+                                        .inner
+                                        .events
+                                        .send(SandboxEvent::Paused { sandbox_id: id });
+                                    continue;
+                                }
+                                Err(e) => inst.log(
+                                    "warn",
+                                    format!("pausing at the deadline failed ({e}); killing"),
+                                ),
+                            }
                         }
                         node.end(&id, EndReason::Expired).await;
                     } else if !state::same_process(inst.pid, inst.pid_start) {
@@ -467,6 +496,55 @@ impl Node {
             reason,
         });
         true
+    }
+
+    /// Freezes every process of a running sandbox (cgroup freezer) and
+    /// takes it out of routing, aborting proxied connections as a kill
+    /// does; memory, files, network slot and id are kept.
+    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), NodeError> {
+        let inst = self.instance(id)?;
+        let _t = inst.transition.lock().await;
+        if inst.is_paused() {
+            return Err(NodeError::Conflict(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        let cg = inst.cgroup.clone();
+        tokio::task::spawn_blocking(move || cg.set_frozen(true))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(format!("freezing sandbox {id}: {e}")))?;
+        inst.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        inst.save_state();
+        // Connections through the proxy are cut, as the SDKs expect.
+        let _ = self.inner.ended.send(id.clone());
+        inst.log("info", "paused");
+        Ok(())
+    }
+
+    /// Thaws a paused sandbox and gives it a new deadline.
+    async fn resume_sandbox(
+        &self,
+        id: &SandboxId,
+        end_at: DateTime<Utc>,
+    ) -> Result<SandboxStatus, NodeError> {
+        let inst = self.instance(id)?;
+        let _t = inst.transition.lock().await;
+        if !inst.is_paused() {
+            return Err(NodeError::Conflict(format!("sandbox {id} is not paused")));
+        }
+        // The deadline first: the deadline loop must not see it expired.
+        *lock(&inst.end_at) = end_at;
+        let cg = inst.cgroup.clone();
+        tokio::task::spawn_blocking(move || cg.set_frozen(false))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(format!("thawing sandbox {id}: {e}")))?;
+        inst.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        inst.save_state();
+        inst.log("info", "resumed");
+        Ok(inst.status())
     }
 
     fn instance(&self, id: &SandboxId) -> Result<Arc<Instance>, NodeError> {
@@ -556,6 +634,7 @@ impl Node {
             pid: None,
             pid_start: None,
             slot_index: None,
+            paused: false,
         };
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
@@ -773,6 +852,8 @@ impl Node {
             logs: Mutex::new(VecDeque::new()),
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            transition: tokio::sync::Mutex::new(()),
             spec,
         });
         b.disarm();
@@ -1157,12 +1238,28 @@ impl NodeService for Node {
     fn events(&self) -> broadcast::Receiver<SandboxEvent> {
         self.inner.events.subscribe()
     }
+
+    fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(self.pause_sandbox(id))
+    }
+
+    fn resume<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        end_at: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
+        Box::pin(self.resume_sandbox(id, end_at))
+    }
 }
 
 impl RouteSource for Node {
     fn route(&self, sandbox_id: &str) -> Option<Route> {
         let id = SandboxId::parse(sandbox_id).ok()?;
         let inst = lock(&self.inner.sandboxes).get(&id).cloned()?;
+        // A paused sandbox answers nothing: the edge says it is not there.
+        if inst.is_paused() {
+            return None;
+        }
         Some(Route {
             sandbox_id: id,
             netns: inst.netns.clone(),
@@ -1173,6 +1270,7 @@ impl RouteSource for Node {
     fn routes(&self) -> Vec<Route> {
         lock(&self.inner.sandboxes)
             .values()
+            .filter(|inst| !inst.is_paused())
             .map(|inst| Route {
                 sandbox_id: inst.spec.sandbox_id.clone(),
                 netns: inst.netns.clone(),

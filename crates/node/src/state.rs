@@ -31,6 +31,9 @@ pub(crate) struct StateFile {
     /// 22), so a recycled pid is never mistaken for it.
     pub(crate) pid_start: Option<u64>,
     pub(crate) slot_index: Option<u32>,
+    /// Frozen by a pause (the freezer keeps it so across a node restart).
+    #[serde(default)]
+    pub(crate) paused: bool,
 }
 
 impl StateFile {

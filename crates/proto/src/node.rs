@@ -206,6 +206,12 @@ pub enum SandboxEvent {
         /// Why.
         reason: EndReason,
     },
+    /// The node paused the sandbox by itself (its deadline came with
+    /// [`TimeoutAction::Pause`]).
+    Paused {
+        /// Which.
+        sandbox_id: SandboxId,
+    },
 }
 
 /// A failed node call.
@@ -261,6 +267,28 @@ pub trait NodeService: Send + Sync + 'static {
     fn logs<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Vec<LogEntry>, NodeError>>;
     /// Events from now on.
     fn events(&self) -> tokio::sync::broadcast::Receiver<SandboxEvent>;
+    /// Stops every process of a running sandbox, keeping its memory, files
+    /// and id; the sandbox no longer expires. Legal while running.
+    fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            Err(NodeError::InvalidInput(format!(
+                "sandbox {id}: this node cannot pause sandboxes"
+            )))
+        })
+    }
+    /// Lets a paused sandbox run again until `end_at`. Legal while paused.
+    fn resume<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        end_at: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
+        let _ = end_at;
+        Box::pin(async move {
+            Err(NodeError::InvalidInput(format!(
+                "sandbox {id}: this node cannot resume sandboxes"
+            )))
+        })
+    }
 }
 
 /// Where the proxy sends traffic for a sandbox.

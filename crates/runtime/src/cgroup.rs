@@ -403,6 +403,11 @@ impl Cgroup {
         let kill_file = self.v2.as_ref().map(|d| d.join("cgroup.kill"));
         if let Some(k) = kill_file.filter(|k| k.exists()) {
             write(&k, "1")?;
+            // A v1 freezer (hybrid hosts) holds SIGKILL back from frozen
+            // tasks until they thaw: a paused sandbox dies only then.
+            if !self.freezer.1 {
+                let _ = self.set_frozen(false);
+            }
         } else {
             // Freeze first so nothing forks while we kill.
             let _ = self.set_frozen(true);

@@ -381,6 +381,20 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Sets a record's state (running or paused); `false` if it is gone.
+    pub(crate) async fn set_state(
+        &self,
+        id: &SandboxId,
+        state: RecordState,
+    ) -> Result<bool, ApiError> {
+        let r = sqlx::query("UPDATE sandboxes SET state = $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(state.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Moves a record's deadline; `false` if it is gone.
     pub(crate) async fn set_end_at(
         &self,

@@ -166,6 +166,39 @@ impl NodeService for FakeNode {
         })
     }
 
+    fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            let mut map = self.sandboxes.lock().unwrap();
+            let s = map
+                .get_mut(id)
+                .ok_or_else(|| NodeError::SandboxNotFound(id.clone()))?;
+            if s.state == SandboxState::Paused {
+                return Err(NodeError::Conflict("already paused".into()));
+            }
+            s.state = SandboxState::Paused;
+            Ok(())
+        })
+    }
+
+    fn resume<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        end_at: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
+        Box::pin(async move {
+            let mut map = self.sandboxes.lock().unwrap();
+            let s = map
+                .get_mut(id)
+                .ok_or_else(|| NodeError::SandboxNotFound(id.clone()))?;
+            if s.state != SandboxState::Paused {
+                return Err(NodeError::Conflict("not paused".into()));
+            }
+            s.state = SandboxState::Running;
+            s.end_at = end_at;
+            Ok(s.clone())
+        })
+    }
+
     fn list(&self) -> BoxFuture<'_, Result<Vec<SandboxStatus>, NodeError>> {
         Box::pin(async move { Ok(self.sandboxes.lock().unwrap().values().cloned().collect()) })
     }
@@ -409,6 +442,16 @@ impl Resp {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Asserts a status.
+    pub fn assert_status(&self, status: u16) {
+        assert_eq!(
+            self.status,
+            status,
+            "{:?}",
+            String::from_utf8_lossy(&self.body)
+        );
     }
 
     /// Asserts the E2B error body for `status`.

@@ -1,0 +1,130 @@
+"""Pause and resume (the frozen kind: every process stopped in place by the cgroup freezer,
+memory kept) through the official SDK against a real `arca up`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from e2b import FileNotFoundException, Sandbox
+
+from conftest import unique, wait_until
+
+COUNTER = (
+    "import time\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    open('/tmp/counter.tmp', 'w').write(str(n))\n"
+    "    __import__('os').replace('/tmp/counter.tmp', '/tmp/counter')\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+def read_counter(sbx) -> int:
+    """The counter, 0 before its first write."""
+    try:
+        return int(sbx.files.read("/tmp/counter") or 0)
+    except FileNotFoundException:
+        return 0
+
+
+def test_pause_then_connect_keeps_processes_memory_and_files(arca):
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.files.write("/tmp/counter.py", COUNTER)
+        sbx.files.write("/home/user/before-pause.txt", "kept")
+        boot_id = sbx.files.read("/proc/sys/kernel/random/boot_id")
+        sbx.commands.run("python3 /tmp/counter.py", background=True)
+        wait_until(lambda: read_counter(sbx) > 5, "the counter to count")
+        assert sbx.pause() is True
+        assert sbx.pause() is False  # already paused (409)
+        assert not sbx.is_running()
+        listed = {s.sandbox_id: s.state for s in Sandbox.list().next_items()}
+        assert listed[sbx.sandbox_id] == "paused"
+        # Paused: nothing runs, so the counter cannot move while we wait.
+        time.sleep(2)
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert resumed.sandbox_id == sbx.sandbox_id
+        # It goes on from where it was: the count lives in the process's memory.
+        before = read_counter(resumed)
+        assert before > 5
+        wait_until(lambda: read_counter(resumed) > before, "the counter to go on")
+        assert resumed.files.read("/home/user/before-pause.txt") == "kept"
+        assert resumed.files.read("/proc/sys/kernel/random/boot_id") == boot_id
+        assert resumed.is_running()
+        assert "counter.py" in resumed.commands.run("ps -eo args").stdout
+    finally:
+        sbx.kill()
+
+
+def test_nothing_runs_while_paused(arca):
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.files.write("/tmp/counter.py", COUNTER)
+        sbx.commands.run("python3 /tmp/counter.py", background=True)
+        wait_until(lambda: read_counter(sbx) > 3, "the counter to count")
+        at_pause = read_counter(sbx)
+        sbx.pause()
+        time.sleep(3)
+        sbx = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        at_resume = read_counter(sbx)
+        # About 20 ticks a second while it runs: 3 s unpaused would be about 60 more.
+        assert at_resume - at_pause < 15, (at_pause, at_resume)
+        wait_until(lambda: read_counter(sbx) > at_resume + 5, "the counter to run again")
+    finally:
+        sbx.kill()
+
+
+def test_twenty_pause_resume_cycles_stay_correct(arca):
+    sbx = Sandbox.create(timeout=300)
+    try:
+        sbx.commands.run("echo 0 > /tmp/cycles")
+        for i in range(20):
+            assert sbx.pause() is True, i
+            sbx = Sandbox.connect(sbx.sandbox_id, timeout=300)
+            out = sbx.commands.run(f"echo {i + 1} > /tmp/cycles && cat /tmp/cycles").stdout
+            assert out.strip() == str(i + 1)
+        assert sbx.files.read("/tmp/cycles").strip() == "20"
+    finally:
+        sbx.kill()
+
+
+def test_auto_pause_at_timeout_then_connect(arca):
+    sbx = Sandbox.create(timeout=3, lifecycle={"on_timeout": "pause"})
+    try:
+        sbx.files.write("/tmp/kept.txt", "still here")
+        info = sbx.get_info()
+        assert info.lifecycle is None or getattr(info.lifecycle, "on_timeout", "pause") == "pause"
+        wait_until(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == "paused",
+            "the sandbox to pause at its deadline",
+            limit_s=20,
+        )
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+        assert resumed.files.read("/tmp/kept.txt") == "still here"
+        assert Sandbox.get_info(sbx.sandbox_id).state == "running"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_list_shows_running_and_paused_together(arca):
+    a = Sandbox.create(timeout=120, metadata={"lifecycle": unique()})
+    b = Sandbox.create(timeout=120)
+    try:
+        b.pause()
+        listed = {s.sandbox_id: s.state for s in Sandbox.list().next_items()}
+        assert listed[a.sandbox_id] == "running"
+        assert listed[b.sandbox_id] == "paused"
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_a_paused_sandbox_can_be_killed(arca):
+    sbx = Sandbox.create(timeout=120)
+    sbx.commands.run("sleep 1000", background=True)
+    sbx.pause()
+    assert Sandbox.kill(sbx.sandbox_id) is True
+    with pytest.raises(Exception):
+        Sandbox.connect(sbx.sandbox_id, timeout=30)
