@@ -128,3 +128,56 @@ def test_a_paused_sandbox_can_be_killed(arca):
     assert Sandbox.kill(sbx.sandbox_id) is True
     with pytest.raises(Exception):
         Sandbox.connect(sbx.sandbox_id, timeout=30)
+
+
+def through_proxy(sandbox_id: str, port: int, path: str = "/") -> tuple[int, bytes]:
+    """A GET to a sandbox's port through the edge, routed by E2B's headers."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        os.environ["E2B_SANDBOX_URL"] + path,
+        headers={"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port)},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_auto_resume_wakes_a_paused_sandbox_on_inbound_traffic(arca):
+    sbx = Sandbox.create(timeout=4, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        sbx.files.write("/tmp/www/index.html", "hello from a woken sandbox")
+        sbx.commands.run(
+            "cd /tmp/www && python3 -m http.server 8123 --bind 127.0.0.1", background=True
+        )
+        wait_until(lambda: through_proxy(sbx.sandbox_id, 8123)[0] == 200, "the server to answer")
+        wait_until(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == "paused",
+            "the sandbox to pause at its deadline",
+            limit_s=20,
+        )
+        # The request itself wakes it and gets its answer.
+        status, body = through_proxy(sbx.sandbox_id, 8123, "/index.html")
+        assert (status, body) == (200, b"hello from a woken sandbox")
+        assert Sandbox.get_info(sbx.sandbox_id).state == "running"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_without_auto_resume_a_paused_sandbox_is_not_woken_by_traffic(arca):
+    sbx = Sandbox.create(timeout=3, lifecycle={"on_timeout": "pause"})
+    try:
+        wait_until(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == "paused",
+            "the sandbox to pause at its deadline",
+            limit_s=20,
+        )
+        status, body = through_proxy(sbx.sandbox_id, 49983, "/health")
+        assert status == 502, (status, body)
+        assert Sandbox.get_info(sbx.sandbox_id).state == "paused"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)

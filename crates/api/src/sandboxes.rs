@@ -97,11 +97,6 @@ impl CreateRequest {
                 "autoPauseMemory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
             ));
         }
-        if auto_resume {
-            return Err(ApiError::BadRequest(
-                "autoResume is not supported yet by this Arca server; resume with connect".into(),
-            ));
-        }
         Ok(CreateRequest {
             template: TemplateRef::parse(&body.template_id, "templateID")?,
             timeout_secs,
@@ -323,6 +318,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
         } else {
             TimeoutAction::Kill
         },
+        auto_resume: rec.auto_resume,
         allow_internet_access: rec.allow_internet_access.unwrap_or(true),
     };
     let status = match api.node().create(spec).await {

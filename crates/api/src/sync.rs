@@ -96,6 +96,21 @@ pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiv
                         );
                     }
                 }
+                Ok(SandboxEvent::Resumed { sandbox_id, end_at }) => {
+                    let db = api.db();
+                    let r = async {
+                        db.set_end_at(&sandbox_id, end_at).await?;
+                        db.set_state(&sandbox_id, crate::db::RecordState::Running)
+                            .await
+                    };
+                    if let Err(e) = r.await {
+                        tracing::warn!(
+                            sandbox_id = %sandbox_id,
+                            error = %chain(&e),
+                            "could not record an automatic resume"
+                        );
+                    }
+                }
                 Ok(SandboxEvent::Ended { sandbox_id, reason }) => {
                     match api.db().delete_sandbox(sandbox_id.as_str()).await {
                         Ok(true) => {

@@ -575,7 +575,6 @@ async fn lifecycle_combinations_are_checked() {
     }
     // What the node cannot honour yet is refused, not ignored.
     for body in [
-        json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}),
         json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
         json!({"templateID": "base", "allow_internet_access": false}),
     ] {
@@ -616,6 +615,24 @@ async fn lifecycle_combinations_are_checked() {
         .await
         .json();
     assert_eq!(d["lifecycle"]["onTimeout"], "pause");
+    let r = s
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let woken = r.json()["sandboxID"].as_str().unwrap().to_string();
+    let d = s
+        .call("GET", &format!("/sandboxes/{woken}"), None)
+        .await
+        .json();
+    assert_eq!(
+        d["lifecycle"],
+        json!({"autoResume": true, "onTimeout": "pause"})
+    );
+    assert!(s.node.specs.lock().unwrap().iter().any(|sp| sp.auto_resume));
     // Pause: 204, then 409; paused in get and list; connect resumes (201),
     // a second connect finds it running (200); the deprecated resume of a
     // running sandbox is a 409.

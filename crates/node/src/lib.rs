@@ -127,6 +127,8 @@ struct Instance {
     last_cpu: Mutex<Option<(Instant, u64)>>,
     /// Frozen by a pause.
     paused: std::sync::atomic::AtomicBool,
+    /// Paused by its deadline (auto-resume applies only then).
+    paused_at_deadline: std::sync::atomic::AtomicBool,
     /// Serialises pause, resume and kill of this sandbox.
     transition: tokio::sync::Mutex<()>,
 }
@@ -182,6 +184,9 @@ impl Instance {
             pid_start: Some(self.pid_start),
             slot_index: lock(&self.slot).as_ref().map(|s| s.index),
             paused: self.is_paused(),
+            paused_at_deadline: self
+                .paused_at_deadline
+                .load(std::sync::atomic::Ordering::SeqCst),
         };
         if let Err(e) = st.save(&self.dir) {
             tracing::error!(sandbox_id = %self.spec.sandbox_id, error = %e, "cannot save state");
@@ -385,6 +390,7 @@ impl Node {
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
             paused: std::sync::atomic::AtomicBool::new(st.paused),
+            paused_at_deadline: std::sync::atomic::AtomicBool::new(st.paused_at_deadline),
             transition: tokio::sync::Mutex::new(()),
             spec,
         });
@@ -440,6 +446,9 @@ impl Node {
                         if inst.spec.on_timeout == TimeoutAction::Pause {
                             match node.pause_sandbox(&id).await {
                                 Ok(()) => {
+                                    inst.paused_at_deadline
+                                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                                    inst.save_state();
                                     inst.log("info", "paused at its deadline");
                                     let _ = node
                                         .inner
@@ -542,6 +551,8 @@ impl Node {
             .map_err(|e| NodeError::Internal(format!("thawing sandbox {id}: {e}")))?;
         inst.paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        inst.paused_at_deadline
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         inst.save_state();
         inst.log("info", "resumed");
         Ok(inst.status())
@@ -635,6 +646,7 @@ impl Node {
             pid_start: None,
             slot_index: None,
             paused: false,
+            paused_at_deadline: false,
         };
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
@@ -853,6 +865,7 @@ impl Node {
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
             paused: std::sync::atomic::AtomicBool::new(false),
+            paused_at_deadline: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
             spec,
         });
@@ -1277,6 +1290,42 @@ impl RouteSource for Node {
                 envd_access_token: Some(inst.spec.envd_access_token.clone()),
             })
             .collect()
+    }
+
+    fn wake<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let Ok(id) = SandboxId::parse(sandbox_id) else {
+                return false;
+            };
+            let Ok(inst) = self.instance(&id) else {
+                return false;
+            };
+            if !inst.spec.auto_resume
+                || !inst
+                    .paused_at_deadline
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return false;
+            }
+            // It gets the lifetime it was created with again.
+            let life = (inst.spec.end_at - inst.started_at).max(chrono::TimeDelta::seconds(1));
+            match self.resume_sandbox(&id, Utc::now() + life).await {
+                Ok(status) => {
+                    inst.log("info", "resumed by inbound traffic");
+                    let _ = self.inner.events.send(SandboxEvent::Resumed {
+                        sandbox_id: id,
+                        end_at: status.end_at,
+                    });
+                    true
+                }
+                // Resumed meanwhile by someone else: it runs.
+                Err(NodeError::Conflict(_)) => !inst.is_paused(),
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %id, error = %e, "auto-resume failed");
+                    false
+                }
+            }
+        })
     }
 
     fn ended(&self) -> broadcast::Receiver<SandboxId> {

@@ -34,6 +34,9 @@ pub(crate) struct StateFile {
     /// Frozen by a pause (the freezer keeps it so across a node restart).
     #[serde(default)]
     pub(crate) paused: bool,
+    /// Paused by its deadline (auto-resume may wake it).
+    #[serde(default)]
+    pub(crate) paused_at_deadline: bool,
 }
 
 impl StateFile {

@@ -109,6 +109,10 @@ pub struct SandboxSpec {
     pub end_at: DateTime<Utc>,
     /// What the end is.
     pub on_timeout: TimeoutAction,
+    /// A sandbox paused at its deadline resumes on inbound traffic through
+    /// the edge (`autoResume`).
+    #[serde(default)]
+    pub auto_resume: bool,
     /// `false` denies all egress.
     pub allow_internet_access: bool,
 }
@@ -212,6 +216,14 @@ pub enum SandboxEvent {
         /// Which.
         sandbox_id: SandboxId,
     },
+    /// The node resumed a sandbox by itself (inbound traffic woke a
+    /// sandbox with [`SandboxSpec::auto_resume`]).
+    Resumed {
+        /// Which.
+        sandbox_id: SandboxId,
+        /// Its new deadline.
+        end_at: DateTime<Utc>,
+    },
 }
 
 /// A failed node call.
@@ -311,6 +323,13 @@ pub trait RouteSource: Send + Sync + 'static {
     fn routes(&self) -> Vec<Route>;
     /// Ids of sandboxes that stop running (killed, expired, paused) from now on.
     fn ended(&self) -> tokio::sync::broadcast::Receiver<SandboxId>;
+    /// Called for traffic to a sandbox without a route: resumes it if it
+    /// was paused at its deadline with auto-resume on; `true` when it runs
+    /// again (the caller looks the route up anew).
+    fn wake<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, bool> {
+        let _ = sandbox_id;
+        Box::pin(async { false })
+    }
 }
 
 #[cfg(test)]

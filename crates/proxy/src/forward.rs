@@ -60,11 +60,16 @@ pub(crate) async fn handle(
             sandbox_id: target.sandbox_id,
         }));
     }
-    let Some(route) = target
+    let mut route = target
         .route
         .clone()
-        .or_else(|| shared.routes.route(&target.sandbox_id))
-    else {
+        .or_else(|| shared.routes.route(&target.sandbox_id));
+    // A sandbox paused at its deadline with auto-resume wakes up for this
+    // request, which waits the milliseconds that takes.
+    if route.is_none() && shared.routes.wake(&target.sandbox_id).await {
+        route = shared.routes.route(&target.sandbox_id);
+    }
+    let Some(route) = route else {
         return Ok(reply(ProxyError::SandboxNotFound {
             sandbox_id: target.sandbox_id,
         }));

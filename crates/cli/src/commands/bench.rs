@@ -98,6 +98,7 @@ fn spec(id: &SandboxId) -> SandboxSpec {
         envd_access_token: "bench".into(),
         end_at: chrono::Utc::now() + chrono::Duration::minutes(30),
         on_timeout: TimeoutAction::Kill,
+        auto_resume: false,
         allow_internet_access: true,
     }
 }
