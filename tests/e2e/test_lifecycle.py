@@ -161,9 +161,15 @@ def test_auto_resume_wakes_a_paused_sandbox_on_inbound_traffic(arca):
             limit_s=20,
         )
         # The request itself wakes it and gets its answer.
+        # The SDK's health probe does not wake it (it must learn the sandbox is gone).
+        assert through_proxy(sbx.sandbox_id, 49983, "/health")[0] == 502
+        assert Sandbox.get_info(sbx.sandbox_id).state == "paused"
         status, body = through_proxy(sbx.sandbox_id, 8123, "/index.html")
         assert (status, body) == (200, b"hello from a woken sandbox")
-        assert Sandbox.get_info(sbx.sandbox_id).state == "running"
+        wait_until(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == "running",
+            "the record to follow the resume",
+        )
     finally:
         Sandbox.kill(sbx.sandbox_id)
 

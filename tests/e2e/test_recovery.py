@@ -85,3 +85,25 @@ def test_a_paused_sandbox_survives_a_restart_and_resumes(arca):
         assert r.stdout == "sleep 1000 ", r.stdout
     finally:
         Sandbox.kill(sbx.sandbox_id)
+
+
+def test_a_deadline_passing_while_the_node_is_down_pauses_on_restart(arca):
+    """autoPause: the deadline passes while `arca up` is down; after the restart the sandbox is
+    paused (the record follows the node) and connect resumes it with its processes."""
+    import time
+
+    sbx = Sandbox.create(timeout=4, lifecycle={"on_timeout": "pause"})
+    try:
+        pid = int(sbx.commands.run(BACKGROUND).stdout)
+        arca.kill9()
+        time.sleep(5)
+        os.environ.update(arca.start())
+        wait_until(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == "paused",
+            "the sandbox to be paused after the restart",
+        )
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        r = again.commands.run(f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
+        assert r.stdout == "sleep 1000 ", r.stdout
+    finally:
+        Sandbox.kill(sbx.sandbox_id)

@@ -319,6 +319,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
             TimeoutAction::Kill
         },
         auto_resume: rec.auto_resume,
+        timeout_secs: u64::try_from(req.timeout_secs).unwrap_or(0),
         allow_internet_access: rec.allow_internet_access.unwrap_or(true),
     };
     let status = match api.node().create(spec).await {
@@ -448,11 +449,24 @@ async fn connect(
 ) -> Result<Response, ApiError> {
     let timeout = check_timeout(timeout, 0, api.config().max_timeout_secs)?;
     let mut rec = find(&api, &team, &id).await?;
+    sync_state(&api, &mut rec).await?;
     if rec.state == RecordState::Paused {
+        if timeout == 0 {
+            return Err(ApiError::BadRequest(
+                "timeout must be at least 1 second to resume a paused sandbox".into(),
+            ));
+        }
         // Resumed in place: same id and token, `endAt = now + timeout`.
-        let rec = resume_record(&api, rec, timeout).await?;
-        let body = SandboxBody::new(&rec, api.config().domain.as_deref());
-        return Ok((StatusCode::CREATED, Json(body)).into_response());
+        match resume_record(&api, rec.clone(), timeout).await {
+            Ok(rec) => {
+                let body = SandboxBody::new(&rec, api.config().domain.as_deref());
+                return Ok((StatusCode::CREATED, Json(body)).into_response());
+            }
+            // Resumed meanwhile (another connect, inbound traffic): it
+            // runs, so this is an ordinary connect.
+            Err(ApiError::Conflict { .. }) => sync_state(&api, &mut rec).await?,
+            Err(e) => return Err(e),
+        }
     }
     // Connecting never shortens a sandbox's life (CONTRACT 4.4).
     let wanted = deadline(now(), timeout)?;
@@ -523,6 +537,26 @@ pub(crate) async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Makes the record's state the node's (the node pauses by itself at
+/// deadlines and resumes on traffic; an event about it may be missed).
+async fn sync_state(api: &Api, rec: &mut SandboxRecord) -> Result<(), ApiError> {
+    let status = match api.node().get(&rec.id).await {
+        Ok(s) => s,
+        Err(e) => return Err(node_failure(api, &rec.id, e).await),
+    };
+    let state = match status.state {
+        arca_proto::node::SandboxState::Paused => RecordState::Paused,
+        arca_proto::node::SandboxState::Running => RecordState::Running,
+    };
+    if state != rec.state {
+        api.db().set_state(&rec.id, state).await?;
+        api.db().set_end_at(&rec.id, status.end_at).await?;
+        rec.state = state;
+        rec.end_at = status.end_at;
+    }
+    Ok(())
+}
+
 /// A JSON body that may be left out (or empty).
 fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -546,7 +580,9 @@ async fn resume_record(
         Err(e) => return Err(node_failure(api, &id, e).await),
     };
     api.db().set_end_at(&id, status.end_at).await?;
-    api.db().set_state(&id, RecordState::Running).await?;
+    if !api.db().set_state(&id, RecordState::Running).await? {
+        return Err(ApiError::NotFound(format!("sandbox {id} not found")));
+    }
     rec.end_at = status.end_at;
     rec.state = RecordState::Running;
     Ok(rec)
@@ -561,20 +597,23 @@ pub(crate) async fn pause(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     let body: Option<PauseRequest> = optional_json(&body)?;
-    let rec = find(&api, &team, &id).await?;
+    find(&api, &team, &id).await?;
     if body.is_some_and(|b| b.memory == Some(false)) {
         return Err(ApiError::BadRequest(
             "memory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
         ));
     }
-    if rec.state == RecordState::Paused {
-        return Err(ApiError::Conflict {
-            message: format!("sandbox {id} is already paused"),
-            error_code: None,
-        });
-    }
-    if let Err(e) = api.node().pause(&id).await {
-        return Err(node_failure(&api, &id, e).await);
+    match api.node().pause(&id).await {
+        Ok(()) => {}
+        Err(NodeError::Conflict(m)) => {
+            // Paused already (at its deadline, say): the record learns it.
+            api.db().set_state(&id, RecordState::Paused).await?;
+            return Err(ApiError::Conflict {
+                message: m,
+                error_code: None,
+            });
+        }
+        Err(e) => return Err(node_failure(&api, &id, e).await),
     }
     api.db().set_state(&id, RecordState::Paused).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -589,7 +628,8 @@ pub(crate) async fn resume(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: Option<ResumeRequest> = optional_json(&body)?;
-    let rec = find(&api, &team, &id).await?;
+    let mut rec = find(&api, &team, &id).await?;
+    sync_state(&api, &mut rec).await?;
     if rec.state != RecordState::Paused {
         return Err(ApiError::Conflict {
             message: format!("sandbox {id} is already running"),
@@ -597,7 +637,7 @@ pub(crate) async fn resume(
         });
     }
     let timeout = body.and_then(|b| b.timeout).unwrap_or(15);
-    let timeout = check_timeout(timeout, 0, api.config().max_timeout_secs)?;
+    let timeout = check_timeout(timeout, 1, api.config().max_timeout_secs)?;
     let rec = resume_record(&api, rec, timeout).await?;
     let body = SandboxBody::new(&rec, api.config().domain.as_deref());
     Ok((StatusCode::CREATED, Json(body)).into_response())

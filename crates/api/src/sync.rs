@@ -43,6 +43,19 @@ async fn reconcile(api: &Api, at_start: bool) -> Result<(), ApiError> {
             !creating && !on_node
         };
         if !stale {
+            // The node is the authority on paused vs running (it pauses
+            // by itself at deadlines, events can be missed across restarts).
+            if let Some(s) = live.iter().find(|s| s.sandbox_id.as_str() == id) {
+                let node_state = match s.state {
+                    arca_proto::node::SandboxState::Paused => RecordState::Paused,
+                    arca_proto::node::SandboxState::Running => RecordState::Running,
+                };
+                if !creating && node_state != *state {
+                    api.db().set_state(&s.sandbox_id, node_state).await?;
+                    api.db().set_end_at(&s.sandbox_id, s.end_at).await?;
+                    tracing::info!(sandbox_id = %id, state = node_state.as_str(), "record follows the node's state");
+                }
+            }
             continue;
         }
         if on_node {

@@ -394,6 +394,11 @@ impl Node {
             transition: tokio::sync::Mutex::new(()),
             spec,
         });
+        // The freezer and the state file agree again whatever a crash
+        // between freezing and saving left (both writes are idempotent).
+        if let Err(e) = inst.cgroup.set_frozen(st.paused) {
+            tracing::warn!(sandbox_id = %id, error = %e, "cannot set the freezer of a reattached sandbox");
+        }
         inst.log("info", "reattached after a node restart");
         tracing::info!(sandbox_id = %id, "reattached a running sandbox");
         lock(&self.inner.sandboxes).insert(id, inst);
@@ -444,16 +449,18 @@ impl Node {
                     // resumed or killed); its processes still must exist.
                     if !inst.is_paused() && *lock(&inst.end_at) <= now {
                         if inst.spec.on_timeout == TimeoutAction::Pause {
-                            match node.pause_sandbox(&id).await {
+                            match node.pause_sandbox(&id, true).await {
                                 Ok(()) => {
-                                    inst.paused_at_deadline
-                                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                                    inst.save_state();
                                     inst.log("info", "paused at its deadline");
                                     let _ = node
                                         .inner
                                         .events
                                         .send(SandboxEvent::Paused { sandbox_id: id });
+                                    continue;
+                                }
+                                // Paused, resumed with a later deadline or
+                                // killed meanwhile: nothing to do now.
+                                Err(NodeError::Conflict(_) | NodeError::SandboxNotFound(_)) => {
                                     continue;
                                 }
                                 Err(e) => inst.log(
@@ -493,6 +500,10 @@ impl Node {
         };
         // Abort proxied connections first: the SDK must see a reset.
         let _ = self.inner.ended.send(id.clone());
+        // A pause or resume in flight finishes first, and later ones see
+        // the sandbox gone from the map and stop: no freeze lands after
+        // the kill.
+        drop(inst.transition.lock().await);
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let slot = lock(&inst.slot).take();
@@ -510,12 +521,24 @@ impl Node {
     /// Freezes every process of a running sandbox (cgroup freezer) and
     /// takes it out of routing, aborting proxied connections as a kill
     /// does; memory, files, network slot and id are kept.
-    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), NodeError> {
+    ///
+    /// `at_deadline`: the deadline loop's pause, which only happens if the
+    /// deadline still has passed once the sandbox is ours (a connect may
+    /// just have moved it).
+    async fn pause_sandbox(&self, id: &SandboxId, at_deadline: bool) -> Result<(), NodeError> {
         let inst = self.instance(id)?;
         let _t = inst.transition.lock().await;
+        if !lock(&self.inner.sandboxes).contains_key(id) {
+            return Err(NodeError::SandboxNotFound(id.clone()));
+        }
         if inst.is_paused() {
             return Err(NodeError::Conflict(format!(
                 "sandbox {id} is already paused"
+            )));
+        }
+        if at_deadline && *lock(&inst.end_at) > Utc::now() {
+            return Err(NodeError::Conflict(format!(
+                "sandbox {id}'s deadline moved"
             )));
         }
         let cg = inst.cgroup.clone();
@@ -524,6 +547,8 @@ impl Node {
             .map_err(|e| NodeError::Internal(e.to_string()))?
             .map_err(|e| NodeError::Internal(format!("freezing sandbox {id}: {e}")))?;
         inst.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        inst.paused_at_deadline
+            .store(at_deadline, std::sync::atomic::Ordering::SeqCst);
         inst.save_state();
         // Connections through the proxy are cut, as the SDKs expect.
         let _ = self.inner.ended.send(id.clone());
@@ -539,6 +564,9 @@ impl Node {
     ) -> Result<SandboxStatus, NodeError> {
         let inst = self.instance(id)?;
         let _t = inst.transition.lock().await;
+        if !lock(&self.inner.sandboxes).contains_key(id) {
+            return Err(NodeError::SandboxNotFound(id.clone()));
+        }
         if !inst.is_paused() {
             return Err(NodeError::Conflict(format!("sandbox {id} is not paused")));
         }
@@ -1253,7 +1281,7 @@ impl NodeService for Node {
     }
 
     fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(self.pause_sandbox(id))
+        Box::pin(self.pause_sandbox(id, false))
     }
 
     fn resume<'a>(
@@ -1300,15 +1328,21 @@ impl RouteSource for Node {
             let Ok(inst) = self.instance(&id) else {
                 return false;
             };
-            if !inst.spec.auto_resume
-                || !inst
-                    .paused_at_deadline
-                    .load(std::sync::atomic::Ordering::SeqCst)
-            {
+            if !inst.spec.auto_resume {
                 return false;
             }
+            if !inst
+                .paused_at_deadline
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                // Not paused by its deadline, or resumed a moment ago.
+                return !inst.is_paused();
+            }
             // It gets the lifetime it was created with again.
-            let life = (inst.spec.end_at - inst.started_at).max(chrono::TimeDelta::seconds(1));
+            let life = match i64::try_from(inst.spec.timeout_secs) {
+                Ok(secs) if secs > 0 => chrono::TimeDelta::seconds(secs),
+                _ => (inst.spec.end_at - inst.started_at).max(chrono::TimeDelta::seconds(1)),
+            };
             match self.resume_sandbox(&id, Utc::now() + life).await {
                 Ok(status) => {
                     inst.log("info", "resumed by inbound traffic");

@@ -113,6 +113,10 @@ pub struct SandboxSpec {
     /// the edge (`autoResume`).
     #[serde(default)]
     pub auto_resume: bool,
+    /// The lifetime asked for at create, seconds (an automatic resume gives
+    /// it again; 0: unknown).
+    #[serde(default)]
+    pub timeout_secs: u64,
     /// `false` denies all egress.
     pub allow_internet_access: bool,
 }

@@ -66,7 +66,10 @@ pub(crate) async fn handle(
         .or_else(|| shared.routes.route(&target.sandbox_id));
     // A sandbox paused at its deadline with auto-resume wakes up for this
     // request, which waits the milliseconds that takes.
-    if route.is_none() && shared.routes.wake(&target.sandbox_id).await {
+    // The SDKs' `/health` probe after a cut stream must learn the sandbox is
+    // gone, not wake it (CONTRACT 1.6).
+    let health_probe = target.port == route::ENVD_PORT && req.uri().path() == "/health";
+    if route.is_none() && !health_probe && shared.routes.wake(&target.sandbox_id).await {
         route = shared.routes.route(&target.sandbox_id);
     }
     let Some(route) = route else {

@@ -387,11 +387,14 @@ impl Db {
         id: &SandboxId,
         state: RecordState,
     ) -> Result<bool, ApiError> {
-        let r = sqlx::query("UPDATE sandboxes SET state = $2 WHERE id = $1")
-            .bind(id.as_str())
-            .bind(state.as_str())
-            .execute(&self.pool)
-            .await?;
+        // A record still `creating` is left to the create (it writes the
+        // state the node reports when it finishes).
+        let r =
+            sqlx::query("UPDATE sandboxes SET state = $2 WHERE id = $1 AND state <> 'creating'")
+                .bind(id.as_str())
+                .bind(state.as_str())
+                .execute(&self.pool)
+                .await?;
         Ok(r.rows_affected() > 0)
     }
 

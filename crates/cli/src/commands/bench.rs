@@ -99,6 +99,7 @@ fn spec(id: &SandboxId) -> SandboxSpec {
         end_at: chrono::Utc::now() + chrono::Duration::minutes(30),
         on_timeout: TimeoutAction::Kill,
         auto_resume: false,
+        timeout_secs: 0,
         allow_internet_access: true,
     }
 }
