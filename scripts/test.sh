@@ -97,11 +97,13 @@ run_suite() {
 }
 
 for ver in 2.63.0 2.45.1; do
-  case "$ver" in 2.63.0) port=49911 ;; 2.45.1) port=49921 ;; esac
+  # Below the ephemeral range (32768-60999): an outgoing connection of some
+  # other test can hold a port there and make envd's bind fail.
+  case "$ver" in 2.63.0) port=29911 ;; 2.45.1) port=29921 ;; esac
   run_suite "python-e2b-$ver" "$port" tests/compat/python \
     "$repo/.cache/venv/e2b-$ver/bin/python" -m pytest
 done
-run_suite "js-e2b-2.51.0" 49931 tests/compat/js \
+run_suite "js-e2b-2.51.0" 29931 tests/compat/js \
   node --test --test-timeout=120000 --test-reporter=tap envd.test.mjs
 
 # End to end: each suite starts its own `arca up` (fresh home, random ports and network

@@ -154,6 +154,9 @@ pub(crate) struct SandboxDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     domain: Option<String>,
     lifecycle: Lifecycle,
+    /// `full` once paused (memory kept); absent while running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pause_mode: Option<&'static str>,
 }
 
 impl SandboxDetail {
@@ -178,6 +181,7 @@ impl SandboxDetail {
                 auto_resume: r.auto_resume,
                 on_timeout: if r.auto_pause { "pause" } else { "kill" },
             },
+            pause_mode: (r.state == RecordState::Paused).then_some("full"),
         }
     }
 }

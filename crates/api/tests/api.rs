@@ -647,6 +647,7 @@ async fn lifecycle_combinations_are_checked() {
         .await
         .json();
     assert_eq!(d["state"], "paused");
+    assert_eq!(d["pauseMode"], "full");
     let listed = s
         .call("GET", "/v2/sandboxes?state=paused", None)
         .await
@@ -672,6 +673,7 @@ async fn lifecycle_combinations_are_checked() {
         .await
         .json();
     assert_eq!(d["state"], "running");
+    assert!(d.get("pauseMode").is_none(), "{d}");
     let r = s
         .call(
             "POST",

@@ -2,7 +2,7 @@
 // in debug mode (CONTRACT.md 1.3).
 //
 // Environment: ARCA_ENVD_BIN (binary; default: musl release build, else debug build),
-// ARCA_ENVD_PORT (default 49997).
+// ARCA_ENVD_PORT (default 29997).
 import { execFileSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { dirname, join, resolve } from 'node:path'
@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url'
 const here = dirname(fileURLToPath(import.meta.url))
 const repo = resolve(here, '..', '..', '..')
 
-export const PORT = Number(process.env.ARCA_ENVD_PORT ?? '49997')
+export const PORT = Number(process.env.ARCA_ENVD_PORT ?? '29997')
 export const BASE_URL = `http://127.0.0.1:${PORT}`
 export const SANDBOX_ENV = { ARCA_SANDBOX_WIDE: 'from-init', ARCA_OVERRIDDEN: 'from-init' }
 

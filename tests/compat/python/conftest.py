@@ -5,7 +5,7 @@ every sandbox maps to `E2B_SANDBOX_URL`, i.e. straight to our envd (CONTRACT.md 
 
 Environment:
   ARCA_ENVD_BIN   envd binary to test (default: the musl release build, else the debug build)
-  ARCA_ENVD_PORT  port of the shared instance (default 49999); the access-token module uses
+  ARCA_ENVD_PORT  port of the shared instance (default 29999); the access-token module uses
                   ARCA_ENVD_PORT + 1
 """
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[3]
 RUN_ENVD = REPO / "tests" / "compat" / "run-envd.sh"
 STOP_ENVD = REPO / "tests" / "compat" / "stop-envd.sh"
 
-PORT = int(os.environ.get("ARCA_ENVD_PORT", "49999"))
+PORT = int(os.environ.get("ARCA_ENVD_PORT", "29999"))
 BASE_URL = f"http://127.0.0.1:{PORT}"
 
 # Read by the SDK whenever a sandbox object is built; set before any test runs.
