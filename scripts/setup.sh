@@ -24,6 +24,7 @@ log() { printf '[setup] %s\n' "$*"; }
 #   iproute2, nftables: ip and nft, how arca-net makes sandbox network slots and the host firewall
 #   busybox-static: the tiny root file system the runtime tests start sandboxes from
 #   e2fsprogs: mkfs.ext4 for sandbox disks          bubblewrap: a baseline of `arca bench`
+#   docker-registry, apache2-utils: a local registry (and htpasswd) for the template tests
 # ---------------------------------------------------------------------------------------------
 apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential
   iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap docker-registry apache2-utils)
@@ -41,6 +42,11 @@ if ((${#missing[@]})); then
     apt-get update -qq
   fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # On a host with systemd the package starts a registry on :5000; the tests run their own.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null &&
+    systemctl is-active --quiet docker-registry 2>/dev/null; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------
