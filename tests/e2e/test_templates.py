@@ -359,3 +359,35 @@ def test_a_layer_cannot_make_the_node_touch_host_files(arca, tmp_path):
             assert (canary / f).read_text() == "host file\n", f
     finally:
         shutil.rmtree(canary, ignore_errors=True)
+
+
+def test_from_scratch_and_from_another_template(arca, tmp_path, context):
+    # FROM scratch: nothing but what is copied (and the account the SDKs run as).
+    (tmp_path / "hello.txt").write_text("from scratch\n")
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY hello.txt /data/hello.txt\n")
+    name = "scratch-" + unique()
+    r = arca_cli(arca, "template", "build", str(tmp_path), "--name", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with Sandbox.create(template=name, timeout=60) as sbx:
+        assert sbx.files.read("/data/hello.txt") == "from scratch\n"
+        assert not sbx.files.exists("/bin/bash")
+        assert "user:x:" in sbx.files.read("/etc/passwd")
+    # fromTemplate of a template built here: its files and ENV carry over.
+    parent = "parent-" + unique()
+    build(
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .set_envs({"FROM_PARENT": "yes"})
+        .run_cmd("echo parent > /home/user/parent.txt"),
+        parent,
+    )
+    child = "child-" + unique()
+    build(
+        Template(file_context_path=str(context))
+        .from_template(parent)
+        .run_cmd("cat /home/user/parent.txt > /home/user/child.txt"),
+        child,
+    )
+    with Sandbox.create(template=child, timeout=60) as sbx:
+        assert sh(sbx, "cat /home/user/child.txt") == "parent"
+        assert sh(sbx, "echo $FROM_PARENT") == "yes"

@@ -188,7 +188,11 @@ fn ensure_dir(p: &Path) -> Res<()> {
 /// A directory right under the new root to mount on. The root belongs to
 /// the template, and this runs as host root before `pivot_root`: a symlink
 /// here would make the mount (or mkdir) land on the host, so it is refused.
-fn mount_point(root: &Path, name: &str) -> Res<std::path::PathBuf> {
+///
+/// A directory it has to make (a template `FROM scratch` has none) belongs
+/// to sandbox root (`owner` outside), as if the image had it: made by host
+/// root it would be unowned inside the user namespace.
+fn mount_point(root: &Path, name: &str, owner: u32) -> Res<std::path::PathBuf> {
     let p = root.join(name);
     match fs::symlink_metadata(&p) {
         Ok(m) if m.is_dir() => Ok(p),
@@ -197,6 +201,10 @@ fn mount_point(root: &Path, name: &str) -> Res<std::path::PathBuf> {
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             ctx(fs::create_dir(&p), || format!("creating /{name}"))?;
+            ctx(
+                std::os::unix::fs::chown(&p, Some(owner), Some(owner)),
+                || format!("chown /{name}"),
+            )?;
             Ok(p)
         }
         Err(e) => Err(format!("/{name}: {e}")),
@@ -295,11 +303,11 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     )?;
 
     // /proc of the new pid namespace.
-    let proc_ = mount_point(root, "proc")?;
+    let proc_ = mount_point(root, "proc", cfg.id_map.outside)?;
     mnt(Some("proc"), &proc_, Some("proc"), nodev, None)?;
 
     // A minimal /dev.
-    let dev = mount_point(root, "dev")?;
+    let dev = mount_point(root, "dev", cfg.id_map.outside)?;
     mnt(
         Some("tmpfs"),
         &dev,
@@ -352,7 +360,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     }
 
     // /sys, read-only.
-    let sysfs = mount_point(root, "sys")?;
+    let sysfs = mount_point(root, "sys", cfg.id_map.outside)?;
     mnt(
         Some("sysfs"),
         &sysfs,
@@ -362,7 +370,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     )?;
 
     // /run with envd, read-only, and the boot id.
-    let run = mount_point(root, "run")?;
+    let run = mount_point(root, "run", cfg.id_map.outside)?;
     mnt(
         Some("tmpfs"),
         &run,
@@ -414,7 +422,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         }
     }
 
-    mount_point(root, "tmp")?;
+    mount_point(root, "tmp", cfg.id_map.outside)?;
 
     // Enter the new root; the old one is detached and gone.
     ctx(nix::unistd::chdir(root), || "chdir to the new root".into())?;
