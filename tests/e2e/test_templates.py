@@ -391,3 +391,26 @@ def test_from_scratch_and_from_another_template(arca, tmp_path, context):
     with Sandbox.create(template=child, timeout=60) as sbx:
         assert sh(sbx, "cat /home/user/child.txt") == "parent"
         assert sh(sbx, "echo $FROM_PARENT") == "yes"
+
+
+def test_a_registry_name_that_resolves_to_this_host_is_refused(arca, tmp_path):
+    """Builds run on the host's network: a registry *name* resolving to a loopback or private
+    address (here the host's own name) needs the operator's --insecure-registry, like an IP."""
+    import ipaddress
+    import socket
+
+    name = socket.gethostname()
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(name, 5000)}
+    except OSError:
+        pytest.skip(f"the host name {name} does not resolve here")
+    # Never risk traffic to an address the test did not make: only run when every address of
+    # the name is this host's or private (the build is refused before connecting).
+    if not addrs or not all(
+        ipaddress.ip_address(a).is_private or ipaddress.ip_address(a).is_loopback for a in addrs
+    ):
+        pytest.skip(f"{name} resolves to {addrs}, not only to internal addresses")
+    (tmp_path / "Dockerfile").write_text(f"FROM {name}:5000/arca-test/x:1\n")
+    r = arca_cli(arca, "template", "build", str(tmp_path), "--name", "resolve-" + unique())
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "--insecure-registry" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -412,24 +412,40 @@ impl Builder<'_> {
         };
         let parsed = arca_image::registry::Reference::parse(reference)
             .map_err(|e| fail(step, format!("{reference}: {e}")))?;
-        if !parsed.is_docker_hub()
-            && is_host_internal(&parsed.registry)
-            && !cfg.insecure_registries.iter().any(|a| {
+        let allowed = parsed.is_docker_hub()
+            || cfg.insecure_registries.iter().any(|a| {
                 *a == parsed.registry
                     || parsed
                         .registry
                         .rsplit_once(':')
                         .is_some_and(|(h, _)| h == a)
-            })
-        {
-            return Err(fail(
+            });
+        let internal = || {
+            fail(
                 step,
                 format!(
-                    "{reference}: registry {} is an address of this host or its private \
-                     network; an operator allows it with `arca up --insecure-registry {}`",
+                    "{reference}: registry {} is (or resolves to) an address of this host or its \
+                     private network; an operator allows it with `arca up --insecure-registry {}`",
                     parsed.registry, parsed.registry
                 ),
-            ));
+            )
+        };
+        if !allowed && is_host_internal(&parsed.registry) {
+            return Err(internal());
+        }
+        if !allowed {
+            // A name is checked by what it resolves to now (a later
+            // re-resolution or a redirect is not covered).
+            let target = if parsed.registry.contains(':') {
+                parsed.registry.clone()
+            } else {
+                format!("{}:443", parsed.registry)
+            };
+            if let Ok(addrs) = tokio::net::lookup_host(target).await {
+                if any_internal(addrs.map(|a| a.ip())) {
+                    return Err(internal());
+                }
+            }
         }
         self.log.info(step, format!("pulling {reference}"));
         let sink = self.log.sink.clone();
@@ -1212,23 +1228,37 @@ fn is_host_internal(host_port: &str) -> bool {
     if host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost") {
         return true;
     }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => {
-            ip.is_loopback()
-                || ip.is_private()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || ip.octets()[0] == 100 && (64..128).contains(&ip.octets()[1])
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| any_internal(std::iter::once(ip)))
+}
+
+/// Whether any of `ips` is loopback, private, link-local, shared (CGNAT),
+/// unspecified or broadcast (IPv4-mapped IPv6 addresses as IPv4).
+fn any_internal(ips: impl IntoIterator<Item = std::net::IpAddr>) -> bool {
+    ips.into_iter().any(|ip| {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match ip {
+            std::net::IpAddr::V4(ip) => {
+                ip.is_loopback()
+                    || ip.is_private()
+                    || ip.is_link_local()
+                    || ip.is_unspecified()
+                    || ip.is_broadcast()
+                    || ip.octets()[0] == 100 && (64..128).contains(&ip.octets()[1])
+            }
+            std::net::IpAddr::V6(ip) => {
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || (ip.segments()[0] & 0xfe00) == 0xfc00
+                    || (ip.segments()[0] & 0xffc0) == 0xfe80
+            }
         }
-        Ok(std::net::IpAddr::V6(ip)) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00
-                || (ip.segments()[0] & 0xffc0) == 0xfe80
-        }
-        Err(_) => false,
-    }
+    })
 }
 
 /// The cache key of a template build as a base: its content, not its name.
@@ -1528,6 +1558,11 @@ mod tests {
         ] {
             assert!(!is_host_internal(h), "{h}");
         }
+        // What a name resolves to: one internal address is enough.
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(any_internal([ip("8.8.8.8"), ip("10.0.0.5")]));
+        assert!(any_internal([ip("::ffff:127.0.0.1")]));
+        assert!(!any_internal([ip("8.8.8.8"), ip("2606:4700::1111")]));
     }
 
     #[test]
