@@ -544,10 +544,7 @@ async fn sync_state(api: &Api, rec: &mut SandboxRecord) -> Result<(), ApiError> 
         Ok(s) => s,
         Err(e) => return Err(node_failure(api, &rec.id, e).await),
     };
-    let state = match status.state {
-        arca_proto::node::SandboxState::Paused => RecordState::Paused,
-        arca_proto::node::SandboxState::Running => RecordState::Running,
-    };
+    let state = RecordState::from(status.state);
     if state != rec.state {
         api.db().set_state(&rec.id, state).await?;
         api.db().set_end_at(&rec.id, status.end_at).await?;
@@ -555,16 +552,6 @@ async fn sync_state(api: &Api, rec: &mut SandboxRecord) -> Result<(), ApiError> 
         rec.end_at = status.end_at;
     }
     Ok(())
-}
-
-/// A JSON body that may be left out (or empty).
-fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    serde_json::from_slice(body)
-        .map(Some)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// Thaws a paused sandbox on its node with a deadline `timeout` seconds
@@ -594,11 +581,10 @@ pub(crate) async fn pause(
     State(api): State<Api>,
     Team(team): Team,
     SandboxPath(id): SandboxPath,
-    body: axum::body::Bytes,
+    JsonBody(body): JsonBody<PauseRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let body: Option<PauseRequest> = optional_json(&body)?;
     find(&api, &team, &id).await?;
-    if body.is_some_and(|b| b.memory == Some(false)) {
+    if body.memory == Some(false) {
         return Err(ApiError::BadRequest(
             "memory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
         ));
@@ -625,9 +611,8 @@ pub(crate) async fn resume(
     State(api): State<Api>,
     Team(team): Team,
     SandboxPath(id): SandboxPath,
-    body: axum::body::Bytes,
+    JsonBody(body): JsonBody<ResumeRequest>,
 ) -> Result<Response, ApiError> {
-    let body: Option<ResumeRequest> = optional_json(&body)?;
     let mut rec = find(&api, &team, &id).await?;
     sync_state(&api, &mut rec).await?;
     if rec.state != RecordState::Paused {
@@ -636,7 +621,7 @@ pub(crate) async fn resume(
             error_code: None,
         });
     }
-    let timeout = body.and_then(|b| b.timeout).unwrap_or(15);
+    let timeout = body.timeout.unwrap_or(15);
     let timeout = check_timeout(timeout, 1, api.config().max_timeout_secs)?;
     let rec = resume_record(&api, rec, timeout).await?;
     let body = SandboxBody::new(&rec, api.config().domain.as_deref());

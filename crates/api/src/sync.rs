@@ -46,10 +46,7 @@ async fn reconcile(api: &Api, at_start: bool) -> Result<(), ApiError> {
             // The node is the authority on paused vs running (it pauses
             // by itself at deadlines, events can be missed across restarts).
             if let Some(s) = live.iter().find(|s| s.sandbox_id.as_str() == id) {
-                let node_state = match s.state {
-                    arca_proto::node::SandboxState::Paused => RecordState::Paused,
-                    arca_proto::node::SandboxState::Running => RecordState::Running,
-                };
+                let node_state = RecordState::from(s.state);
                 if !creating && node_state != *state {
                     api.db().set_state(&s.sandbox_id, node_state).await?;
                     api.db().set_end_at(&s.sandbox_id, s.end_at).await?;

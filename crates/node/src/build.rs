@@ -710,22 +710,17 @@ impl Builder<'_> {
     }
 
     fn lowers(&self, layers: &[String]) -> Result<Vec<PathBuf>, BuildFailure> {
-        let store = self.node.inner.templates.layers();
         if layers.is_empty() {
             // overlayfs needs a lower dir: an empty one for FROM scratch.
             let empty = self.scratch.path().join("empty");
             std::fs::create_dir_all(&empty).map_err(|e| fail(None, e.to_string()))?;
             return Ok(vec![empty]);
         }
-        layers
-            .iter()
-            .rev()
-            .map(|l| {
-                layer_id(l)
-                    .map(|id| store.path(&id))
-                    .map_err(|e| fail(None, e.to_string()))
-            })
-            .collect()
+        self.node
+            .inner
+            .templates
+            .layer_dirs(layers)
+            .map_err(|e| fail(None, e.to_string()))
     }
 
     async fn run_step(
@@ -867,19 +862,21 @@ impl Builder<'_> {
         if let Some(p) = self.contexts.get(hash) {
             return Ok(p.clone());
         }
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(fail(step, format!("invalid files hash '{hash}'")));
-        }
         // Each team's uploads are its own (the api keeps them apart).
-        let team = &self.spec.team_id;
-        if team.is_empty()
-            || !team
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(fail(step, format!("unusable team id {team:?}")));
-        }
-        let archive = self.node.inner.config.uploads_dir.join(team).join(hash);
+        let archive = arca_proto::build::upload_path(
+            &self.node.inner.config.uploads_dir,
+            &self.spec.team_id,
+            hash,
+        )
+        .ok_or_else(|| {
+            fail(
+                step,
+                format!(
+                    "invalid files hash '{hash}' (or team id '{}')",
+                    self.spec.team_id
+                ),
+            )
+        })?;
         if !archive.is_file() {
             return Err(fail(
                 step,

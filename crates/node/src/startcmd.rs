@@ -30,9 +30,8 @@ impl Node {
         let env = build.process_env();
         let user = build.default_user();
         let cwd = build.workdir.as_deref();
-        let shell = |c: &str| vec!["/bin/bash".to_string(), "-l".into(), "-c".into(), c.into()];
         if let Some(start) = &build.start_cmd {
-            let argv = shell(start);
+            let argv = TemplateBuild::shell_argv(start);
             envd.start_detached(
                 ip,
                 None,
@@ -68,12 +67,7 @@ impl Node {
         let env = build.process_env();
         let user = build.default_user();
         let cwd = build.workdir.as_deref();
-        let argv = vec![
-            "/bin/bash".to_string(),
-            "-l".into(),
-            "-c".into(),
-            ready.into(),
-        ];
+        let argv = TemplateBuild::shell_argv(ready);
         let deadline = tokio::time::Instant::now() + READY_WITHIN;
         let mut pause = Duration::from_millis(10);
         let mut last;
@@ -134,12 +128,7 @@ impl Node {
             };
         };
         let env = build.process_env();
-        let argv = vec![
-            "/bin/bash".to_string(),
-            "-l".into(),
-            "-c".into(),
-            start.clone(),
-        ];
+        let argv = TemplateBuild::shell_argv(start);
         let cmd = RunCommand {
             user: build.default_user(),
             argv: &argv,

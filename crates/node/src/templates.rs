@@ -171,8 +171,13 @@ impl TemplateStore {
 
     /// The overlay lower dirs of a build, upper-most first.
     pub fn lower_dirs(&self, build: &TemplateBuild) -> Result<Vec<PathBuf>, StoreError> {
-        build
-            .layers
+        self.layer_dirs(&build.layers)
+    }
+
+    /// The directories of `layers` (bottom first) as overlay lower dirs,
+    /// upper-most first.
+    pub fn layer_dirs(&self, layers: &[String]) -> Result<Vec<PathBuf>, StoreError> {
+        layers
             .iter()
             .rev()
             .map(|l| layer_id(l).map(|id| self.layers.path(&id)))
@@ -326,6 +331,16 @@ impl TemplateBuild {
             env.push(("PATH".into(), DEFAULT_PATH.into()));
         }
         env
+    }
+
+    /// `cmd` as E2B runs a template's shell commands (`bash -l -c`).
+    pub(crate) fn shell_argv(cmd: &str) -> Vec<String> {
+        let mut argv: Vec<String> = arca_template::e2b::E2B_SHELL
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect();
+        argv.push(cmd.to_string());
+        argv
     }
 
     /// The user its processes run as by default.

@@ -7,6 +7,7 @@
 //! share the directory uploaded COPY archives are kept in.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,24 @@ use crate::node::{BoxFuture, NodeError};
 pub const BASE_TEMPLATE_ID: &str = "base";
 /// Build id of the built-in `base` template's one build.
 pub const BASE_BUILD_ID: &str = "00000000-0000-4000-8000-000000000000";
+
+/// Whether `s` is a files hash (a SHA-256 as 64 hex characters): the form
+/// COPY archives and build contexts are uploaded under.
+pub fn is_files_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Where the api keeps a team's uploaded archive and the node reads it:
+/// `<uploads_dir>/<team>/<hash>` (each team's files apart from the
+/// others'). `None` when the team id or the hash could not be a single
+/// path component.
+pub fn upload_path(uploads_dir: &Path, team_id: &str, hash: &str) -> Option<PathBuf> {
+    let team_ok = !team_id.is_empty()
+        && team_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (team_ok && is_files_hash(hash)).then(|| uploads_dir.join(team_id).join(hash))
+}
 
 /// Credentials for a private registry (`fromImageRegistry`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,4 +228,25 @@ pub trait BuildService: Send + Sync + 'static {
         template_id: &'a str,
         build_id: &'a str,
     ) -> BoxFuture<'a, Result<(), NodeError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_are_kept_per_team_under_their_hash() {
+        let h = "ab".repeat(32);
+        let root = Path::new("/u");
+        assert_eq!(
+            upload_path(root, "team-1", &h),
+            Some(root.join("team-1").join(&h))
+        );
+        for team in ["", "..", "a/b", "t.x"] {
+            assert_eq!(upload_path(root, team, &h), None, "{team:?}");
+        }
+        for hash in ["", "../x", &"a".repeat(63), &"g".repeat(64)] {
+            assert_eq!(upload_path(root, "t", hash), None, "{hash:?}");
+        }
+    }
 }

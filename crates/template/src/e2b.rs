@@ -236,7 +236,7 @@ fn instruction(step: &E2bStep, config: &mut StageConfig) -> Result<Instruction, 
                 return Err(empty("WORKDIR", "path"));
             }
             let base = config.workdir.as_deref().unwrap_or("/");
-            let dir = resolve_path(base, path);
+            let dir = crate::parse::resolve_path(base, path);
             config.workdir = Some(dir.clone());
             Ok(Instruction::Workdir(dir))
         }
@@ -254,26 +254,6 @@ fn instruction(step: &E2bStep, config: &mut StageConfig) -> Result<Instruction, 
             kind: step.kind.clone(),
         }),
     }
-}
-
-/// Joins `path` to `base` unless absolute, resolving `.` and `..`.
-fn resolve_path(base: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') {
-        path.to_owned()
-    } else {
-        format!("{base}/{path}")
-    };
-    let mut parts: Vec<&str> = Vec::new();
-    for part in joined.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
-    }
-    format!("/{}", parts.join("/"))
 }
 
 #[cfg(test)]

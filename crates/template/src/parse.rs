@@ -748,7 +748,7 @@ fn find_unquoted_eq(word: &str, escape: char) -> Option<usize> {
 }
 
 /// Joins `path` to `base` unless absolute, resolving `.` and `..`.
-fn resolve_path(base: &str, path: &str) -> String {
+pub(crate) fn resolve_path(base: &str, path: &str) -> String {
     let joined = if path.starts_with('/') {
         path.to_owned()
     } else {

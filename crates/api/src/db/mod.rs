@@ -76,6 +76,15 @@ pub(crate) enum RecordState {
     Paused,
 }
 
+impl From<arca_proto::node::SandboxState> for RecordState {
+    fn from(s: arca_proto::node::SandboxState) -> RecordState {
+        match s {
+            arca_proto::node::SandboxState::Paused => RecordState::Paused,
+            arca_proto::node::SandboxState::Running => RecordState::Running,
+        }
+    }
+}
+
 impl RecordState {
     pub(crate) fn as_str(self) -> &'static str {
         match self {

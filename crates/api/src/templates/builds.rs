@@ -65,12 +65,8 @@ async fn find_build(api: &Api, template_id: &str, build: &str) -> Result<BuildRo
 }
 
 /// Whether `s` is a 64-character hex hash (as the SDKs send for COPY).
-pub(crate) fn valid_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn checked_hash(s: &str, field: &str) -> Result<String, ApiError> {
-    if valid_hash(s) {
+pub(crate) fn checked_hash(s: &str, field: &str) -> Result<String, ApiError> {
+    if arca_proto::build::is_files_hash(s) {
         Ok(s.to_ascii_lowercase())
     } else {
         Err(ApiError::BadRequest(format!(
@@ -570,9 +566,9 @@ mod tests {
 
     #[test]
     fn hashes_and_build_ids_are_checked() {
-        assert!(valid_hash(&"a".repeat(64)));
-        assert!(!valid_hash(&"a".repeat(63)));
-        assert!(!valid_hash(&format!("../{}", "a".repeat(61))));
+        assert!(checked_hash(&"a".repeat(64), "h").is_ok());
+        assert!(checked_hash(&"a".repeat(63), "h").is_err());
+        assert!(checked_hash(&format!("../{}", "a".repeat(61)), "h").is_err());
         assert_eq!(checked_hash(&"A".repeat(64), "h").unwrap(), "a".repeat(64));
         assert!(build_path("t", "00000000-0000-4000-8000-000000000000").is_ok());
         assert!(build_path("t", "../x").is_err());
