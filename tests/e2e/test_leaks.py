@@ -23,9 +23,19 @@ def test_create_kill_cycles_leave_nothing(arca):
     # Start from a quiet node: no sandboxes handed out, the warm pools full.
     assert arca.list_sandboxes() == []
 
+    def booting() -> bool:
+        """A sandbox init is still setting a sandbox up (only envd runs in a booted one)."""
+        for pid in arca.cgroup_processes():
+            try:
+                if not open(f"/proc/{pid}/cmdline").read().startswith("/run/arca/envd"):
+                    return True
+            except OSError:
+                pass
+        return False
+
     def quiet():
         c = arca.counts()
-        full = len(arca.warm()) == WARM_POOL and not arca.handed_out()
+        full = len(arca.warm()) == WARM_POOL and not arca.handed_out() and not booting()
         return c if full and c["netns"] == WARM_SLOTS + WARM_POOL else None
 
     baseline = wait_until(quiet, "the warm pools refilled", limit_s=60)
