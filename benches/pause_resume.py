@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Pause and resume latency through the official Python SDK against a running `arca up`, for a
-sandbox whose process holds 10 MiB and 256 MiB of touched memory: `sbx.pause()`,
-`Sandbox.connect()` of the paused sandbox, and the first command after it. Beside them, a
-`commands.run("true")` round trip on a running sandbox from the same run. Nothing is asserted.
+"""Pause, resume, fork and snapshot latency through the official Python SDK against a running
+`arca up`, for a sandbox whose process holds 10 MiB and 256 MiB of touched memory: `sbx.pause()`
+(frozen, and filesystem-only), `Sandbox.connect()` of the paused sandbox, and the first command
+after it; the host memory a filesystem-only pause gives back; `fork()` with count 1 and 10;
+`create_snapshot()` and a create from it. Beside them, a `commands.run("true")` round trip on a
+running sandbox from the same run. Nothing is asserted.
 
     eval "$(arca up ...)"   # or export E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY
     .cache/venv/e2b-2.63.0/bin/python benches/pause_resume.py -n 10
@@ -30,6 +32,93 @@ def row(name: str, samples: list[float]) -> None:
     print(f"{name:<52} {s[len(s) // 2]:>9.2f} {s[-1]:>9.2f} {statistics.fmean(s):>9.2f}")
 
 
+def mem_available_mib() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def holding(mib: int):
+    """A sandbox whose python process holds `mib` MiB of touched memory."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=600)
+    sbx.files.write("/tmp/hold.py", HOLD.format(size=mib << 20))
+    sbx.commands.run("python3 /tmp/hold.py", background=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if sbx.files.read("/tmp/held") == "ok":
+                break
+        except Exception:  # noqa: BLE001 - not written yet
+            pass
+        time.sleep(0.1)
+    return sbx
+
+
+def filesystem_pause(n: int) -> None:
+    from e2b import Sandbox
+
+    print(f"\n{'filesystem-only pause, ms (n=%d)' % n:<52} {'p50':>9} {'max':>9} {'mean':>9}")
+    for mib in (10, 256):
+        pause, resume, first, freed = [], [], [], []
+        for _ in range(n):
+            sbx = holding(mib)
+            try:
+                before = mem_available_mib()
+                t = time.perf_counter()
+                sbx.pause(keep_memory=False)
+                pause.append((time.perf_counter() - t) * 1000)
+                freed.append(mem_available_mib() - before)
+                t = time.perf_counter()
+                sbx = Sandbox.connect(sbx.sandbox_id, timeout=600)
+                resume.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                sbx.commands.run("true")
+                first.append((time.perf_counter() - t) * 1000)
+            finally:
+                sbx.kill()
+        row(f"{mib} MiB held: pause(keep_memory=False)", pause)
+        row(f"{mib} MiB held: connect() (boots on the kept disk)", resume)
+        row(f"{mib} MiB held: first commands.run('true') after", first)
+        row(f"{mib} MiB held: host MemAvailable gained, MiB", freed)
+
+
+def fork_and_snapshot(n: int) -> None:
+    from e2b import Sandbox
+
+    print(f"\n{'fork and snapshot, ms (n=%d)' % n:<52} {'p50':>9} {'max':>9} {'mean':>9}")
+    src = Sandbox.create(timeout=600)
+    try:
+        src.commands.run("head -c 50000000 /dev/urandom > /home/user/data.bin")
+        for count in (1, 10):
+            took = []
+            for _ in range(n if count == 1 else max(1, n // 3)):
+                t = time.perf_counter()
+                forks = src.fork(count=count, timeout=120)
+                took.append((time.perf_counter() - t) * 1000)
+                for f in forks:
+                    if isinstance(f, Exception):
+                        raise f
+                    f.kill()
+            row(f"fork(count={count}) of a sandbox with 50 MB written", took)
+        snap, create = [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            info = src.create_snapshot()
+            snap.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            s = Sandbox.create(info.snapshot_id, timeout=60)
+            create.append((time.perf_counter() - t) * 1000)
+            s.kill()
+            Sandbox.delete_snapshot(info.snapshot_id)
+        row("create_snapshot() of the same sandbox", snap)
+        row("Sandbox.create(snapshot) (first, cold)", create)
+    finally:
+        src.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=10)
@@ -41,18 +130,8 @@ def main() -> None:
 
     print(f"\n{'frozen pause, ms (n=%d)' % args.n:<52} {'p50':>9} {'max':>9} {'mean':>9}")
     for mib in (10, 256):
-        sbx = Sandbox.create(timeout=600)
+        sbx = holding(mib)
         try:
-            sbx.files.write("/tmp/hold.py", HOLD.format(size=mib << 20))
-            sbx.commands.run("python3 /tmp/hold.py", background=True)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if sbx.files.read("/tmp/held") == "ok":
-                        break
-                except Exception:  # noqa: BLE001 - not written yet
-                    pass
-                time.sleep(0.1)
             rt, pause, resume, first = [], [], [], []
             for _ in range(args.n):
                 t = time.perf_counter()
@@ -73,6 +152,8 @@ def main() -> None:
             row(f"{mib} MiB held: first commands.run('true') after", first)
         finally:
             sbx.kill()
+    filesystem_pause(args.n)
+    fork_and_snapshot(args.n)
 
 
 if __name__ == "__main__":

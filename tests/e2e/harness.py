@@ -107,6 +107,8 @@ class Arca:
     proxy_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # More `arca up` flags for the next start (a test that needs other settings restarts).
+    extra_args: list[str] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -137,6 +139,7 @@ class Arca:
             "--insecure-registry", "127.0.0.1",
             # Small, so that the test of the limit writes little.
             "--build-disk-mb", str(BUILD_DISK_MB),
+            *self.extra_args,
         ]  # fmt: skip
         with open(self.log, "ab") as err, open(out, "wb") as so:
             err.write(f"\n=== {' '.join(cmd)}\n".encode())

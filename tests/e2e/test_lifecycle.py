@@ -1,5 +1,6 @@
-"""Pause and resume (the frozen kind: every process stopped in place by the cgroup freezer,
-memory kept) through the official SDK against a real `arca up`."""
+"""Pause and resume through the official SDK against a real `arca up`: the frozen kind (every
+process stopped in place by the cgroup freezer, memory kept) and the filesystem-only kind (files
+kept, processes ended, memory and network slot released; a resume boots the sandbox again)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import pytest
 from e2b import FileNotFoundException, Sandbox
 
-from conftest import unique, wait_until
+from conftest import sdk_version, unique, wait_until
 
 COUNTER = (
     "import time\n"
@@ -187,3 +188,94 @@ def test_without_auto_resume_a_paused_sandbox_is_not_woken_by_traffic(arca):
         assert Sandbox.get_info(sbx.sandbox_id).state == "paused"
     finally:
         Sandbox.kill(sbx.sandbox_id)
+
+
+def host_processes_of(sandbox_id: str) -> list[int]:
+    """Host pids of the processes a sandbox's envd started (they carry its id)."""
+    import os
+
+    marker = f"E2B_SANDBOX_ID={sandbox_id}".encode()
+    found = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(p))
+        except OSError:
+            pass
+    return found
+
+
+def pause_files_only(sbx) -> bool:
+    """`pause` keeping files only, in each SDK generation's words."""
+    if sdk_version() >= (2, 50):
+        return sbx.pause(mode="filesystem")
+    return sbx.pause(keep_memory=False)
+
+
+def test_filesystem_pause_keeps_files_ends_processes_and_changes_the_boot_id(arca):
+    sbx = Sandbox.create(timeout=120, envs={"FROM_CREATE": "still set"})
+    try:
+        sbx.files.write("/home/user/notes.txt", "kept on disk")
+        sbx.commands.run("mkdir -p /opt/data && echo 42 > /opt/data/answer", user="root")
+        sbx.files.write("/tmp/counter.py", COUNTER)
+        sbx.commands.run("python3 /tmp/counter.py", background=True)
+        wait_until(lambda: read_counter(sbx) > 3, "the counter to count")
+        boot_id = sbx.files.read("/proc/sys/kernel/random/boot_id")
+        assert host_processes_of(sbx.sandbox_id) != []
+        assert pause_files_only(sbx) is True
+        assert pause_files_only(sbx) is False  # already paused (409)
+        info = Sandbox.get_info(sbx.sandbox_id)
+        assert info.state == "paused"
+        if hasattr(info, "pause_mode"):
+            assert str(getattr(info.pause_mode, "value", info.pause_mode)) == "filesystem"
+        # Its processes are gone from the host (so is their memory).
+        assert host_processes_of(sbx.sandbox_id) == []
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert resumed.sandbox_id == sbx.sandbox_id
+        assert resumed.files.read("/home/user/notes.txt") == "kept on disk"
+        assert resumed.commands.run("cat /opt/data/answer").stdout.strip() == "42"
+        # A fresh boot: new boot id, the counter process is not back.
+        assert resumed.files.read("/proc/sys/kernel/random/boot_id") != boot_id
+        assert "counter.py" not in resumed.commands.run("ps -eo args").stdout
+        assert resumed.commands.run("echo $FROM_CREATE").stdout.strip() == "still set"
+        assert resumed.commands.run("hostname").stdout.strip() == sbx.sandbox_id
+        # It works as before: new processes, new files, another pause.
+        resumed.files.write("/home/user/after.txt", "after")
+        assert resumed.pause() is True
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.files.read("/home/user/after.txt") == "after"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_filesystem_auto_pause_at_timeout_then_connect(arca):
+    if sdk_version() >= (2, 50):
+        lifecycle = {"on_timeout": {"action": "pause", "mode": "filesystem"}}
+    else:
+        lifecycle = {"on_timeout": {"action": "pause", "keep_memory": False}}
+    sbx = Sandbox.create(timeout=3, lifecycle=lifecycle)
+    try:
+        sbx.files.write("/home/user/kept.txt", "through an automatic pause")
+        sbx.commands.run("sleep 1000", background=True)
+        wait_until(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == "paused",
+            "the sandbox to pause at its deadline",
+            limit_s=20,
+        )
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+        assert resumed.files.read("/home/user/kept.txt") == "through an automatic pause"
+        assert "sleep 1000" not in resumed.commands.run("ps -eo args").stdout
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_a_sandbox_paused_to_disk_can_be_killed(arca):
+    sbx = Sandbox.create(timeout=120)
+    pause_files_only(sbx)
+    assert Sandbox.kill(sbx.sandbox_id) is True
+    assert Sandbox.kill(sbx.sandbox_id) is False
+    with pytest.raises(Exception):
+        Sandbox.connect(sbx.sandbox_id, timeout=30)

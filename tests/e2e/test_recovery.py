@@ -107,3 +107,54 @@ def test_a_deadline_passing_while_the_node_is_down_pauses_on_restart(arca):
         assert r.stdout == "sleep 1000 ", r.stdout
     finally:
         Sandbox.kill(sbx.sandbox_id)
+
+
+def test_a_sandbox_paused_to_disk_survives_a_restart_and_resumes(arca):
+    """Issue 5: a filesystem-only pause holds nothing but files; after `kill -9` and a restart the
+    sandbox is still paused and connect boots it on its kept disk."""
+    sbx = Sandbox.create(timeout=600)
+    try:
+        sbx.files.write("/home/user/kept.txt", "across a restart")
+        assert Sandbox.pause(sbx.sandbox_id, keep_memory=False) is True
+        arca.kill9()
+        os.environ.update(arca.start())
+        info = arca.api("GET", f"/sandboxes/{sbx.sandbox_id}").json()
+        assert (info["state"], info.get("pauseMode")) == ("paused", "filesystem")
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.files.read("/home/user/kept.txt") == "across a restart"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_frozen_sandboxes_beyond_max_frozen_move_to_disk(arca):
+    """`--max-frozen 1`: pausing a second sandbox with its memory moves the one paused longest to
+    disk (files kept, processes ended); the newer one keeps its processes."""
+    arca.stop()
+    arca.extra_args = ["--max-frozen", "1"]
+    os.environ.update(arca.start())
+    a = Sandbox.create(timeout=600)
+    b = Sandbox.create(timeout=600)
+    try:
+        a.files.write("/home/user/a.txt", "a's file")
+        pid_b = int(b.commands.run(BACKGROUND).stdout)
+        a.commands.run(BACKGROUND)
+        assert a.pause() is True
+        assert b.pause() is True
+
+        def mode(s):
+            return arca.api("GET", f"/sandboxes/{s.sandbox_id}").json().get("pauseMode")
+
+        wait_until(lambda: mode(a) == "filesystem", "the older pause to move to disk")
+        assert mode(b) == "full"
+        a2 = Sandbox.connect(a.sandbox_id, timeout=120)
+        assert a2.files.read("/home/user/a.txt") == "a's file"
+        assert "sleep 1000" not in a2.commands.run("ps -eo args").stdout
+        b2 = Sandbox.connect(b.sandbox_id, timeout=120)
+        r = b2.commands.run(f"cat /proc/{pid_b}/cmdline | tr '\\0' ' '")
+        assert r.stdout == "sleep 1000 ", r.stdout
+    finally:
+        Sandbox.kill(a.sandbox_id)
+        Sandbox.kill(b.sandbox_id)
+        arca.stop()
+        arca.extra_args = []
+        os.environ.update(arca.start())

@@ -117,6 +117,17 @@ impl ApiError {
         ApiError::NotFound(format!("sandbox '{id}' not found"))
     }
 
+    /// The message an answer with this error carries: generic for a 500
+    /// (whose cause is logged here, once), else the error itself.
+    pub(crate) fn public_message(&self) -> String {
+        if self.status() == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %chain(self), "request failed");
+            INTERNAL_MESSAGE.to_string()
+        } else {
+            self.to_string()
+        }
+    }
+
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {

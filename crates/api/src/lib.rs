@@ -43,6 +43,7 @@ mod ids;
 mod keys;
 mod models;
 mod sandboxes;
+mod snapshots;
 mod sync;
 mod templates;
 

@@ -154,13 +154,20 @@ pub(crate) struct SandboxDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     domain: Option<String>,
     lifecycle: Lifecycle,
-    /// `full` once paused (memory kept); absent while running.
+    /// `full` (memory kept) or `filesystem` once paused; absent while
+    /// running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pause_mode: Option<&'static str>,
 }
 
 impl SandboxDetail {
-    pub(crate) fn new(r: &SandboxRecord, domain: Option<&str>) -> SandboxDetail {
+    /// `pause_mode`: what the node says the pause kept (`full` when it does
+    /// not say).
+    pub(crate) fn new(
+        r: &SandboxRecord,
+        domain: Option<&str>,
+        pause_mode: Option<arca_proto::node::PauseMode>,
+    ) -> SandboxDetail {
         SandboxDetail {
             template_id: r.template_id.clone(),
             sandbox_id: r.id.to_string(),
@@ -181,7 +188,8 @@ impl SandboxDetail {
                 auto_resume: r.auto_resume,
                 on_timeout: if r.auto_pause { "pause" } else { "kill" },
             },
-            pause_mode: (r.state == RecordState::Paused).then_some("full"),
+            pause_mode: (r.state == RecordState::Paused)
+                .then(|| pause_mode.unwrap_or_default().as_str()),
         }
     }
 }
@@ -277,4 +285,42 @@ pub(crate) struct SandboxLogs {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct SandboxLogsV2 {
     pub(crate) logs: Vec<SandboxLogEntry>,
+}
+
+/// `SandboxForkRequest`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ForkRequest {
+    pub(crate) timeout: Option<i64>,
+    pub(crate) count: Option<i64>,
+}
+
+/// `Error` inside a fork result.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) code: u16,
+    pub(crate) message: String,
+}
+
+/// `SandboxForkResult`: the fork's sandbox, or why it did not start.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ForkResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) sandbox: Option<SandboxBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<ErrorBody>,
+}
+
+/// `SandboxSnapshotRequest`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct SnapshotRequest {
+    pub(crate) name: Option<String>,
+    pub(crate) memory: Option<bool>,
+}
+
+/// `SnapshotInfo` (create and list answers).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SnapshotInfo {
+    #[serde(rename = "snapshotID")]
+    pub(crate) snapshot_id: String,
+    pub(crate) names: Vec<String>,
 }

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use arca_proto::node::{NodeError, SandboxId, SandboxSpec, TimeoutAction};
+use arca_proto::node::{
+    NodeError, PauseMode, SandboxId, SandboxSpec, SandboxStatus, TimeoutAction,
+};
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -26,7 +28,7 @@ use crate::templates::refs::{self, TemplateRef};
 use crate::templates::resources;
 
 /// Lifetime of a v1-created sandbox when the request has none.
-const V1_DEFAULT_TIMEOUT_SECS: i64 = 15;
+pub(crate) const V1_DEFAULT_TIMEOUT_SECS: i64 = 15;
 /// Lifetime of a v2-created sandbox, and the v2 connect extension, when the
 /// request has none.
 const V2_DEFAULT_TIMEOUT_SECS: i64 = 300;
@@ -42,7 +44,7 @@ const IDEMPOTENCY_WINDOW: TimeDelta = TimeDelta::days(1);
 /// Longest `Idempotency-Key` (CONTRACT 1.4).
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// Bytes of randomness in an envd access token.
-const ENVD_TOKEN_BYTES: usize = 32;
+pub(crate) const ENVD_TOKEN_BYTES: usize = 32;
 
 // ---- validation -------------------------------------------------------------
 
@@ -92,11 +94,6 @@ impl CreateRequest {
                 "allow_internet_access: false is not supported yet by this Arca server (egress rules come with network policy); omit it or pass true".into(),
             ));
         }
-        if auto_pause && !auto_pause_memory {
-            return Err(ApiError::BadRequest(
-                "autoPauseMemory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
-            ));
-        }
         Ok(CreateRequest {
             template: TemplateRef::parse(&body.template_id, "templateID")?,
             timeout_secs,
@@ -111,7 +108,7 @@ impl CreateRequest {
 }
 
 /// `t` if it is within `min..=max` seconds; else a 400 naming the limits.
-fn check_timeout(t: i64, min: i64, max: u64) -> Result<i64, ApiError> {
+pub(crate) fn check_timeout(t: i64, min: i64, max: u64) -> Result<i64, ApiError> {
     let max_i = i64::try_from(max).unwrap_or(i64::MAX);
     if (min..=max_i).contains(&t) {
         return Ok(t);
@@ -128,12 +125,12 @@ fn check_timeout(t: i64, min: i64, max: u64) -> Result<i64, ApiError> {
 
 /// The current time at the precision the database keeps (microseconds), so
 /// that the api's and the node's copies of a deadline compare equal.
-fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
 /// `now + secs`, or a 400 when that is not a representable time.
-fn deadline(now: DateTime<Utc>, secs: i64) -> Result<DateTime<Utc>, ApiError> {
+pub(crate) fn deadline(now: DateTime<Utc>, secs: i64) -> Result<DateTime<Utc>, ApiError> {
     TimeDelta::try_seconds(secs)
         .and_then(|d| now.checked_add_signed(d))
         .ok_or_else(|| ApiError::BadRequest(format!("timeout of {secs} seconds is too large")))
@@ -204,9 +201,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Runs a create to completion even if the client goes away: dropping it
 /// half-way could leave a sandbox on the node without a running record.
-async fn in_task<F>(fut: F) -> Result<SandboxRecord, ApiError>
+pub(crate) async fn in_task<F, T>(fut: F) -> Result<T, ApiError>
 where
-    F: Future<Output = Result<SandboxRecord, ApiError>> + Send + 'static,
+    F: Future<Output = Result<T, ApiError>> + Send + 'static,
+    T: Send + 'static,
 {
     tokio::spawn(fut.instrument(tracing::Span::current()))
         .await
@@ -281,7 +279,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
     let found = refs::resolve_build(&api, &team, &req.template).await?;
     let res = resources(&api, &found.build);
     let now = now();
-    let mut rec = SandboxRecord {
+    let rec = SandboxRecord {
         id: ids::new_sandbox_id(),
         team_id: team,
         template_id: found.template.id.clone(),
@@ -299,18 +297,38 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
         auto_pause: req.auto_pause,
         auto_pause_memory: req.auto_pause_memory,
         auto_resume: req.auto_resume,
+        build_id: Some(found.build.id.clone()),
     };
     tracing::Span::current().record("sandbox_id", rec.id.as_str());
     api.db().insert_sandbox(&rec).await?;
-    let spec = SandboxSpec {
+    let spec = spec_for(&rec, &found.build.id, req.env_vars, req.timeout_secs);
+    let status = match api.node().create(spec).await {
+        Ok(s) => s,
+        Err(e) => {
+            undo_create(&api, &rec.id).await;
+            return Err(ApiError::from_node(e));
+        }
+    };
+    mark_started(&api, rec, status).await
+}
+
+/// What a node needs to start the sandbox of `rec` (a new record) from
+/// `build_id`, living `timeout_secs` from its start.
+pub(crate) fn spec_for(
+    rec: &SandboxRecord,
+    build_id: &str,
+    env_vars: BTreeMap<String, String>,
+    timeout_secs: i64,
+) -> SandboxSpec {
+    SandboxSpec {
         sandbox_id: rec.id.clone(),
         template_id: rec.template_id.clone(),
-        build_id: found.build.id.clone(),
+        build_id: build_id.to_string(),
         team_id: rec.team_id.clone(),
         cpu_count: rec.cpu_count,
         memory_mb: rec.memory_mb,
         disk_size_mb: rec.disk_size_mb,
-        env_vars: req.env_vars,
+        env_vars,
         envd_access_token: rec.envd_access_token.clone(),
         end_at: rec.end_at,
         on_timeout: if rec.auto_pause {
@@ -319,16 +337,25 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
             TimeoutAction::Kill
         },
         auto_resume: rec.auto_resume,
-        timeout_secs: u64::try_from(req.timeout_secs).unwrap_or(0),
+        timeout_secs: u64::try_from(timeout_secs).unwrap_or(0),
+        auto_pause_mode: if rec.auto_pause_memory {
+            PauseMode::Full
+        } else {
+            PauseMode::Filesystem
+        },
         allow_internet_access: rec.allow_internet_access.unwrap_or(true),
-    };
-    let status = match api.node().create(spec).await {
-        Ok(s) => s,
-        Err(e) => {
-            undo_create(&api, &rec.id).await;
-            return Err(ApiError::from_node(e));
-        }
-    };
+    }
+}
+
+/// Marks the `creating` record of a sandbox the node started running,
+/// with what the node reports. A record that cannot be written is undone
+/// (sandbox killed); one that vanished meanwhile (the sandbox ended) is an
+/// error.
+pub(crate) async fn mark_started(
+    api: &Api,
+    mut rec: SandboxRecord,
+    status: SandboxStatus,
+) -> Result<SandboxRecord, ApiError> {
     if !status.envd_version.is_empty() {
         rec.envd_version = status.envd_version;
     }
@@ -348,8 +375,8 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
         .await;
     match marked {
         Ok(true) => {
-            tracing::info!(template_id = %rec.template_id, build_id = %found.build.id, "sandbox created");
-            if let Err(e) = api.db().count_spawn(&rec.template_id, now).await {
+            tracing::info!(sandbox_id = %rec.id, template_id = %rec.template_id, build_id = ?rec.build_id, "sandbox created");
+            if let Err(e) = api.db().count_spawn(&rec.template_id, now()).await {
                 tracing::warn!(error = %chain(&e), "could not count the template's spawn");
             }
             Ok(rec)
@@ -359,14 +386,14 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
             rec.id
         ))),
         Err(e) => {
-            undo_create(&api, &rec.id).await;
+            undo_create(api, &rec.id).await;
             Err(e)
         }
     }
 }
 
 /// Best-effort removal of a failed create from node and database.
-async fn undo_create(api: &Api, id: &SandboxId) {
+pub(crate) async fn undo_create(api: &Api, id: &SandboxId) {
     match api.node().kill(id).await {
         Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
         Err(e) => tracing::warn!(error = %e, "could not kill a half-created sandbox"),
@@ -380,7 +407,7 @@ async fn undo_create(api: &Api, id: &SandboxId) {
 // ---- one sandbox ------------------------------------------------------------
 
 /// The team's visible record of `id`, or 404.
-async fn find(api: &Api, team: &str, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
+pub(crate) async fn find(api: &Api, team: &str, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
     api.db()
         .get_sandbox(team, id)
         .await?
@@ -389,7 +416,7 @@ async fn find(api: &Api, team: &str, id: &SandboxId) -> Result<SandboxRecord, Ap
 
 /// Maps a node failure on an existing record; a sandbox the node no longer
 /// has loses its record on the way.
-async fn node_failure(api: &Api, id: &SandboxId, err: NodeError) -> ApiError {
+pub(crate) async fn node_failure(api: &Api, id: &SandboxId, err: NodeError) -> ApiError {
     if matches!(err, NodeError::SandboxNotFound(_)) {
         if let Err(e) = api.db().delete_sandbox(id.as_str()).await {
             return e;
@@ -419,9 +446,16 @@ pub(crate) async fn get_info(
     SandboxPath(id): SandboxPath,
 ) -> Result<Json<SandboxDetail>, ApiError> {
     let rec = find(&api, &team, &id).await?;
+    // What a pause kept is the node's to say.
+    let pause_mode = if rec.state == RecordState::Paused {
+        api.node().get(&id).await.ok().and_then(|s| s.pause_mode)
+    } else {
+        None
+    };
     Ok(Json(SandboxDetail::new(
         &rec,
         api.config().domain.as_deref(),
+        pause_mode,
     )))
 }
 
@@ -576,7 +610,8 @@ async fn resume_record(
 }
 
 /// `POST /sandboxes/{id}/pause` (204): every process stops where it is,
-/// memory and files kept; 409 when already paused.
+/// memory and files kept (`memory: false`: files only, processes end);
+/// 409 when already paused.
 pub(crate) async fn pause(
     State(api): State<Api>,
     Team(team): Team,
@@ -584,12 +619,12 @@ pub(crate) async fn pause(
     JsonBody(body): JsonBody<PauseRequest>,
 ) -> Result<StatusCode, ApiError> {
     find(&api, &team, &id).await?;
-    if body.memory == Some(false) {
-        return Err(ApiError::BadRequest(
-            "memory: false (a filesystem-only pause) is not supported yet by this Arca server; omit it to pause with memory".into(),
-        ));
-    }
-    match api.node().pause(&id).await {
+    let mode = if body.memory == Some(false) {
+        PauseMode::Filesystem
+    } else {
+        PauseMode::Full
+    };
+    match api.node().pause(&id, mode).await {
         Ok(()) => {}
         Err(NodeError::Conflict(m)) => {
             // Paused already (at its deadline, say): the record learns it.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use arca_proto::node::NodeError;
+use arca_proto::node::{NodeError, PauseMode};
 use chrono::{DateTime, Utc};
 use common::{FakeBuilder, FakeNode, Server};
 use serde_json::{Value, json};
@@ -574,19 +574,35 @@ async fn lifecycle_combinations_are_checked() {
             .assert_error(400);
     }
     // What the node cannot honour yet is refused, not ignored.
-    for body in [
-        json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
-        json!({"templateID": "base", "allow_internet_access": false}),
-    ] {
-        let v = s
-            .call("POST", "/v2/sandboxes", Some(body))
-            .await
-            .assert_error(400);
-        assert!(
-            v["message"].as_str().unwrap().contains("not supported yet"),
-            "{v}"
-        );
-    }
+    let v = s
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base", "allow_internet_access": false})),
+        )
+        .await
+        .assert_error(400);
+    assert!(
+        v["message"].as_str().unwrap().contains("not supported yet"),
+        "{v}"
+    );
+    // autoPauseMemory: false makes the pause at the deadline filesystem-only.
+    let r = s
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert!(
+        s.node
+            .specs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|sp| sp.auto_pause_mode == PauseMode::Filesystem)
+    );
     let r = s
         .call("POST", "/v2/sandboxes", Some(json!({"templateID": "base"})))
         .await;
@@ -689,13 +705,23 @@ async fn lifecycle_combinations_are_checked() {
     )
     .await
     .assert_error(409);
-    s.call(
-        "POST",
-        &format!("/sandboxes/{id}/pause"),
-        Some(json!({"memory": false})),
-    )
-    .await
-    .assert_error(400);
+    // memory: false is a filesystem-only pause, which get_info reports.
+    let r = s
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/pause"),
+            Some(json!({"memory": false})),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let d = s
+        .call("GET", &format!("/sandboxes/{id}"), None)
+        .await
+        .json();
+    assert_eq!(
+        (&d["state"], &d["pauseMode"]),
+        (&json!("paused"), &json!("filesystem"))
+    );
     s.call("POST", "/sandboxes/inope/pause", Some(json!({})))
         .await
         .assert_error(404);

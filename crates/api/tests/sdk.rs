@@ -2,7 +2,7 @@
 //! against the api with a fake node: create, get_info, list with paging,
 //! set_timeout, metrics and kill parse and behave as the SDK expects; and
 //! both SDKs' `Template` builder against the template registry with a fake
-//! builder.
+//! builder; forks and snapshots (create, start from, list, delete).
 //!
 //! Needs the virtualenvs that `scripts/setup.sh` makes under
 //! `.cache/venv/`; without them the test is skipped, unless
@@ -84,6 +84,27 @@ async fn run_template_builder(version: &str) {
     assert_eq!(files.len(), 1, "{files:?}");
     let bytes = std::fs::read(&files[0]).unwrap();
     assert_eq!(&bytes[..2], [0x1f, 0x8b]);
+}
+
+async fn run_snapshots(version: &str) {
+    let Some(s) = run_script(version, "tests/sdk/snapshots.py", "sdk snapshots ok").await else {
+        return;
+    };
+    // Three forks in two node calls, two snapshots; everything killed.
+    let forks = s.node.forks.lock().unwrap().clone();
+    assert_eq!(forks.iter().map(|(_, specs)| specs.len()).sum::<usize>(), 3);
+    assert_eq!(s.node.snapshots.lock().unwrap().len(), 2);
+    assert!(s.node.ids().is_empty());
+}
+
+#[tokio::test]
+async fn python_sdk_2_63_snapshots_and_forks() {
+    run_snapshots("2.63.0").await;
+}
+
+#[tokio::test]
+async fn python_sdk_2_45_snapshots_and_forks() {
+    run_snapshots("2.45.1").await;
 }
 
 #[tokio::test]

@@ -674,6 +674,7 @@ impl Builder<'_> {
             // layer afterwards.
             let image = writer.scratch_path("disk.img");
             let plan = BootPlan {
+                resume: None,
                 lowers,
                 upper: Upper::DiskAt {
                     mb: self.node.inner.config.build_disk_mb,
@@ -1089,6 +1090,7 @@ impl Builder<'_> {
             std::fs::create_dir_all(d).map_err(|e| fail(label, e.to_string()))?;
         }
         let plan = BootPlan {
+            resume: None,
             lowers: self.lowers(&source.layers)?,
             upper: Upper::Dir { upper, work },
             limits: None,
@@ -1136,6 +1138,7 @@ impl Builder<'_> {
             .map_err(|e| fail(step, e.to_string()))?;
         self.pin(&build.layers);
         let plan = BootPlan {
+            resume: None,
             lowers,
             upper: Upper::Disk(self.spec.disk_size_mb.max(512)),
             limits: None,
@@ -1201,7 +1204,7 @@ fn unreachable_stage() -> Result<(PathBuf, Option<String>), BuildFailure> {
 /// Removes [`RUNTIME_FILES`] from a finished layer. The layer was written
 /// by the sandbox: `etc` may be a symlink to anywhere, so nothing is
 /// followed (the sandbox is gone, so nothing changes meanwhile).
-fn drop_runtime_files(layer: &Path) {
+pub(crate) fn drop_runtime_files(layer: &Path) {
     let etc = layer.join("etc");
     if !std::fs::symlink_metadata(&etc).is_ok_and(|m| m.file_type().is_dir()) {
         return;

@@ -104,6 +104,38 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until no loop device is backed by `image` (a sandbox's disk
+/// detaches itself once its mount namespace is gone); `false` if one still
+/// is after `within`. Blocking.
+pub(crate) fn wait_released(image: &Path, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if !attached(image) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Whether a loop device is backed by `image`.
+fn attached(image: &Path) -> bool {
+    // The kernel names the backing file by its resolved path.
+    let Ok(image) = std::fs::canonicalize(image) else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name().to_string_lossy().starts_with("loop")
+            && std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|f| Path::new(f.trim_end()) == image.as_path())
+    })
+}
+
 /// (total, used) bytes of the file system at `path`.
 pub(crate) fn usage(path: &Path) -> Option<(u64, u64)> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;

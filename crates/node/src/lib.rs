@@ -19,6 +19,7 @@
 mod build;
 mod disk;
 mod envd;
+mod lifecycle;
 mod startcmd;
 mod state;
 pub mod templates;
@@ -30,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use arca_net::{NetConfig, Slot, SlotPool};
 use arca_proto::node::{
-    BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, Route, RouteSource,
-    SandboxEvent, SandboxId, SandboxSpec, SandboxState, SandboxStatus, TimeoutAction,
+    BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, PauseMode, Route,
+    RouteSource, SandboxEvent, SandboxId, SandboxSpec, SandboxState, SandboxStatus, TimeoutAction,
 };
 use arca_runtime::cgroup::{Cgroup, Layout, Limits};
 use arca_runtime::{DEFAULT_ID_MAP, InitConfig};
@@ -50,6 +51,8 @@ pub const DEFAULT_PIDS_LIMIT: u64 = 2048;
 const METRICS_KEPT: usize = 120;
 /// Log lines kept per sandbox.
 const LOGS_KEPT: usize = 1000;
+/// How long a stopped sandbox's disk may take to leave its loop device.
+const DISK_RELEASED_WITHIN: Duration = Duration::from_secs(10);
 /// How long envd has to answer after start.
 const ENVD_READY_WITHIN: Duration = Duration::from_secs(15);
 
@@ -79,7 +82,16 @@ pub struct NodeConfig {
     pub insecure_registries: Vec<String>,
     /// Writable disk of each build step, MiB: what one RUN may write.
     pub build_disk_mb: u32,
+    /// Most sandboxes paused with their memory (frozen) at once; beyond it
+    /// the longest-paused go to disk (0: no limit).
+    pub max_frozen: usize,
+    /// A frozen sandbox goes to disk after this long paused (`None`: never
+    /// for idleness).
+    pub frozen_to_disk_after: Option<Duration>,
 }
+
+/// Default [`NodeConfig::max_frozen`].
+pub const DEFAULT_MAX_FROZEN: usize = 64;
 
 /// Default [`NodeConfig::build_disk_mb`].
 pub const DEFAULT_BUILD_DISK_MB: u32 = 8192;
@@ -110,17 +122,23 @@ pub enum StartError {
     Templates(#[from] templates::StoreError),
 }
 
-/// One running sandbox.
+/// What runs of a sandbox: its init, cgroup and network slot.
+struct Running {
+    pid: i32,
+    pid_start: u64,
+    slot: Option<Slot>,
+    sandbox_ip: std::net::Ipv4Addr,
+    netns: PathBuf,
+    cgroup: Cgroup,
+}
+
+/// One sandbox of this node, running or paused.
 struct Instance {
     spec: SandboxSpec,
     started_at: DateTime<Utc>,
     end_at: Mutex<DateTime<Utc>>,
-    pid: i32,
-    pid_start: u64,
-    slot: Mutex<Option<Slot>>,
-    sandbox_ip: std::net::Ipv4Addr,
-    netns: PathBuf,
-    cgroup: Cgroup,
+    /// Gone while paused to disk (filesystem-only).
+    run: Mutex<Option<Running>>,
     dir: PathBuf,
     logs: Mutex<VecDeque<LogEntry>>,
     metrics: Mutex<VecDeque<MetricSample>>,
@@ -129,6 +147,10 @@ struct Instance {
     paused: std::sync::atomic::AtomicBool,
     /// Paused by its deadline (auto-resume applies only then).
     paused_at_deadline: std::sync::atomic::AtomicBool,
+    /// The pause keeps files only (set before the processes go).
+    on_disk: std::sync::atomic::AtomicBool,
+    /// When the current pause began (for moving frozen sandboxes to disk).
+    paused_since: Mutex<Option<Instant>>,
     /// Serialises pause, resume and kill of this sandbox.
     transition: tokio::sync::Mutex<()>,
 }
@@ -138,6 +160,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Instance {
+    /// A sandbox as its state file describes it.
+    fn new(spec: SandboxSpec, st: &StateFile, dir: PathBuf, run: Option<Running>) -> Instance {
+        Instance {
+            started_at: st.started_at,
+            end_at: Mutex::new(st.end_at),
+            run: Mutex::new(run),
+            dir,
+            logs: Mutex::new(VecDeque::new()),
+            metrics: Mutex::new(VecDeque::new()),
+            last_cpu: Mutex::new(None),
+            paused: std::sync::atomic::AtomicBool::new(st.paused),
+            paused_at_deadline: std::sync::atomic::AtomicBool::new(st.paused_at_deadline),
+            on_disk: std::sync::atomic::AtomicBool::new(st.on_disk),
+            paused_since: Mutex::new(st.paused.then(Instant::now)),
+            transition: tokio::sync::Mutex::new(()),
+            spec,
+        }
+    }
+
     fn log(&self, level: &str, message: impl Into<String>) {
         let mut logs = lock(&self.logs);
         if logs.len() >= LOGS_KEPT {
@@ -161,6 +202,13 @@ impl Instance {
             } else {
                 SandboxState::Running
             },
+            pause_mode: self.is_paused().then(|| {
+                if self.is_on_disk() {
+                    PauseMode::Filesystem
+                } else {
+                    PauseMode::Full
+                }
+            }),
             started_at: self.started_at,
             end_at: *lock(&self.end_at),
             cpu_count: self.spec.cpu_count,
@@ -174,19 +222,48 @@ impl Instance {
         self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    fn is_on_disk(&self) -> bool {
+        self.on_disk.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The cgroup, unless paused to disk.
+    fn cgroup(&self) -> Option<Cgroup> {
+        lock(&self.run).as_ref().map(|r| r.cgroup.clone())
+    }
+
+    /// (network namespace, address), unless paused to disk.
+    fn network(&self) -> Option<(PathBuf, std::net::Ipv4Addr)> {
+        lock(&self.run)
+            .as_ref()
+            .map(|r| (r.netns.clone(), r.sandbox_ip))
+    }
+
+    /// (pid, start time) of the init, unless paused to disk.
+    fn init_pid(&self) -> Option<(i32, u64)> {
+        lock(&self.run).as_ref().map(|r| (r.pid, r.pid_start))
+    }
+
     fn save_state(&self) {
+        let (pid, slot_index) = {
+            let run = lock(&self.run);
+            (
+                run.as_ref().map(|r| (r.pid, r.pid_start)),
+                run.as_ref().and_then(|r| r.slot.as_ref()).map(|s| s.index),
+            )
+        };
         let st = StateFile {
             phase: Phase::Running,
             spec: Some(self.spec.clone()),
             started_at: self.started_at,
             end_at: *lock(&self.end_at),
-            pid: Some(self.pid),
-            pid_start: Some(self.pid_start),
-            slot_index: lock(&self.slot).as_ref().map(|s| s.index),
+            pid: pid.map(|p| p.0),
+            pid_start: pid.map(|p| p.1),
+            slot_index,
             paused: self.is_paused(),
             paused_at_deadline: self
                 .paused_at_deadline
                 .load(std::sync::atomic::Ordering::SeqCst),
+            on_disk: self.is_on_disk(),
         };
         if let Err(e) = st.save(&self.dir) {
             tracing::error!(sandbox_id = %self.spec.sandbox_id, error = %e, "cannot save state");
@@ -265,6 +342,7 @@ impl Node {
 
         // Read every state file first: running sandboxes keep their slots.
         let mut survivors: Vec<(PathBuf, StateFile)> = Vec::new();
+        let mut on_disk: Vec<(PathBuf, StateFile)> = Vec::new();
         let mut dead: Vec<(PathBuf, Option<StateFile>)> = Vec::new();
         for entry in std::fs::read_dir(&dir)
             .map_err(|source| StartError::Home {
@@ -275,6 +353,9 @@ impl Node {
         {
             let path = entry.path();
             match StateFile::load(&path) {
+                Ok(st) if st.phase == Phase::Running && st.paused && st.on_disk => {
+                    on_disk.push((path, st));
+                }
                 Ok(st)
                     if st.phase == Phase::Running
                         && st
@@ -288,7 +369,11 @@ impl Node {
                 Err(_) => dead.push((path, None)),
             }
         }
-        let in_use: Vec<u32> = survivors.iter().filter_map(|(_, s)| s.slot_index).collect();
+        let in_use: Vec<u32> = survivors
+            .iter()
+            .chain(&on_disk)
+            .filter_map(|(_, s)| s.slot_index)
+            .collect();
         let slots = SlotPool::new(config.net.clone(), &in_use).await?;
         let disks_dir = config.home.join("disks");
         let templates = TemplateStore::open(&config.home)?;
@@ -320,6 +405,9 @@ impl Node {
         }
         for (path, st) in survivors {
             node.reattach(path, st);
+        }
+        for (path, st) in on_disk {
+            node.reattach_on_disk(path, st).await;
         }
         // cgroups of sandboxes that have no state directory at all (every
         // live or reattached sandbox has one, named like its cgroup).
@@ -376,32 +464,49 @@ impl Node {
             self.reap_leftover(&dir, Some(&st));
             return;
         };
-        let inst = Arc::new(Instance {
-            started_at: st.started_at,
-            end_at: Mutex::new(st.end_at),
+        let run = Running {
             pid: st.pid.unwrap_or(0),
             pid_start: st.pid_start.unwrap_or(0),
             sandbox_ip: slot.sandbox_ip,
             netns: slot.netns_path.clone(),
-            slot: Mutex::new(Some(slot)),
-            cgroup,
-            dir,
-            logs: Mutex::new(VecDeque::new()),
-            metrics: Mutex::new(VecDeque::new()),
-            last_cpu: Mutex::new(None),
-            paused: std::sync::atomic::AtomicBool::new(st.paused),
-            paused_at_deadline: std::sync::atomic::AtomicBool::new(st.paused_at_deadline),
-            transition: tokio::sync::Mutex::new(()),
-            spec,
-        });
+            slot: Some(slot),
+            cgroup: cgroup.clone(),
+        };
+        let inst = Arc::new(Instance::new(spec, &st, dir, Some(run)));
         // The freezer and the state file agree again whatever a crash
         // between freezing and saving left (both writes are idempotent).
-        if let Err(e) = inst.cgroup.set_frozen(st.paused) {
+        if let Err(e) = cgroup.set_frozen(st.paused) {
             tracing::warn!(sandbox_id = %id, error = %e, "cannot set the freezer of a reattached sandbox");
         }
         inst.log("info", "reattached after a node restart");
         tracing::info!(sandbox_id = %id, "reattached a running sandbox");
         lock(&self.inner.sandboxes).insert(id, inst);
+    }
+
+    /// Takes back a sandbox paused to disk. Whatever a pause or resume that
+    /// a crash interrupted left running goes: the sandbox stays paused.
+    async fn reattach_on_disk(&self, dir: PathBuf, st: StateFile) {
+        let Some(spec) = st.spec.clone() else {
+            self.reap_leftover(&dir, Some(&st));
+            return;
+        };
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let cgroup = self.inner.layout.open(&name).ok();
+        let slot = st.slot_index.and_then(|i| self.inner.slots.take_adopted(i));
+        let (inner, image) = (self.inner.clone(), dir.join("disk.img"));
+        let _ = tokio::task::spawn_blocking(move || {
+            stop_runtime(cgroup.as_ref(), 0, slot, &inner.slots);
+            disk::wait_released(&image, DISK_RELEASED_WITHIN);
+        })
+        .await;
+        let inst = Arc::new(Instance::new(spec, &st, dir, None));
+        inst.save_state();
+        inst.log("info", "reattached after a node restart (paused to disk)");
+        tracing::info!(sandbox_id = %inst.spec.sandbox_id, "reattached a sandbox paused to disk");
+        lock(&self.inner.sandboxes).insert(inst.spec.sandbox_id.clone(), inst);
     }
 
     /// Removes whatever a sandbox that is not running left behind.
@@ -440,6 +545,10 @@ impl Node {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let node = Node { inner };
+                for (inst, why) in node.frozen_to_evict() {
+                    let n = node.clone();
+                    tokio::spawn(async move { n.move_to_disk(inst, why).await });
+                }
                 let now = Utc::now();
                 let all: Vec<Arc<Instance>> =
                     lock(&node.inner.sandboxes).values().cloned().collect();
@@ -449,7 +558,10 @@ impl Node {
                     // resumed or killed); its processes still must exist.
                     if !inst.is_paused() && *lock(&inst.end_at) <= now {
                         if inst.spec.on_timeout == TimeoutAction::Pause {
-                            match node.pause_sandbox(&id, true).await {
+                            match node
+                                .pause_sandbox(&id, true, inst.spec.auto_pause_mode)
+                                .await
+                            {
                                 Ok(()) => {
                                     inst.log("info", "paused at its deadline");
                                     let _ = node
@@ -470,7 +582,10 @@ impl Node {
                             }
                         }
                         node.end(&id, EndReason::Expired).await;
-                    } else if !state::same_process(inst.pid, inst.pid_start) {
+                    } else if inst
+                        .init_pid()
+                        .is_some_and(|(pid, start)| !state::same_process(pid, start))
+                    {
                         node.end(&id, EndReason::Exited).await;
                     }
                 }
@@ -506,8 +621,12 @@ impl Node {
         drop(inst.transition.lock().await);
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let slot = lock(&inst.slot).take();
-            teardown(Some(&inst.cgroup), inst.pid, slot, &inner.slots, &inst.dir);
+            let run = lock(&inst.run).take();
+            let (cgroup, pid, slot) = match run {
+                Some(r) => (Some(r.cgroup), r.pid, r.slot),
+                None => (None, 0, None),
+            };
+            teardown(cgroup.as_ref(), pid, slot, &inner.slots, &inst.dir);
         })
         .await;
         tracing::info!(sandbox_id = %id, ?reason, "sandbox ended");
@@ -525,7 +644,12 @@ impl Node {
     /// `at_deadline`: the deadline loop's pause, which only happens if the
     /// deadline still has passed once the sandbox is ours (a connect may
     /// just have moved it).
-    async fn pause_sandbox(&self, id: &SandboxId, at_deadline: bool) -> Result<(), NodeError> {
+    async fn pause_sandbox(
+        &self,
+        id: &SandboxId,
+        at_deadline: bool,
+        mode: PauseMode,
+    ) -> Result<(), NodeError> {
         let inst = self.instance(id)?;
         let _t = inst.transition.lock().await;
         if !lock(&self.inner.sandboxes).contains_key(id) {
@@ -541,7 +665,9 @@ impl Node {
                 "sandbox {id}'s deadline moved"
             )));
         }
-        let cg = inst.cgroup.clone();
+        let cg = inst
+            .cgroup()
+            .ok_or_else(|| NodeError::Internal(format!("sandbox {id} has no cgroup")))?;
         tokio::task::spawn_blocking(move || cg.set_frozen(true))
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
@@ -549,11 +675,98 @@ impl Node {
         inst.paused.store(true, std::sync::atomic::Ordering::SeqCst);
         inst.paused_at_deadline
             .store(at_deadline, std::sync::atomic::Ordering::SeqCst);
+        let to_disk = mode == PauseMode::Filesystem;
+        // Saved before the processes go: a crash from here on leaves the
+        // sandbox paused to disk (a restart finishes the stop).
+        inst.on_disk
+            .store(to_disk, std::sync::atomic::Ordering::SeqCst);
+        *lock(&inst.paused_since) = Some(Instant::now());
         inst.save_state();
         // Connections through the proxy are cut, as the SDKs expect.
         let _ = self.inner.ended.send(id.clone());
-        inst.log("info", "paused");
+        if to_disk {
+            self.release_runtime(&inst).await;
+            inst.log("info", "paused to disk: files kept, processes ended");
+        } else {
+            inst.log("info", "paused");
+        }
         Ok(())
+    }
+
+    /// Moves a frozen sandbox to disk (files kept, processes ended, memory
+    /// and slot released), for `why`; nothing if it was resumed, killed or
+    /// moved meanwhile.
+    async fn move_to_disk(&self, inst: Arc<Instance>, why: &str) {
+        let _t = inst.transition.lock().await;
+        let id = &inst.spec.sandbox_id;
+        let current = lock(&self.inner.sandboxes)
+            .get(id)
+            .is_some_and(|i| Arc::ptr_eq(i, &inst));
+        if !current || !inst.is_paused() || inst.is_on_disk() {
+            return;
+        }
+        inst.on_disk
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        inst.save_state();
+        self.release_runtime(&inst).await;
+        inst.log(
+            "info",
+            format!("moved to disk ({why}): files kept, processes ended"),
+        );
+        tracing::info!(sandbox_id = %id, why, "a frozen sandbox was moved to disk");
+    }
+
+    /// Frozen sandboxes to move to disk now, each with the reason: paused
+    /// longer than allowed, more frozen than allowed (the longest paused
+    /// go), or the host short of memory (the longest paused one).
+    fn frozen_to_evict(&self) -> Vec<(Arc<Instance>, &'static str)> {
+        let mut frozen: Vec<(Instant, Arc<Instance>)> = lock(&self.inner.sandboxes)
+            .values()
+            .filter(|i| i.is_paused() && !i.is_on_disk())
+            .filter_map(|i| lock(&i.paused_since).map(|t| (t, i.clone())))
+            .collect();
+        if frozen.is_empty() {
+            return Vec::new();
+        }
+        frozen.sort_by_key(|(t, _)| *t);
+        let cfg = &self.inner.config;
+        let over = match cfg.max_frozen {
+            0 => 0,
+            max => frozen.len().saturating_sub(max),
+        };
+        let short = memory_short();
+        let mut out = Vec::new();
+        for (n, (since, inst)) in frozen.into_iter().enumerate() {
+            if n < over {
+                out.push((inst, "more frozen sandboxes than --max-frozen"));
+            } else if cfg
+                .frozen_to_disk_after
+                .is_some_and(|after| since.elapsed() >= after)
+            {
+                out.push((inst, "paused longer than --pause-to-disk-after"));
+            } else if n == 0 && short {
+                out.push((inst, "the host is short of memory"));
+            }
+        }
+        out
+    }
+
+    /// Ends the processes of a sandbox being paused to disk and gives its
+    /// cgroup (so its memory) and network slot back; its disk stays, and
+    /// is detached from the kernel before this returns.
+    async fn release_runtime(&self, inst: &Arc<Instance>) {
+        let run = lock(&inst.run).take();
+        let (inner, image) = (self.inner.clone(), inst.dir.join("disk.img"));
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(r) = run {
+                stop_runtime(Some(&r.cgroup), r.pid, r.slot, &inner.slots);
+            }
+            if !disk::wait_released(&image, DISK_RELEASED_WITHIN) {
+                tracing::warn!(image = %image.display(), "a paused sandbox's disk is still attached");
+            }
+        })
+        .await;
+        inst.save_state();
     }
 
     /// Thaws a paused sandbox and gives it a new deadline.
@@ -572,18 +785,70 @@ impl Node {
         }
         // The deadline first: the deadline loop must not see it expired.
         *lock(&inst.end_at) = end_at;
-        let cg = inst.cgroup.clone();
-        tokio::task::spawn_blocking(move || cg.set_frozen(false))
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?
-            .map_err(|e| NodeError::Internal(format!("thawing sandbox {id}: {e}")))?;
+        if inst.is_on_disk() {
+            if let Err(e) = self.boot_again(&inst).await {
+                // Still paused; the state file names no half-made runtime.
+                inst.save_state();
+                inst.log("error", format!("resume failed: {e}"));
+                return Err(e);
+            }
+        } else {
+            let cg = inst
+                .cgroup()
+                .ok_or_else(|| NodeError::Internal(format!("sandbox {id} has no cgroup")))?;
+            tokio::task::spawn_blocking(move || cg.set_frozen(false))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))?
+                .map_err(|e| NodeError::Internal(format!("thawing sandbox {id}: {e}")))?;
+        }
+        inst.on_disk
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         inst.paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
         inst.paused_at_deadline
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        *lock(&inst.paused_since) = None;
         inst.save_state();
         inst.log("info", "resumed");
         Ok(inst.status())
+    }
+
+    /// Boots a sandbox paused to disk again on its kept disk: a fresh
+    /// init (new boot id), the template's start command, `/init` with the
+    /// sandbox's own settings. Its processes are not back (files are).
+    async fn boot_again(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
+        let spec = &inst.spec;
+        let build = self
+            .inner
+            .templates
+            .get_in_use(&spec.template_id, &spec.build_id)
+            .map(Arc::new)
+            .ok_or_else(|| {
+                NodeError::TemplateNotFound(format!(
+                    "{} (build {}), which sandbox {} was made from",
+                    spec.template_id, spec.build_id, spec.sandbox_id
+                ))
+            })?;
+        let name = inst
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| NodeError::Internal("sandbox directory without a name".into()))?;
+        let mut plan = self.sandbox_plan(build, spec.disk_size_mb)?;
+        plan.upper = Upper::Existing {
+            mb: spec.disk_size_mb,
+            image: inst.dir.join("disk.img"),
+        };
+        plan.resume = Some(StateFile::load(&inst.dir).map_err(|e| {
+            NodeError::Internal(format!(
+                "reading the state of sandbox {}: {e}",
+                spec.sandbox_id
+            ))
+        })?);
+        let mut b = self.boot(name, plan).await?;
+        let run = self.configure(&mut b, spec).await?;
+        *lock(&inst.run) = Some(run);
+        Ok(())
     }
 
     fn instance(&self, id: &SandboxId) -> Result<Arc<Instance>, NodeError> {
@@ -646,6 +911,7 @@ impl Node {
             .lower_dirs(&build)
             .map_err(|e| NodeError::Internal(e.to_string()))?;
         Ok(BootPlan {
+            resume: None,
             lowers,
             upper: Upper::Disk(disk_mb),
             limits: None,
@@ -654,18 +920,18 @@ impl Node {
     }
 
     /// Starts a sandbox without an identity: slot, cgroup, disk, envd up.
-    async fn boot(&self, instance_id: String, plan: BootPlan) -> Result<Booted, NodeError> {
+    async fn boot(&self, instance_id: String, mut plan: BootPlan) -> Result<Booted, NodeError> {
         let inner = &self.inner;
-        let disk_size_mb = match &plan.upper {
-            Upper::Disk(mb) | Upper::DiskAt { mb, .. } => *mb,
-            Upper::Dir { .. } => 0,
-        };
+        let disk_size_mb = mb_of(&plan.upper);
         let dir = sandboxes_dir(&inner.config.home).join(&instance_id);
         let internal =
             |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
         std::fs::create_dir_all(&dir)
             .map_err(|e| internal("creating the sandbox directory", &e))?;
-        let mut st = StateFile {
+        // A resume keeps the paused sandbox's state and records only what
+        // it makes: a crash half-way leaves the sandbox paused.
+        let resuming = plan.resume.is_some();
+        let mut st = plan.resume.take().unwrap_or_else(|| StateFile {
             phase: Phase::Creating,
             spec: None,
             started_at: Utc::now(),
@@ -675,10 +941,12 @@ impl Node {
             slot_index: None,
             paused: false,
             paused_at_deadline: false,
-        };
+            on_disk: false,
+        });
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
         let mut b = Booted {
+            keep_dir: resuming,
             template: plan.template.clone(),
             node: self.clone(),
             instance_id: instance_id.clone(),
@@ -724,20 +992,23 @@ impl Node {
         }
         let t_cgroup = t0.elapsed();
         let (upper_dir, work_dir, disk) = match plan.upper {
-            upper @ (Upper::Disk(_) | Upper::DiskAt { .. }) => {
+            upper @ (Upper::Disk(_) | Upper::DiskAt { .. } | Upper::Existing { .. }) => {
                 let mb = mb_of(&upper);
-                let image = match upper {
-                    Upper::DiskAt { image, .. } => image,
-                    Upper::Disk(_) | Upper::Dir { .. } => dir.join("disk.img"),
+                let (image, fresh) = match upper {
+                    Upper::DiskAt { image, .. } => (image, true),
+                    Upper::Existing { image, .. } => (image, false),
+                    Upper::Disk(_) | Upper::Dir { .. } => (dir.join("disk.img"), true),
                 };
-                let disks = inner.disks.clone();
-                let img = image.clone();
-                tokio::task::spawn_blocking(move || {
-                    disks.template(mb).and_then(|t| disk::sparse_copy(&t, &img))
-                })
-                .await
-                .map_err(|e| internal("disk task", &e))?
-                .map_err(|e| internal("making the sandbox's disk", &e))?;
+                if fresh {
+                    let disks = inner.disks.clone();
+                    let img = image.clone();
+                    tokio::task::spawn_blocking(move || {
+                        disks.template(mb).and_then(|t| disk::sparse_copy(&t, &img))
+                    })
+                    .await
+                    .map_err(|e| internal("disk task", &e))?
+                    .map_err(|e| internal("making the sandbox's disk", &e))?;
+                }
                 (
                     disk_dir.join("upper"),
                     disk_dir.join("work"),
@@ -812,6 +1083,32 @@ impl Node {
     /// Gives a booted sandbox its identity: limits, `/init`, state file,
     /// registry. This is all a warm create costs.
     async fn activate(&self, mut b: Booted, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
+        let dir = b.dir.clone();
+        let run = self.configure(&mut b, &spec).await?;
+        let st = StateFile {
+            phase: Phase::Running,
+            spec: None,
+            started_at: Utc::now(),
+            end_at: spec.end_at,
+            pid: None,
+            pid_start: None,
+            slot_index: None,
+            paused: false,
+            paused_at_deadline: false,
+            on_disk: false,
+        };
+        let inst = Arc::new(Instance::new(spec, &st, dir, Some(run)));
+        inst.save_state();
+        inst.log("info", "sandbox started");
+        let status = inst.status();
+        sample(&inst);
+        lock(&self.inner.sandboxes).insert(inst.spec.sandbox_id.clone(), inst);
+        Ok(status)
+    }
+
+    /// Gives a booted sandbox the identity and settings of `spec` (limits,
+    /// host name, `/init`) and hands over what runs of it.
+    async fn configure(&self, b: &mut Booted, spec: &SandboxSpec) -> Result<Running, NodeError> {
         let inner = &self.inner;
         let internal =
             |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
@@ -879,31 +1176,16 @@ impl Node {
                     .map_err(|e| internal("naming the sandbox", &e))?;
             }
         }
-        let inst = Arc::new(Instance {
-            started_at: Utc::now(),
-            end_at: Mutex::new(spec.end_at),
+        let run = Running {
             pid: b.pid,
             pid_start: b.pid_start,
-            slot: Mutex::new(b.slot.take()),
+            slot: b.slot.take(),
             sandbox_ip,
             netns,
             cgroup,
-            dir: b.dir.clone(),
-            logs: Mutex::new(VecDeque::new()),
-            metrics: Mutex::new(VecDeque::new()),
-            last_cpu: Mutex::new(None),
-            paused: std::sync::atomic::AtomicBool::new(false),
-            paused_at_deadline: std::sync::atomic::AtomicBool::new(false),
-            transition: tokio::sync::Mutex::new(()),
-            spec,
-        });
+        };
         b.disarm();
-        inst.save_state();
-        inst.log("info", "sandbox started");
-        let status = inst.status();
-        sample(&inst);
-        lock(&inner.sandboxes).insert(inst.spec.sandbox_id.clone(), inst);
-        Ok(status)
+        Ok(run)
     }
 
     /// One round of keeping `warm_pool` booted sandboxes ready for each
@@ -1024,6 +1306,10 @@ impl Drop for Booting {
 
 /// What [`Node::boot`] makes.
 struct BootPlan {
+    /// The state file of a sandbox paused to disk that this boot resumes:
+    /// kept as it is but for the pid and slot, and the sandbox directory
+    /// survives a failed boot.
+    resume: Option<StateFile>,
     /// Overlay lower dirs, upper-most first.
     lowers: Vec<PathBuf>,
     /// Where writes go.
@@ -1043,11 +1329,14 @@ enum Upper {
     DiskAt { mb: u32, image: PathBuf },
     /// Host directories (a build step's layer).
     Dir { upper: PathBuf, work: PathBuf },
+    /// A disk image that already holds the writable layer (a sandbox paused
+    /// to disk, a fork's copy), used as it is.
+    Existing { mb: u32, image: PathBuf },
 }
 
 fn mb_of(upper: &Upper) -> u32 {
     match upper {
-        Upper::Disk(mb) | Upper::DiskAt { mb, .. } => *mb,
+        Upper::Disk(mb) | Upper::DiskAt { mb, .. } | Upper::Existing { mb, .. } => *mb,
         Upper::Dir { .. } => 0,
     }
 }
@@ -1071,6 +1360,8 @@ fn random_suffix() -> String {
 /// A sandbox that was booted but not (yet) handed out; everything it holds
 /// is torn down when it is dropped, unless it was disarmed by activation.
 struct Booted {
+    /// A failed boot leaves the sandbox directory (a resume's).
+    keep_dir: bool,
     /// The template build it runs, for sandboxes.
     template: Option<Arc<TemplateBuild>>,
     node: Node,
@@ -1114,13 +1405,19 @@ impl Booted {
             std::mem::take(&mut self.dir),
             self.pid,
         );
-        let (node, instance, disk_mb) = (
+        let (node, instance, disk_mb, keep_dir) = (
             self.node.clone(),
             self.instance_id.clone(),
             self.disk_size_mb,
+            self.keep_dir,
         );
         Some(move || {
-            teardown(cgroup.as_ref(), pid, slot, &node.inner.slots, &dir);
+            if keep_dir {
+                stop_runtime(cgroup.as_ref(), pid, slot, &node.inner.slots);
+                disk::wait_released(&dir.join("disk.img"), DISK_RELEASED_WITHIN);
+            } else {
+                teardown(cgroup.as_ref(), pid, slot, &node.inner.slots, &dir);
+            }
             tracing::debug!(instance = %instance, disk_mb, "unused sandbox removed");
         })
     }
@@ -1145,6 +1442,20 @@ impl Drop for Booted {
 /// reaps its init, removes its cgroup and files, gives its slot back.
 /// Blocking (seconds at worst): call it from a blocking thread.
 fn teardown(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &SlotPool, dir: &Path) {
+    stop_runtime(cgroup, pid, None, slots);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(error = %e, dir = %dir.display(), "removing a sandbox's files");
+        }
+    }
+    if let Some(slot) = slot {
+        slots.release(slot);
+    }
+}
+
+/// Kills a sandbox's processes, reaps its init, removes its cgroup and
+/// gives its slot back; its files stay. Blocking.
+fn stop_runtime(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &SlotPool) {
     if let Some(cg) = cgroup {
         if let Err(e) = cg.kill_all() {
             tracing::warn!(error = %e, "killing a sandbox's processes");
@@ -1157,11 +1468,6 @@ fn teardown(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &SlotP
         }
         if let Err(e) = cg.remove() {
             tracing::warn!(error = ?e, "removing a sandbox's cgroup");
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(error = %e, dir = %dir.display(), "removing a sandbox's files");
         }
     }
     if let Some(slot) = slot {
@@ -1183,9 +1489,30 @@ fn reap(pid: i32) {
     }
 }
 
+/// Whether the host has less than a tenth of its memory available.
+fn memory_short() -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return false;
+    };
+    let field = |name: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    match (field("MemTotal:"), field("MemAvailable:")) {
+        (Some(total), Some(avail)) => avail < total / 10,
+        _ => false,
+    }
+}
+
 /// Takes one metrics sample of a sandbox from its cgroup.
 fn sample(inst: &Instance) {
-    let used_us = inst.cgroup.cpu_usage_us();
+    // Nothing runs of a sandbox paused to disk.
+    let (Some(cgroup), Some((pid, _))) = (inst.cgroup(), inst.init_pid()) else {
+        return;
+    };
+    let used_us = cgroup.cpu_usage_us();
     let now = Instant::now();
     let cpus = f64::from(inst.spec.cpu_count.max(1));
     let pct = {
@@ -1206,13 +1533,12 @@ fn sample(inst: &Instance) {
         timestamp: Utc::now(),
         cpu_count: inst.spec.cpu_count,
         cpu_used_pct: (pct.min(100.0) * 100.0).round() / 100.0,
-        mem_used: inst.cgroup.memory_used(),
+        mem_used: cgroup.memory_used(),
         mem_total: u64::from(inst.spec.memory_mb) << 20,
-        mem_cache: inst.cgroup.memory_cache(),
+        mem_cache: cgroup.memory_cache(),
         // The merged root of the sandbox reports its upper file system: the
         // sandbox's own disk.
-        disk_used: disk::usage(Path::new(&format!("/proc/{}/root", inst.pid)))
-            .map_or(0, |(_, used)| used),
+        disk_used: disk::usage(Path::new(&format!("/proc/{pid}/root"))).map_or(0, |(_, used)| used),
         disk_total,
     };
     let mut m = lock(&inst.metrics);
@@ -1280,8 +1606,12 @@ impl NodeService for Node {
         self.inner.events.subscribe()
     }
 
-    fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(self.pause_sandbox(id, false))
+    fn pause<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        mode: PauseMode,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(self.pause_sandbox(id, false, mode))
     }
 
     fn resume<'a>(
@@ -1290,6 +1620,23 @@ impl NodeService for Node {
         end_at: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
         Box::pin(self.resume_sandbox(id, end_at))
+    }
+
+    fn fork<'a>(
+        &'a self,
+        source: &'a SandboxId,
+        specs: Vec<SandboxSpec>,
+    ) -> BoxFuture<'a, Result<Vec<Result<SandboxStatus, NodeError>>, NodeError>> {
+        Box::pin(self.fork_sandbox(source, specs))
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        source: &'a SandboxId,
+        template_id: &'a str,
+        build_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(self.snapshot_sandbox(source, template_id, build_id))
     }
 }
 
@@ -1303,7 +1650,7 @@ impl RouteSource for Node {
         }
         Some(Route {
             sandbox_id: id,
-            netns: inst.netns.clone(),
+            netns: inst.network()?.0,
             envd_access_token: Some(inst.spec.envd_access_token.clone()),
         })
     }
@@ -1312,10 +1659,12 @@ impl RouteSource for Node {
         lock(&self.inner.sandboxes)
             .values()
             .filter(|inst| !inst.is_paused())
-            .map(|inst| Route {
-                sandbox_id: inst.spec.sandbox_id.clone(),
-                netns: inst.netns.clone(),
-                envd_access_token: Some(inst.spec.envd_access_token.clone()),
+            .filter_map(|inst| {
+                Some(Route {
+                    sandbox_id: inst.spec.sandbox_id.clone(),
+                    netns: inst.network()?.0,
+                    envd_access_token: Some(inst.spec.envd_access_token.clone()),
+                })
             })
             .collect()
     }
@@ -1423,7 +1772,7 @@ impl Node {
     pub fn envd_addr(&self, id: &SandboxId) -> Option<std::net::SocketAddr> {
         let inst = lock(&self.inner.sandboxes).get(id).cloned()?;
         Some(std::net::SocketAddr::from((
-            inst.sandbox_ip,
+            inst.network()?.1,
             envd::ENVD_PORT,
         )))
     }

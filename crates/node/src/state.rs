@@ -37,6 +37,11 @@ pub(crate) struct StateFile {
     /// Paused by its deadline (auto-resume may wake it).
     #[serde(default)]
     pub(crate) paused_at_deadline: bool,
+    /// The pause keeps files only: processes, cgroup and slot are gone (or
+    /// going: any `pid` and `slot_index` still named are a pause or resume
+    /// a crash interrupted, which a restarted node removes).
+    #[serde(default)]
+    pub(crate) on_disk: bool,
 }
 
 impl StateFile {

@@ -169,6 +169,22 @@ impl TemplateStore {
             .then_some(build)
     }
 
+    /// A build a sandbox runs on: also one deleted since (its record and
+    /// layers stay while a sandbox of it lives).
+    pub fn get_in_use(&self, template_id: &str, build_id: &str) -> Option<TemplateBuild> {
+        self.get(template_id, build_id).or_else(|| {
+            let path = self
+                .record_path(template_id, build_id)?
+                .with_extension("deleted");
+            let build: TemplateBuild = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+            build
+                .layers
+                .iter()
+                .all(|l| layer_id(l).is_ok_and(|id| self.layers.contains(&id)))
+                .then_some(build)
+        })
+    }
+
     /// The overlay lower dirs of a build, upper-most first.
     pub fn lower_dirs(&self, build: &TemplateBuild) -> Result<Vec<PathBuf>, StoreError> {
         self.layer_dirs(&build.layers)

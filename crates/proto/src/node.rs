@@ -117,6 +117,9 @@ pub struct SandboxSpec {
     /// it again; 0: unknown).
     #[serde(default)]
     pub timeout_secs: u64,
+    /// What a pause at the deadline keeps (`autoPauseMemory`).
+    #[serde(default)]
+    pub auto_pause_mode: PauseMode,
     /// `false` denies all egress.
     pub allow_internet_access: bool,
 }
@@ -129,6 +132,28 @@ pub enum SandboxState {
     Running,
     /// Stopped but kept (issue 5).
     Paused,
+}
+
+/// What a pause keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PauseMode {
+    /// Processes and memory (E2B's `full`): a resume continues them.
+    #[default]
+    Full,
+    /// Files only: processes end, memory and network slot are released; a
+    /// resume boots the sandbox again on its kept disk (new boot id).
+    Filesystem,
+}
+
+impl PauseMode {
+    /// E2B's name (`pauseMode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseMode::Full => "full",
+            PauseMode::Filesystem => "filesystem",
+        }
+    }
 }
 
 /// A node's view of one sandbox.
@@ -154,6 +179,9 @@ pub struct SandboxStatus {
     pub disk_size_mb: u32,
     /// envd protocol version inside.
     pub envd_version: String,
+    /// What the pause kept, while paused.
+    #[serde(default)]
+    pub pause_mode: Option<PauseMode>,
 }
 
 /// One resource sample (CONTRACT `SandboxMetric`).
@@ -283,9 +311,15 @@ pub trait NodeService: Send + Sync + 'static {
     fn logs<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Vec<LogEntry>, NodeError>>;
     /// Events from now on.
     fn events(&self) -> tokio::sync::broadcast::Receiver<SandboxEvent>;
-    /// Stops every process of a running sandbox, keeping its memory, files
-    /// and id; the sandbox no longer expires. Legal while running.
-    fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
+    /// Stops every process of a running sandbox, keeping its files and id
+    /// (and its memory with [`PauseMode::Full`]); the sandbox no longer
+    /// expires. Legal while running.
+    fn pause<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        mode: PauseMode,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        let _ = mode;
         Box::pin(async move {
             Err(NodeError::InvalidInput(format!(
                 "sandbox {id}: this node cannot pause sandboxes"
@@ -302,6 +336,39 @@ pub trait NodeService: Send + Sync + 'static {
         Box::pin(async move {
             Err(NodeError::InvalidInput(format!(
                 "sandbox {id}: this node cannot resume sandboxes"
+            )))
+        })
+    }
+    /// Makes one new sandbox per spec, each starting from a copy of the
+    /// running source's files taken at one moment (the source is paused
+    /// for the copy and keeps its id and deadline). The specs' template and
+    /// build are the source's. One result per spec, in order; the outer
+    /// error is for the source (not found, not running).
+    fn fork<'a>(
+        &'a self,
+        source: &'a SandboxId,
+        specs: Vec<SandboxSpec>,
+    ) -> BoxFuture<'a, Result<Vec<Result<SandboxStatus, NodeError>>, NodeError>> {
+        let _ = specs;
+        Box::pin(async move {
+            Err(NodeError::InvalidInput(format!(
+                "sandbox {source}: this node cannot fork sandboxes"
+            )))
+        })
+    }
+    /// Registers the build `build_id` of template `template_id`: the
+    /// source's template build plus a copy of the source's files, taken at
+    /// one moment. Legal while running or paused; the source goes on.
+    fn snapshot<'a>(
+        &'a self,
+        source: &'a SandboxId,
+        template_id: &'a str,
+        build_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        let _ = (template_id, build_id);
+        Box::pin(async move {
+            Err(NodeError::InvalidInput(format!(
+                "sandbox {source}: this node cannot snapshot sandboxes"
             )))
         })
     }

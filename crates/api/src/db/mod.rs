@@ -7,6 +7,7 @@
 //! [`dialect`]. Times are stored as Unix microseconds (UTC), booleans as 0/1.
 
 mod dialect;
+pub(crate) mod snapshots;
 pub(crate) mod templates;
 
 use std::borrow::Cow;
@@ -33,6 +34,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "templates",
         include_str!("../../migrations/0002_templates.sql"),
+    ),
+    (
+        3,
+        "snapshots",
+        include_str!("../../migrations/0003_snapshots.sql"),
     ),
 ];
 
@@ -126,6 +132,9 @@ pub(crate) struct SandboxRecord {
     pub(crate) auto_pause: bool,
     pub(crate) auto_pause_memory: bool,
     pub(crate) auto_resume: bool,
+    /// The template build it started from (`None`: started before the api
+    /// recorded it).
+    pub(crate) build_id: Option<String>,
 }
 
 /// Sort direction of a listing, by `startedAt` then id.
@@ -181,7 +190,8 @@ enum Arg {
 
 const SANDBOX_COLUMNS: &str = "s.id, s.team_id, s.template_id, s.alias, s.state, s.metadata, \
      s.envd_access_token, s.envd_version, s.started_at, s.end_at, s.cpu_count, s.memory_mb, \
-     s.disk_size_mb, s.allow_internet_access, s.auto_pause, s.auto_pause_memory, s.auto_resume";
+     s.disk_size_mb, s.allow_internet_access, s.auto_pause, s.auto_pause_memory, s.auto_resume, \
+     s.build_id";
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -330,8 +340,10 @@ impl Db {
         sqlx::query(
             "INSERT INTO sandboxes (id, team_id, template_id, alias, state, metadata, \
              envd_access_token, envd_version, started_at, end_at, cpu_count, memory_mb, \
-             disk_size_mb, allow_internet_access, auto_pause, auto_pause_memory, auto_resume) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             disk_size_mb, allow_internet_access, auto_pause, auto_pause_memory, auto_resume, \
+             build_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18)",
         )
         .bind(s.id.as_str())
         .bind(s.team_id.as_str())
@@ -350,6 +362,7 @@ impl Db {
         .bind(i64::from(s.auto_pause))
         .bind(i64::from(s.auto_pause_memory))
         .bind(i64::from(s.auto_resume))
+        .bind(s.build_id.as_deref())
         .execute(&mut *tx)
         .await?;
         for (k, v) in &s.metadata {
@@ -673,6 +686,7 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord, sqlx::Error> {
         auto_pause: r.try_get::<i64, _>(14)? != 0,
         auto_pause_memory: r.try_get::<i64, _>(15)? != 0,
         auto_resume: r.try_get::<i64, _>(16)? != 0,
+        build_id: r.try_get(17)?,
     })
 }
 
@@ -721,6 +735,7 @@ mod tests {
             auto_pause: false,
             auto_pause_memory: true,
             auto_resume: false,
+            build_id: Some("b1".into()),
         }
     }
 

@@ -273,7 +273,7 @@ fn level_list(min: BuildLogLevel, first: usize) -> (String, Vec<&'static str>) {
 impl Db {
     // ---- templates ------------------------------------------------------
 
-    async fn with_names(&self, mut t: TemplateRow) -> Result<TemplateRow, ApiError> {
+    pub(super) async fn with_names(&self, mut t: TemplateRow) -> Result<TemplateRow, ApiError> {
         let rows = sqlx::query(
             "SELECT name FROM template_names WHERE template_id = $1 ORDER BY created_at, name",
         )
@@ -355,30 +355,9 @@ impl Db {
         now: DateTime<Utc>,
     ) -> Result<Result<(), NameTaken>, ApiError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO templates (id, team_id, public, created_by, build_count, spawn_count, \
-             last_spawned_at, created_at, updated_at) VALUES ($1, $2, 0, NULL, 0, 0, NULL, $3, $3)",
-        )
-        .bind(id)
-        .bind(team_id)
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await?;
-        if let Some(name) = name {
-            let r = sqlx::query(
-                "INSERT INTO template_names (name, template_id, created_at) VALUES ($1, $2, $3)",
-            )
-            .bind(name)
-            .bind(id)
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await;
-            match r {
-                Err(e) if dialect::is_unique_violation(&e) => return Ok(Err(NameTaken)),
-                r => r?,
-            };
+        if let Err(taken) = insert_template(&mut tx, id, team_id, name, build, now).await? {
+            return Ok(Err(taken));
         }
-        insert_build(&mut tx, build, now).await?;
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -503,6 +482,7 @@ impl Db {
             "DELETE FROM template_tags WHERE template_id = $1",
             "DELETE FROM template_builds WHERE template_id = $1",
             "DELETE FROM template_names WHERE template_id = $1",
+            "DELETE FROM snapshots WHERE template_id = $1",
         ] {
             sqlx::query(sql).bind(template_id).execute(&mut *tx).await?;
         }
@@ -945,7 +925,45 @@ impl Db {
     }
 }
 
-async fn insert_build(
+/// Inserts a private template of `team_id`, its name if any and its first
+/// build; `Err(NameTaken)` (the transaction must then be dropped) when the
+/// name is used.
+pub(super) async fn insert_template(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    team_id: &str,
+    name: Option<&str>,
+    build: &NewBuild,
+    now: DateTime<Utc>,
+) -> Result<Result<(), NameTaken>, ApiError> {
+    sqlx::query(
+        "INSERT INTO templates (id, team_id, public, created_by, build_count, spawn_count, \
+         last_spawned_at, created_at, updated_at) VALUES ($1, $2, 0, NULL, 0, 0, NULL, $3, $3)",
+    )
+    .bind(id)
+    .bind(team_id)
+    .bind(micros(now))
+    .execute(&mut *conn)
+    .await?;
+    if let Some(name) = name {
+        let r = sqlx::query(
+            "INSERT INTO template_names (name, template_id, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(name)
+        .bind(id)
+        .bind(micros(now))
+        .execute(&mut *conn)
+        .await;
+        match r {
+            Err(e) if dialect::is_unique_violation(&e) => return Ok(Err(NameTaken)),
+            r => r?,
+        };
+    }
+    insert_build(conn, build, now).await?;
+    Ok(Ok(()))
+}
+
+pub(super) async fn insert_build(
     conn: &mut sqlx::AnyConnection,
     b: &NewBuild,
     now: DateTime<Utc>,

@@ -162,7 +162,7 @@ fn requested_resources(
 }
 
 /// A fresh template id: 20 characters of `[a-z0-9]`.
-fn new_template_id() -> String {
+pub(crate) fn new_template_id() -> String {
     ids::random_alnum(TEMPLATE_ID_LEN)
 }
 
@@ -318,7 +318,11 @@ pub(crate) async fn request_v3(
 }
 
 /// 400 unless a reference's namespace, if any, is the team's own name.
-async fn check_namespace(api: &Api, team: &str, r: &TemplateRef) -> Result<(), ApiError> {
+pub(crate) async fn check_namespace(
+    api: &Api,
+    team: &str,
+    r: &TemplateRef,
+) -> Result<(), ApiError> {
     let Some(ns) = &r.namespace else {
         return Ok(());
     };
@@ -548,21 +552,33 @@ pub(crate) async fn update(
 }
 
 /// `DELETE /templates/{templateID}`: the template, its names, tags, builds
-/// and logs; each build is also deleted on the builder. Sandboxes started
-/// from it keep running.
+/// and logs (and its snapshot record, for a snapshot, whose id `name:tag`
+/// is accepted here); each build is also deleted on the builder.
+/// Sandboxes started from it keep running.
 pub(crate) async fn delete(
     State(api): State<Api>,
     Team(team): Team,
     Path(template): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let r = path_ref(&template)?;
-    if r.tag.is_some() {
-        return Err(ApiError::BadRequest(format!(
-            "'{}' names a tag: delete the template by its name or id, or remove the tag with DELETE /templates/tags",
-            r.raw
-        )));
-    }
     let t = refs::find(&api, &team, &r).await?;
+    if let Some(tag) = &r.tag {
+        // A snapshot id names a tag (`name:tag`, CONTRACT 2.5): it deletes
+        // the snapshot. Other templates are deleted by name or id only.
+        if api.db().snapshot(&t.id).await?.is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "'{}' names a tag: delete the template by its name or id, or remove the tag with DELETE /templates/tags",
+                r.raw
+            )));
+        }
+        refs::require_owner(&t, &team, &r.raw)?;
+        if api.db().tagged_build(&t.id, tag).await?.is_none() {
+            return Err(ApiError::NotFound(format!(
+                "snapshot '{}' not found",
+                r.raw
+            )));
+        }
+    }
     if t.team_id.is_none() || t.id == BASE_TEMPLATE_ID {
         return Err(ApiError::BadRequest(format!(
             "'{}' is built into Arca and cannot be deleted",

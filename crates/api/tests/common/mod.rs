@@ -13,8 +13,8 @@ use arca_proto::build::{
     BuildSpec,
 };
 use arca_proto::node::{
-    BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, SandboxEvent, SandboxId,
-    SandboxSpec, SandboxState, SandboxStatus,
+    BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, PauseMode, SandboxEvent,
+    SandboxId, SandboxSpec, SandboxState, SandboxStatus,
 };
 use bytes::Bytes;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -33,6 +33,14 @@ pub struct FakeNode {
     pub specs: Mutex<Vec<SandboxSpec>>,
     /// Every id `kill` was called with.
     pub kills: Mutex<Vec<SandboxId>>,
+    /// Every `fork` call: the source and the specs.
+    pub forks: Mutex<Vec<(SandboxId, Vec<SandboxSpec>)>>,
+    /// Forks (by index in a call's specs) that fail, once each.
+    fail_forks: Mutex<BTreeMap<usize, NodeError>>,
+    fail_next_fork: Mutex<Option<NodeError>>,
+    /// Every snapshot it registered: `(source, template_id, build_id)`.
+    pub snapshots: Mutex<Vec<(SandboxId, String, String)>>,
+    fail_next_snapshot: Mutex<Option<NodeError>>,
 }
 
 impl FakeNode {
@@ -43,7 +51,27 @@ impl FakeNode {
             fail_next: Mutex::new(None),
             specs: Mutex::new(Vec::new()),
             kills: Mutex::new(Vec::new()),
+            forks: Mutex::new(Vec::new()),
+            fail_forks: Mutex::new(BTreeMap::new()),
+            fail_next_fork: Mutex::new(None),
+            snapshots: Mutex::new(Vec::new()),
+            fail_next_snapshot: Mutex::new(None),
         })
+    }
+
+    /// In the next `fork` call, the fork at `index` fails with `err`.
+    pub fn fail_fork(&self, index: usize, err: NodeError) {
+        self.fail_forks.lock().unwrap().insert(index, err);
+    }
+
+    /// The next `fork` call fails as a whole with `err`.
+    pub fn fail_next_fork(&self, err: NodeError) {
+        *self.fail_next_fork.lock().unwrap() = Some(err);
+    }
+
+    /// The next `snapshot` fails with `err`.
+    pub fn fail_next_snapshot(&self, err: NodeError) {
+        *self.fail_next_snapshot.lock().unwrap() = Some(err);
     }
 
     /// The next `create` fails with `err`.
@@ -100,6 +128,7 @@ fn status(id: &str, started: DateTime<Utc>, end: DateTime<Utc>) -> SandboxStatus
         memory_mb: 512,
         disk_size_mb: 1024,
         envd_version: "0.6.13".into(),
+        pause_mode: None,
     }
 }
 
@@ -109,6 +138,22 @@ impl NodeService for FakeNode {
             self.specs.lock().unwrap().push(spec.clone());
             if let Some(e) = self.fail_next.lock().unwrap().take() {
                 return Err(e);
+            }
+            // A snapshot template starts only from a build it registered.
+            {
+                let snaps = self.snapshots.lock().unwrap();
+                let of_template: Vec<_> = snaps
+                    .iter()
+                    .filter(|(_, t, _)| *t == spec.template_id)
+                    .collect();
+                if !of_template.is_empty()
+                    && !of_template.iter().any(|(_, _, b)| *b == spec.build_id)
+                {
+                    return Err(NodeError::TemplateNotFound(format!(
+                        "{}/{}",
+                        spec.template_id, spec.build_id
+                    )));
+                }
             }
             let mut s = status(spec.sandbox_id.as_str(), Utc::now(), spec.end_at);
             s.team_id = spec.team_id;
@@ -166,7 +211,11 @@ impl NodeService for FakeNode {
         })
     }
 
-    fn pause<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
+    fn pause<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        mode: PauseMode,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
         Box::pin(async move {
             let mut map = self.sandboxes.lock().unwrap();
             let s = map
@@ -176,6 +225,7 @@ impl NodeService for FakeNode {
                 return Err(NodeError::Conflict("already paused".into()));
             }
             s.state = SandboxState::Paused;
+            s.pause_mode = Some(mode);
             Ok(())
         })
     }
@@ -194,6 +244,7 @@ impl NodeService for FakeNode {
                 return Err(NodeError::Conflict("not paused".into()));
             }
             s.state = SandboxState::Running;
+            s.pause_mode = None;
             s.end_at = end_at;
             Ok(s.clone())
         })
@@ -249,6 +300,69 @@ impl NodeService for FakeNode {
 
     fn events(&self) -> broadcast::Receiver<SandboxEvent> {
         self.events.subscribe()
+    }
+
+    fn fork<'a>(
+        &'a self,
+        source: &'a SandboxId,
+        specs: Vec<SandboxSpec>,
+    ) -> BoxFuture<'a, Result<Vec<Result<SandboxStatus, NodeError>>, NodeError>> {
+        Box::pin(async move {
+            self.forks
+                .lock()
+                .unwrap()
+                .push((source.clone(), specs.clone()));
+            if let Some(e) = self.fail_next_fork.lock().unwrap().take() {
+                return Err(e);
+            }
+            let mut map = self.sandboxes.lock().unwrap();
+            let src = map
+                .get(source)
+                .cloned()
+                .ok_or_else(|| NodeError::SandboxNotFound(source.clone()))?;
+            if src.state != SandboxState::Running {
+                return Err(NodeError::Conflict(format!("sandbox {source} is paused")));
+            }
+            let mut fails = self.fail_forks.lock().unwrap();
+            let mut out = Vec::new();
+            for (i, spec) in specs.into_iter().enumerate() {
+                if let Some(e) = fails.remove(&i) {
+                    out.push(Err(e));
+                    continue;
+                }
+                // Template, build and limits are the source's.
+                let mut s = src.clone();
+                s.sandbox_id = spec.sandbox_id.clone();
+                s.team_id = spec.team_id;
+                s.started_at = Utc::now();
+                s.end_at = spec.end_at;
+                map.insert(spec.sandbox_id, s.clone());
+                out.push(Ok(s));
+            }
+            Ok(out)
+        })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        source: &'a SandboxId,
+        template_id: &'a str,
+        build_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            if let Some(e) = self.fail_next_snapshot.lock().unwrap().take() {
+                return Err(e);
+            }
+            if !self.sandboxes.lock().unwrap().contains_key(source) {
+                return Err(NodeError::SandboxNotFound(source.clone()));
+            }
+            self.snapshots.lock().unwrap().push((
+                source.clone(),
+                template_id.to_string(),
+                build_id.to_string(),
+            ));
+            Ok(())
+        })
     }
 }
 

@@ -100,6 +100,7 @@ fn spec(id: &SandboxId) -> SandboxSpec {
         on_timeout: TimeoutAction::Kill,
         auto_resume: false,
         timeout_secs: 0,
+        auto_pause_mode: arca_proto::node::PauseMode::Full,
         allow_internet_access: true,
     }
 }
@@ -218,6 +219,8 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         registry_mirror: None,
         insecure_registries: Vec::new(),
         build_disk_mb: arca_node::DEFAULT_BUILD_DISK_MB,
+        max_frozen: arca_node::DEFAULT_MAX_FROZEN,
+        frozen_to_disk_after: None,
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;

@@ -70,6 +70,15 @@ pub(crate) struct Args {
     /// Disk each template build step may write, MiB.
     #[arg(long, default_value_t = arca_node::DEFAULT_BUILD_DISK_MB)]
     build_disk_mb: u32,
+    /// Most sandboxes paused with their memory at once; beyond it the
+    /// longest-paused are moved to disk, keeping their files only (0: no
+    /// limit).
+    #[arg(long, default_value_t = arca_node::DEFAULT_MAX_FROZEN)]
+    max_frozen: usize,
+    /// Move a sandbox paused with its memory to disk (files only) after it
+    /// has been paused this many seconds (default: never for idleness).
+    #[arg(long, value_name = "SECS")]
+    pause_to_disk_after: Option<u64>,
 }
 
 fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
@@ -239,6 +248,8 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         registry_mirror: args.registry_mirror.clone(),
         insecure_registries: args.insecure_registry.clone(),
         build_disk_mb: args.build_disk_mb,
+        max_frozen: args.max_frozen,
+        frozen_to_disk_after: args.pause_to_disk_after.map(std::time::Duration::from_secs),
     })
     .await
     .context("starting the node (try `arca doctor`)")?;
