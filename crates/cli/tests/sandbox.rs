@@ -127,7 +127,6 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
 
 struct Sandbox {
     dir: tempfile::TempDir,
-    netns: String,
     cgroup: Cgroup,
     pid: i32,
     boot_id: String,
@@ -137,9 +136,6 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = self.cgroup.kill_all();
         let _ = self.cgroup.remove();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
         let _ = &self.dir;
     }
 }
@@ -176,21 +172,6 @@ fn try_start(
         Some(DEFAULT_ID_MAP.outside),
     )
     .unwrap();
-    let netns = format!("arcart{}", rand_suffix());
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &netns])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        Command::new("ip")
-            .args(["-n", &netns, "link", "set", "lo", "up"])
-            .status()
-            .unwrap()
-            .success()
-    );
     let name = format!("arcatest{}", rand_suffix());
     let cgroup = Layout::detect().unwrap().create(&name, limits).unwrap();
     let boot_id = arca_runtime::new_boot_id();
@@ -204,7 +185,9 @@ fn try_start(
         envd_binary: envd.to_path_buf(),
         envd_args: vec![],
         env: vec![("PATH".into(), "/bin".into())],
-        netns: Some(PathBuf::from(format!("/run/netns/{netns}"))),
+        // Its own network namespace, with `lo` only: envd is reached on
+        // 127.0.0.1 from inside it.
+        own_netns: true,
         cgroup_dirs: cgroup.dirs().to_vec(),
         id_map: DEFAULT_ID_MAP,
         boot_id: boot_id.clone(),
@@ -214,7 +197,6 @@ fn try_start(
     };
     let mut sbx = Sandbox {
         dir,
-        netns,
         cgroup,
         pid: 0,
         boot_id,
@@ -237,7 +219,7 @@ fn try_start(
 impl Sandbox {
     /// One HTTP/1.1 request to envd, from a socket made inside the sandbox's netns.
     fn request(&self, method: &str, path: &str, ctype: &str, body: &str) -> (u16, Vec<u8>) {
-        let ns = format!("/run/netns/{}", self.netns);
+        let ns = format!("/proc/{}/ns/net", self.pid);
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -304,7 +286,7 @@ impl Sandbox {
     }
 
     fn request_bytes(&self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let ns = format!("/run/netns/{}", self.netns);
+        let ns = format!("/proc/{}/ns/net", self.pid);
         let mut req = format!(
             "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/connect+json\r\nContent-Length: {}\r\n\r\n",
             body.len()

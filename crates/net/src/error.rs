@@ -53,6 +53,18 @@ pub enum NetError {
         #[source]
         source: CmdError,
     },
+    /// Moving a slot's interface into a sandbox's network namespace, or
+    /// configuring it there, failed.
+    #[error("could not give network slot {index} to the sandbox with init pid {pid}")]
+    Attach {
+        /// Slot index.
+        index: u32,
+        /// The sandbox init.
+        pid: i32,
+        /// The failed `ip` run.
+        #[source]
+        source: CmdError,
+    },
     /// Deleting a slot's veth or netns failed.
     #[error("could not delete network slot {index} (netns {netns}, veth {host_ifname})")]
     DeleteSlot {

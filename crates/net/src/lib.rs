@@ -6,9 +6,11 @@
 //! cidr (host `.1`, sandbox `.2`). A [`SlotPool`] keeps some slots prepared
 //! ahead so starting a sandbox does not wait for the kernel, deletes and
 //! re-prepares released slots in the background, and owns the host's
-//! firewall table for them (see the nft rules below). The node gives a
-//! slot's [`netns_path`](Slot::netns_path) to the runtime and dials envd at
-//! [`sandbox_ip`](Slot::sandbox_ip).
+//! firewall table for them (see the nft rules below). A sandbox makes a
+//! network namespace of its own (its user namespace owns it, ADR 0004);
+//! [`SlotPool::attach`] moves the slot's `eth0` into it and gives the slot's
+//! name to it, so [`netns_path`](Slot::netns_path) is the sandbox's network
+//! from then on. The node dials envd at [`sandbox_ip`](Slot::sandbox_ip).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), arca_net::NetError> {

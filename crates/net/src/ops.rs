@@ -46,6 +46,36 @@ pub(crate) fn create_invocations(layout: &Layout, index: u32) -> Option<[Invocat
     ])
 }
 
+/// The commands that give slot `index`'s `eth0` to the network namespace of
+/// process `pid` (a sandbox's init, whose user namespace owns it) and make
+/// the slot's netns name refer to that namespace:
+///
+/// 1. `ip -n {ns} link set eth0 netns {pid}`: out of the slot's own netns
+///    (moving drops its addresses and takes it down);
+/// 2. `ip netns del {ns}`: the now empty slot netns goes;
+/// 3. `ip netns attach {ns} {pid}`: the name is the sandbox's netns now,
+///    so `/run/netns/{ns}` keeps working for the proxy and the node;
+/// 4. `ip -n {ns} -batch -`: address, `eth0` up, default route.
+pub(crate) fn attach_invocations(layout: &Layout, index: u32, pid: i32) -> Option<[Invocation; 4]> {
+    let (host_ip, sandbox_ip) = layout.addresses(index)?;
+    let ns = layout.netns_name(index);
+    let pid = pid.to_string();
+    let inside = format!(
+        "addr add {sandbox_ip}/{SLOT_PREFIX_LEN} dev {SANDBOX_IFNAME}\n\
+         link set {SANDBOX_IFNAME} up\n\
+         route add default via {host_ip}\n"
+    );
+    Some([
+        Invocation::new(
+            Program::Ip,
+            &["-n", &ns, "link", "set", SANDBOX_IFNAME, "netns", &pid],
+        ),
+        Invocation::new(Program::Ip, &["netns", "del", &ns]),
+        Invocation::new(Program::Ip, &["netns", "attach", &ns, &pid]),
+        Invocation::new(Program::Ip, &["-n", &ns, "-batch", "-"]).with_stdin(inside),
+    ])
+}
+
 fn delete_link(layout: &Layout, index: u32) -> Invocation {
     Invocation::new(Program::Ip, &["link", "del", &layout.host_ifname(index)])
 }

@@ -963,7 +963,7 @@ impl Node {
             .acquire()
             .await
             .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
-        let (sandbox_ip, netns) = (slot.sandbox_ip, slot.netns_path.clone());
+        let sandbox_ip = slot.sandbox_ip;
         st.slot_index = Some(slot.index);
         b.slot = Some(slot);
         st.save(&dir)
@@ -1036,7 +1036,7 @@ impl Node {
                 "PATH".into(),
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             )],
-            netns: Some(netns.clone()),
+            own_netns: true,
             cgroup_dirs: cgroup.dirs().to_vec(),
             id_map: DEFAULT_ID_MAP,
             boot_id: arca_runtime::new_boot_id(),
@@ -1058,6 +1058,16 @@ impl Node {
         st.pid_start = Some(b.pid_start);
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
+        // The sandbox made its network namespace (its user namespace owns
+        // it): the slot's interface moves in.
+        if let Some(slot) = &b.slot {
+            inner
+                .slots
+                .attach(slot, pid)
+                .await
+                .map_err(|e| internal("connecting the sandbox to its network slot", &e))?;
+        }
+        let t_net = t0.elapsed();
         inner
             .envd
             .wait_ready(sandbox_ip, ENVD_READY_WITHIN)
@@ -1074,6 +1084,7 @@ impl Node {
             cgroup_ms = t_cgroup.as_secs_f64() * 1e3,
             disk_ms = t_disk.as_secs_f64() * 1e3,
             launch_ms = t_launch.as_secs_f64() * 1e3,
+            net_ms = t_net.as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "booted (cumulative times)"
         );

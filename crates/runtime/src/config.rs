@@ -46,9 +46,10 @@ pub struct InitConfig {
     pub envd_args: Vec<String>,
     /// envd's environment.
     pub env: Vec<(String, String)>,
-    /// Network namespace to join (`/run/netns/...`); `None` keeps the host's
+    /// A network namespace of the sandbox's own, with only `lo` (up): the
+    /// caller moves an interface in after launch. `false` keeps the host's
     /// (tests only).
-    pub netns: Option<PathBuf>,
+    pub own_netns: bool,
     /// cgroup directories to join.
     pub cgroup_dirs: Vec<PathBuf>,
     /// User and group id mapping.

@@ -2,23 +2,25 @@
 //! threaded re-exec of the `arca` binary (never a fork of the multi-threaded
 //! daemon), as host root. The ordered steps are in `docs/sandbox-init.md`.
 //!
-//! Stage 1 (this process, host mount namespace): join the cgroup and the
-//! slot's network namespace, unshare pid, uts, ipc and cgroup namespaces,
-//! fork the sandbox's PID 1. Stage 2 (PID 1): own mount namespace, overlay
-//! root, `/proc`, `/dev`, `/sys`, `/run`, pivot_root; then a new user
-//! namespace whose id maps stage 1 writes from outside; seccomp, capability
-//! bounding set, exec envd. Stage 1 prints `{"pid": <host pid>}` and exits.
+//! Stage 1 (this process, host root): join the cgroup, make a private mount
+//! namespace with the sandbox's disk and overlay root mounted, and clone the
+//! sandbox's PID 1 into new user, pid, mount, uts, ipc, cgroup and network
+//! namespaces at once, so that the user namespace owns the others (ADR
+//! 0004); write its id maps from outside. Stage 2 (PID 1, sandbox root):
+//! host name, `/proc`, `/dev`, `/sys`, `/run`, `lo` up, pivot_root;
+//! seccomp, capability bounding set, exec envd. Stage 1 prints
+//! `{"pid": <host pid>}` and exits.
 
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, unshare};
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::config::{ENVD_PATH, InitConfig};
@@ -84,154 +86,9 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
             format!("joining cgroup {}", dir.display())
         })?;
     }
-    if let Some(netns) = &cfg.netns {
-        let f = ctx(fs::File::open(netns), || {
-            format!("opening {}", netns.display())
-        })?;
-        ctx(setns(f.as_fd(), CloneFlags::CLONE_NEWNET), || {
-            format!("entering {}", netns.display())
-        })?;
-        // The netns belongs to the host's user namespace, so sandbox root is
-        // not privileged there: let it bind low ports and use ping sockets.
-        let _ = fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0");
-        let _ = fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
-    }
-    ctx(
-        unshare(
-            CloneFlags::CLONE_NEWPID
-                | CloneFlags::CLONE_NEWUTS
-                | CloneFlags::CLONE_NEWIPC
-                | CloneFlags::CLONE_NEWCGROUP,
-        ),
-        || "unshare pid/uts/ipc/cgroup namespaces".into(),
-    )?;
-    ctx(nix::unistd::sethostname(&cfg.hostname), || {
-        "sethostname".into()
-    })?;
-
-    let (ready_r, ready_w) = pipe()?;
-    let (go_r, go_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    // `arca __init` starts no runtime or thread, so it may fork.
-    let forked = ctx(sys::fork(), || "fork".into())?;
-    let Some(child) = forked else {
-        drop((ready_r, go_w, err_r));
-        let err = stage2(cfg, ready_w, go_r);
-        // Only reached on failure: exec replaced the process otherwise.
-        let mut f = fs::File::from(err_w);
-        let _ = f.write_all(err.as_bytes());
-        // The forked child must not return into stage 1's code.
-        #[allow(clippy::exit)]
-        std::process::exit(1);
-    };
-    drop((ready_w, go_r, err_w));
-    let mut ready = [0u8; 1];
-    let got = fs::File::from(ready_r).read(&mut ready).unwrap_or(0);
-    if got == 1 {
-        if let Err(e) = write_id_maps(child, cfg) {
-            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(child, None);
-            return Err(e);
-        }
-        let _ = fs::File::from(go_w).write_all(b"g");
-    } else {
-        drop(go_w);
-    }
-    let mut err = String::new();
-    let _ = fs::File::from(err_r).read_to_string(&mut err);
-    if !err.is_empty() || got != 1 {
-        let _ = nix::sys::wait::waitpid(child, None);
-        return Err(if err.is_empty() {
-            "sandbox init exited before creating its user namespace".into()
-        } else {
-            err
-        });
-    }
-    Ok(child.as_raw())
-}
-
-fn write_id_maps(child: Pid, cfg: &InitConfig) -> Res<()> {
-    let m = cfg.id_map;
-    let line = format!("{} {} {}\n", m.inside, m.outside, m.count);
-    for file in ["uid_map", "gid_map"] {
-        let path = format!("/proc/{}/{file}", child.as_raw());
-        ctx(fs::write(&path, &line), || format!("writing {path}"))?;
-    }
-    Ok(())
-}
-
-fn mnt(
-    src: Option<&str>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: MsFlags,
-    data: Option<&str>,
-) -> Res<()> {
-    ctx(mount(src, target, fstype, flags, data), || {
-        format!(
-            "mounting {} on {}",
-            src.or(fstype).unwrap_or("?"),
-            target.display()
-        )
-    })
-}
-
-fn ensure_dir(p: &Path) -> Res<()> {
-    if !p.is_dir() {
-        ctx(fs::create_dir_all(p), || {
-            format!("creating {}", p.display())
-        })?;
-    }
-    Ok(())
-}
-
-/// A directory right under the new root to mount on. The root belongs to
-/// the template, and this runs as host root before `pivot_root`: a symlink
-/// here would make the mount (or mkdir) land on the host, so it is refused.
-///
-/// A directory it has to make (a template `FROM scratch` has none) belongs
-/// to sandbox root (`owner` outside), as if the image had it: made by host
-/// root it would be unowned inside the user namespace.
-fn mount_point(root: &Path, name: &str, owner: u32) -> Res<std::path::PathBuf> {
-    let p = root.join(name);
-    match fs::symlink_metadata(&p) {
-        Ok(m) if m.is_dir() => Ok(p),
-        Ok(_) => Err(format!(
-            "the template's /{name} is not a directory (a symbolic link or a file); it must be a directory"
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            ctx(fs::create_dir(&p), || format!("creating /{name}"))?;
-            ctx(
-                std::os::unix::fs::chown(&p, Some(owner), Some(owner)),
-                || format!("chown /{name}"),
-            )?;
-            Ok(p)
-        }
-        Err(e) => Err(format!("/{name}: {e}")),
-    }
-}
-
-fn ensure_file(p: &Path) -> Res<()> {
-    if !p.exists() {
-        ctx(fs::write(p, b""), || format!("creating {}", p.display()))?;
-    }
-    Ok(())
-}
-
-/// Runs as the sandbox's PID 1 until exec; returns only an error.
-fn stage2(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> String {
-    match stage2_inner(cfg, ready, go) {
-        Ok(never) => match never {},
-        Err(e) => format!("sandbox {}: {e}", cfg.sandbox_id),
-    }
-}
-
-enum Never {}
-
-fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
-    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let root = cfg.root_dir.as_path();
-    let owner = format!("uid={0},gid={0}", cfg.id_map.outside);
+    // The root file system is assembled here, as host root (a loop device
+    // and an overlay of host directories need it), in a mount namespace of
+    // this process that the sandbox's own starts as a copy of.
     ctx(unshare(CloneFlags::CLONE_NEWNS), || {
         "unshare mount namespace".into()
     })?;
@@ -242,10 +99,64 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
+    mount_root(cfg)?;
+    mount_run(cfg)?;
+    // The sandbox's PID 1 starts in the root: host paths to it may pass
+    // through directories that only host root may enter, and the clone
+    // moves the working directory into the new mount namespace's copy.
+    ctx(nix::unistd::chdir(&cfg.root_dir), || {
+        "chdir to the new root".into()
+    })?;
 
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // One clone makes every namespace, the user namespace first: it owns
+    // the others (CRIU can only checkpoint a tree whose namespaces belong
+    // to its user namespace; see docs/adr/0004).
+    let mut flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP;
+    if cfg.own_netns {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    // `arca __init` starts no runtime or thread, so it may clone.
+    let cloned = ctx(sys::clone_into(flags), || "clone".into())?;
+    let Some(child) = cloned else {
+        drop((go_w, err_r));
+        let err = stage2(cfg, go_r);
+        // Only reached on failure: exec replaced the process otherwise.
+        let mut f = fs::File::from(err_w);
+        let _ = f.write_all(err.as_bytes());
+        // The cloned child must not return into stage 1's code.
+        #[allow(clippy::exit)]
+        std::process::exit(1);
+    };
+    drop((go_r, err_w));
+    if let Err(e) = write_id_maps(child, cfg) {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
+        return Err(e);
+    }
+    let _ = fs::File::from(go_w).write_all(b"g");
+    // The error pipe closes at envd's exec (close-on-exec) or with a message.
+    let mut err = String::new();
+    let _ = fs::File::from(err_r).read_to_string(&mut err);
+    if !err.is_empty() {
+        let _ = nix::sys::wait::waitpid(child, None);
+        return Err(err);
+    }
+    Ok(child.as_raw())
+}
+
+/// Mounts the sandbox's disk (if any) and its overlay root on
+/// `cfg.root_dir`. Host root, in stage 1's private mount namespace.
+fn mount_root(cfg: &InitConfig) -> Res<()> {
     if let Some(disk) = &cfg.disk {
         // The writable layer lives on the sandbox's own disk; the loop device
-        // detaches itself when this mount namespace (and so the mount) ends.
+        // detaches itself when the last mount namespace holding it ends.
         let (dev, path) = ctx(sys::attach_loop(&disk.image), || {
             format!("attaching {}", disk.image.display())
         })?;
@@ -296,18 +207,201 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     // nothing; /dev's nodes are bind mounts of their own.
     mnt(
         Some("overlay"),
-        root,
+        &cfg.root_dir,
         Some("overlay"),
         MsFlags::MS_NODEV,
         Some(&opts),
+    )
+}
+
+fn write_id_maps(child: Pid, cfg: &InitConfig) -> Res<()> {
+    let m = cfg.id_map;
+    let line = format!("{} {} {}\n", m.inside, m.outside, m.count);
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{}/{file}", child.as_raw());
+        ctx(fs::write(&path, &line), || format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
+fn mnt(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Res<()> {
+    ctx(mount(src, target, fstype, flags, data), || {
+        format!(
+            "mounting {} on {}",
+            src.or(fstype).unwrap_or("?"),
+            target.display()
+        )
+    })
+}
+
+fn ensure_dir(p: &Path) -> Res<()> {
+    if !p.is_dir() {
+        ctx(fs::create_dir_all(p), || {
+            format!("creating {}", p.display())
+        })?;
+    }
+    Ok(())
+}
+
+/// A directory right under the new root to mount on. A symlink there is
+/// refused: the mount would land wherever it points. One the template
+/// lacks (a template `FROM scratch` has none) is made by sandbox root, so
+/// it belongs to it as if the image had it.
+fn mount_point(root: &Path, name: &str) -> Res<std::path::PathBuf> {
+    let p = root.join(name);
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_dir() => Ok(p),
+        Ok(_) => Err(format!(
+            "the template's /{name} is not a directory (a symbolic link or a file); it must be a directory"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            ctx(fs::create_dir(&p), || format!("creating /{name}"))?;
+            Ok(p)
+        }
+        Err(e) => Err(format!("/{name}: {e}")),
+    }
+}
+
+/// Makes the bind mount at `target` read-only (plus `extra`), keeping the
+/// flags the kernel locks on mounts from a more privileged namespace
+/// (nosuid, nodev, noexec, atime): a remount that dropped one would fail.
+fn read_only(target: &Path, extra: MsFlags) -> Res<()> {
+    use nix::sys::statvfs::FsFlags;
+    let st = ctx(nix::sys::statvfs::statvfs(target), || {
+        format!("statvfs {}", target.display())
+    })?;
+    let f = st.flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra;
+    for (have, keep) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(have) {
+            flags |= keep;
+        }
+    }
+    mnt(None, target, None, flags, None)
+}
+
+fn ensure_file(p: &Path) -> Res<()> {
+    if !p.exists() {
+        ctx(fs::write(p, b""), || format!("creating {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Mounts `/run` (a tmpfs of sandbox root's) with envd read-only at
+/// [`ENVD_PATH`] and the boot id in it. Host root, before the clone: envd's
+/// host path may pass through directories only host root may enter.
+fn mount_run(cfg: &InitConfig) -> Res<()> {
+    let root = cfg.root_dir.as_path();
+    let owner = format!("uid={0},gid={0}", cfg.id_map.outside);
+    let had_run = root.join("run").exists();
+    let run = mount_point(root, "run")?;
+    if !had_run {
+        // Made by host root: give it to sandbox root, as if the image had it.
+        ctx(
+            std::os::unix::fs::chown(&run, Some(cfg.id_map.outside), Some(cfg.id_map.outside)),
+            || "chown /run".into(),
+        )?;
+    }
+    mnt(
+        Some("tmpfs"),
+        &run,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&format!("mode=755,size=16m,{owner}")),
     )?;
+    let arca_dir = run.join("arca");
+    ensure_dir(&arca_dir)?;
+    let envd = root.join(ENVD_PATH.trim_start_matches('/'));
+    ensure_file(&envd)?;
+    let envd_src = cfg.envd_binary.display().to_string();
+    mnt(Some(&envd_src), &envd, None, MsFlags::MS_BIND, None)?;
+    read_only(&envd, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+    ctx(
+        fs::write(arca_dir.join("boot_id"), format!("{}\n", cfg.boot_id)),
+        || "writing boot_id".into(),
+    )
+}
+
+/// Runs as the sandbox's PID 1 until exec; returns only an error.
+fn stage2(cfg: &InitConfig, go: OwnedFd) -> String {
+    match stage2_inner(cfg, go) {
+        Ok(never) => match never {},
+        Err(e) => format!("sandbox {}: {e}", cfg.sandbox_id),
+    }
+}
+
+enum Never {}
+
+fn stage2_inner(cfg: &InitConfig, go: OwnedFd) -> Res<Never> {
+    let mut buf = [0u8; 1];
+    let n = fs::File::from(go).read(&mut buf).unwrap_or(0);
+    if n != 1 {
+        return Err("stage 1 did not map the user namespace".into());
+    }
+    // Sandbox root: uid and gid 0 of the new user namespace, which owns
+    // every namespace this process is in.
+    ctx(
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+        || "setresgid".into(),
+    )?;
+    ctx(
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)),
+        || "setresuid".into(),
+    )?;
+    ctx(nix::unistd::setgroups(&[]), || "setgroups".into())?;
+    ctx(nix::unistd::sethostname(&cfg.hostname), || {
+        "sethostname".into()
+    })?;
+
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // Mounts copied from stage 1's namespace are locked to this one; a copy
+    // of the root attached over it is a mount of its own, which pivot_root
+    // needs. From here on the root is the current directory, and every
+    // path below is relative to it.
+    {
+        use std::os::fd::AsFd;
+        let here = ctx(
+            nix::fcntl::open(
+                ".",
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ),
+            || "opening the root".into(),
+        )?;
+        let tree = ctx(sys::clone_tree(here.as_fd(), true), || {
+            "copying the root mount".into()
+        })?;
+        ctx(
+            sys::attach_tree(tree.as_fd(), Some(here.as_fd()), c""),
+            || "attaching the root copy".into(),
+        )?;
+        ctx(nix::unistd::fchdir(&tree), || {
+            "entering the root copy".into()
+        })?;
+    }
+    let root = Path::new(".");
+    // Ids inside: sandbox root.
+    let owner = "uid=0,gid=0";
 
     // /proc of the new pid namespace.
-    let proc_ = mount_point(root, "proc", cfg.id_map.outside)?;
+    let proc_ = mount_point(root, "proc")?;
     mnt(Some("proc"), &proc_, Some("proc"), nodev, None)?;
 
     // A minimal /dev.
-    let dev = mount_point(root, "dev", cfg.id_map.outside)?;
+    let dev = mount_point(root, "dev")?;
     mnt(
         Some("tmpfs"),
         &dev,
@@ -333,10 +427,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         &pts,
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some(&format!(
-            "newinstance,ptmxmode=0666,mode=0620,gid={}",
-            cfg.id_map.outside + 5
-        )),
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
     )?;
     let shm = dev.join("shm");
     ensure_dir(&shm)?;
@@ -360,7 +451,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
     }
 
     // /sys, read-only.
-    let sysfs = mount_point(root, "sys", cfg.id_map.outside)?;
+    let sysfs = mount_point(root, "sys")?;
     mnt(
         Some("sysfs"),
         &sysfs,
@@ -369,36 +460,8 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         None,
     )?;
 
-    // /run with envd, read-only, and the boot id.
-    let run = mount_point(root, "run", cfg.id_map.outside)?;
-    mnt(
-        Some("tmpfs"),
-        &run,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(&format!("mode=755,size=16m,{owner}")),
-    )?;
-    let arca_dir = run.join("arca");
-    ensure_dir(&arca_dir)?;
-    let envd = root.join(ENVD_PATH.trim_start_matches('/'));
-    ensure_file(&envd)?;
-    let envd_src = cfg.envd_binary.display().to_string();
-    mnt(Some(&envd_src), &envd, None, MsFlags::MS_BIND, None)?;
-    mnt(
-        None,
-        &envd,
-        None,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV,
-        None,
-    )?;
-    let boot_id = arca_dir.join("boot_id");
-    ctx(fs::write(&boot_id, format!("{}\n", cfg.boot_id)), || {
-        "writing boot_id".into()
-    })?;
+    // The boot id stage 1 wrote under /run.
+    let boot_id = root.join("run/arca/boot_id");
     let boot_target = proc_.join("sys/kernel/random/boot_id");
     mnt(
         Some(&boot_id.display().to_string()),
@@ -407,13 +470,7 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         MsFlags::MS_BIND,
         None,
     )?;
-    mnt(
-        None,
-        &boot_target,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None,
-    )?;
+    read_only(&boot_target, MsFlags::empty())?;
     let devnull = dev.join("null").display().to_string();
     for name in MASKED {
         let p = proc_.join(name);
@@ -422,38 +479,31 @@ fn stage2_inner(cfg: &InitConfig, ready: OwnedFd, go: OwnedFd) -> Res<Never> {
         }
     }
 
-    mount_point(root, "tmp", cfg.id_map.outside)?;
+    if cfg.own_netns {
+        // The sandbox's network namespace is its own: let root inside bind
+        // low ports and everyone use ping sockets, and bring `lo` up (the
+        // node moves the slot's interface in).
+        let sysctl = proc_.join("sys/net/ipv4");
+        ctx(
+            fs::write(sysctl.join("ip_unprivileged_port_start"), "0"),
+            || "setting ip_unprivileged_port_start".into(),
+        )?;
+        ctx(
+            fs::write(sysctl.join("ping_group_range"), "0 65535"),
+            || "setting ping_group_range".into(),
+        )?;
+        ctx(sys::link_up("lo"), || "bringing lo up".into())?;
+    }
+
+    mount_point(root, "tmp")?;
 
     // Enter the new root; the old one is detached and gone.
-    ctx(nix::unistd::chdir(root), || "chdir to the new root".into())?;
     ctx(nix::unistd::pivot_root(".", "."), || "pivot_root".into())?;
     ctx(umount2(".", MntFlags::MNT_DETACH), || {
         "detaching the old root".into()
     })?;
     ctx(nix::unistd::chdir("/"), || "chdir /".into())?;
     ctx(nix::unistd::setsid(), || "setsid".into())?;
-
-    // Sandbox root is not host root: a user namespace, mapped from outside.
-    ctx(unshare(CloneFlags::CLONE_NEWUSER), || {
-        "unshare user namespace".into()
-    })?;
-    ctx(fs::File::from(ready).write_all(b"r"), || {
-        "signalling stage 1".into()
-    })?;
-    let mut buf = [0u8; 1];
-    let n = fs::File::from(go).read(&mut buf).unwrap_or(0);
-    if n != 1 {
-        return Err("stage 1 did not map the user namespace".into());
-    }
-    ctx(
-        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
-        || "setresgid".into(),
-    )?;
-    ctx(
-        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)),
-        || "setresuid".into(),
-    )?;
-    ctx(nix::unistd::setgroups(&[]), || "setgroups".into())?;
 
     // Only now, as root of the sandbox's user namespace inside its own root,
     // touch the template's files: symlinks in them cannot lead to the host,

@@ -1,5 +1,6 @@
-//! The only `unsafe` in the runtime: fork, the seccomp and capability
-//! `prctl`s, and `close_range`, none of which nix wraps safely.
+//! The only `unsafe` in the runtime: clone, the seccomp and capability
+//! `prctl`s, `close_range`, and the loop device and interface ioctls, none
+//! of which nix wraps safely.
 
 use std::io;
 
@@ -7,10 +8,12 @@ use nix::libc;
 
 use crate::seccomp::Insn;
 
-/// Forks a single-threaded process. Returns `Ok(None)` in the child,
-/// `Ok(Some(pid))` in the parent; refuses when other threads exist, since
-/// locks they hold would stay locked forever in the child.
-pub(crate) fn fork() -> io::Result<Option<nix::unistd::Pid>> {
+/// Forks the calling process with the child in the new namespaces of
+/// `flags` (a raw `clone` on a copy of the caller's stack, as fork(2)
+/// does); `None` in the child. With `CLONE_NEWUSER` the new user namespace
+/// owns every other namespace made with it. Refuses a multi-threaded
+/// caller, whose child could not safely allocate.
+pub(crate) fn clone_into(flags: nix::sched::CloneFlags) -> io::Result<Option<nix::unistd::Pid>> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let threads = status
         .lines()
@@ -18,15 +21,136 @@ pub(crate) fn fork() -> io::Result<Option<nix::unistd::Pid>> {
         .and_then(|n| n.trim().parse::<u32>().ok());
     if threads != Some(1) {
         return Err(io::Error::other(
-            "refusing to fork a multi-threaded process",
+            "refusing to clone a multi-threaded process",
         ));
     }
-    // SAFETY: checked just above that this process has one thread, so the
-    // child can allocate and run arbitrary code.
-    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
-        nix::unistd::ForkResult::Child => Ok(None),
-        nix::unistd::ForkResult::Parent { child } => Ok(Some(child)),
+    let bits = libc::c_ulong::try_from(flags.bits())
+        .map_err(|_| io::Error::other("bad clone flags"))?
+        | libc::c_ulong::try_from(libc::SIGCHLD).map_err(|_| io::Error::other("bad signal"))?;
+    // SAFETY: a single-threaded process (checked above); with a null stack
+    // the child runs on a copy of the caller's, exactly as after fork(2),
+    // and the pointers for parent/child tids and TLS are unused (null).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            bits,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    match rc {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Some(nix::unistd::Pid::from_raw(
+            i32::try_from(pid).map_err(|_| io::Error::other("bad pid"))?,
+        ))),
     }
+}
+
+/// A detached copy of the mount tree at `fd` (open_tree(2) with
+/// `OPEN_TREE_CLONE`; `recursive` copies the mounts under it too), owned
+/// by the caller's mount namespace: unlike the mounts a new namespace
+/// copies from a more privileged one, it is not locked.
+pub(crate) fn clone_tree(
+    fd: std::os::fd::BorrowedFd<'_>,
+    recursive: bool,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let mut flags = OPEN_TREE_CLONE
+        | libc::c_uint::try_from(libc::O_CLOEXEC).map_err(|_| io::Error::other("flag"))?
+        | libc::c_uint::try_from(libc::AT_EMPTY_PATH).map_err(|_| io::Error::other("flag"))?;
+    if recursive {
+        flags |= AT_RECURSIVE;
+    }
+    // SAFETY: an empty, NUL-terminated path and integer arguments; the
+    // result is checked before it is owned.
+    let rc = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(rc).map_err(|_| io::Error::other("bad descriptor"))?;
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+}
+
+/// Attaches the detached mount tree `tree` (from [`clone_tree`]) on `to`,
+/// a path relative to the current directory, or on `to_fd` itself when
+/// `to` is empty (move_mount(2)).
+pub(crate) fn attach_tree(
+    tree: std::os::fd::BorrowedFd<'_>,
+    to_fd: Option<std::os::fd::BorrowedFd<'_>>,
+    to: &std::ffi::CStr,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    let mut flags = MOVE_MOUNT_F_EMPTY_PATH;
+    let dir = match to_fd {
+        Some(fd) => {
+            if to.is_empty() {
+                flags |= MOVE_MOUNT_T_EMPTY_PATH;
+            }
+            fd.as_raw_fd()
+        }
+        None => libc::AT_FDCWD,
+    };
+    // SAFETY: NUL-terminated paths that outlive the call and integers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            dir,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Brings the network interface `name` of the current network namespace
+/// up (`SIOCSIFFLAGS`), as `ip link set <name> up` does.
+pub(crate) fn link_up(name: &str) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket takes integers only; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket and is owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero `ifreq` is valid (a name and a union of integers).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (d, b) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = libc::c_char::from_ne_bytes([*b]);
+    }
+    const IFF_UP: libc::c_short = 1;
+    // SAFETY: `req` is a valid ifreq that outlives both calls; the kernel
+    // reads the name and reads or writes the flags.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= IFF_UP;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Installs a seccomp filter on the calling thread (inherited by children
