@@ -248,6 +248,36 @@ def test_mount_and_remount_refused(arca, sandbox):
     assert arca.mounts() == []
 
 
+def test_network_and_host_name_cannot_be_changed_from_inside(arca, sandbox, sandbox_b):
+    """The sandbox's user namespace owns its network and uts namespaces (ADR 0004), but sandbox
+    root has no CAP_NET_ADMIN or CAP_SYS_ADMIN: it cannot take its interface down, give itself
+    another address (to pose as another sandbox) or rename the host; the sandbox keeps working."""
+    ip = sandbox_ip(sandbox)
+    other = sandbox_ip(sandbox_b)
+    code = (
+        "import ctypes, fcntl, socket, struct\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "req = struct.pack('16sH14s', b'eth0', 0, b'')\n"
+        "try:\n"
+        "    fcntl.ioctl(s, 0x8914, req); print('DOWN')\n"  # SIOCSIFFLAGS with no IFF_UP
+        "except OSError as e: print('down refused', e.errno)\n"
+        f"addr = struct.pack('16sH2s4s8s', b'eth0', socket.AF_INET, b'', socket.inet_aton('{other}'), b'')\n"
+        "try:\n"
+        "    fcntl.ioctl(s, 0x8916, addr); print('READDRESSED')\n"  # SIOCSIFADDR
+        "except OSError as e: print('address refused', e.errno)\n"
+        "try:\n"
+        "    socket.sethostname('evil'); print('RENAMED')\n"
+        "except OSError as e: print('rename refused', e.errno)\n"
+    )
+    sandbox.files.write("/tmp/net.py", code)
+    _, out = sh(sandbox, "python3 /tmp/net.py")
+    assert "DOWN" not in out and "READDRESSED" not in out and "RENAMED" not in out, out
+    assert out.count("refused 1") == 3, out  # EPERM each time
+    assert sandbox_ip(sandbox) == ip
+    assert sh(sandbox, "hostname")[1].strip() == sandbox.sandbox_id
+    assert sandbox.commands.run("echo still reachable").stdout.strip() == "still reachable"
+
+
 def test_module_loading_refused(sandbox):
     modules = Path("/proc/modules")  # absent on a kernel without module support
     lsmod = modules.read_text() if modules.exists() else None
