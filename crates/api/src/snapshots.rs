@@ -275,17 +275,32 @@ async fn snapshot(
         undo(&api, &build, new_template, &e.to_string()).await;
         return Err(node_failure(&api, &source.id, e).await);
     }
-    if !api
-        .db()
-        .finish_ready(&build.id, &envd_version, now())
-        .await?
-    {
-        forget_build(&api, &build).await;
-        return Err(gone());
+    // From here a failure also takes the node's copy away again.
+    let recorded = async {
+        if !api
+            .db()
+            .finish_ready(&build.id, &envd_version, now())
+            .await?
+        {
+            return Ok(false);
+        }
+        api.db()
+            .snapshot_made(&build.template_id, source.id.as_str(), &tag, now())
+            .await?;
+        Ok::<bool, ApiError>(true)
     }
-    api.db()
-        .snapshot_made(&build.template_id, source.id.as_str(), &tag, now())
-        .await?;
+    .await;
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => {
+            forget_build(&api, &build).await;
+            return Err(gone());
+        }
+        Err(e) => {
+            undo(&api, &build, new_template, &e.to_string()).await;
+            return Err(e);
+        }
+    }
     let snap = api
         .db()
         .snapshot(&build.template_id)
@@ -333,18 +348,21 @@ async fn register(
             None => db.template_by_name(&r.name).await?,
         };
         match existing {
+            // One snapshot per name: its id then names exactly one copy,
+            // which delete and list can act on.
             Some(t) if refs::owns(&t, team) => {
-                if db.snapshot(&t.id).await?.is_none() {
-                    return Err(conflict(format!(
+                return Err(conflict(if db.snapshot(&t.id).await?.is_some() {
+                    format!(
+                        "a snapshot named '{}' exists; delete it (DELETE /templates/{}) or choose another name",
+                        r.name, r.name
+                    )
+                } else {
+                    format!(
                         "template name '{}' is used by a template that is not a snapshot; \
                          choose another name",
                         r.name
-                    )));
-                }
-                build.template_id = t.id.clone();
-                if db.add_snapshot_build(build, now()).await? {
-                    return Ok(false);
-                }
+                    )
+                }));
             }
             Some(t) => {
                 let whose = if t.team_id.is_none() {

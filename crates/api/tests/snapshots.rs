@@ -503,16 +503,20 @@ async fn snapshots_copy_their_source_build_and_names_follow_template_rules() {
     assert_eq!(snapshot_ids(&s, &key, "?name=snap%3Av1").await, ["snap:v1"]);
     assert!(snapshot_ids(&s, &key, "?name=snap%3Av2").await.is_empty());
 
-    // The same name again: a new build of the same snapshot.
-    let v = snapshot(&s, &src, json!({"name": "snap:v2"})).await;
-    assert_eq!(v["snapshotID"], "snap:v2");
-    let snaps = s.node.snapshots.lock().unwrap().clone();
-    assert_eq!(snaps.len(), 2);
-    assert_eq!(snaps[0].1, snaps[1].1);
-    assert_ne!(snaps[0].2, snaps[1].2);
-    assert_eq!(snapshot_ids(&s, &key, "").await, ["snap:v2"]);
+    // The same name again is a conflict: one snapshot per name, so its id
+    // names exactly one copy. The node is not asked.
+    let v = s
+        .call(
+            "POST",
+            &format!("/sandboxes/{src}/snapshots"),
+            Some(json!({"name": "snap:v2"})),
+        )
+        .await
+        .assert_error(409);
+    assert!(v["message"].as_str().unwrap().contains("exists"), "{v}");
+    assert_eq!(s.node.snapshots.lock().unwrap().len(), 1);
+    assert_eq!(snapshot_ids(&s, &key, "").await, ["snap:v1"]);
     assert_eq!(build_started_from(&s, "snap:v1").await, b1);
-    assert_eq!(build_started_from(&s, "snap:v2").await, snaps[1].2);
 
     // Names of templates that are not snapshots, or are someone else's,
     // cannot be taken; bad names and memory snapshots are refused.
@@ -544,7 +548,7 @@ async fn snapshots_copy_their_source_build_and_names_follow_template_rules() {
     s.call("POST", "/sandboxes/inope/snapshots", Some(json!({})))
         .await
         .assert_error(404);
-    assert_eq!(s.node.snapshots.lock().unwrap().len(), 2);
+    assert_eq!(s.node.snapshots.lock().unwrap().len(), 1);
     // A team-qualified name with the team's own name is fine.
     let v = snapshot(&s, &src, json!({"name": "default/snap2"})).await;
     assert_eq!(v["snapshotID"], "snap2:default");
@@ -600,14 +604,13 @@ async fn a_failed_snapshot_leaves_nothing_behind() {
     // The name is free again.
     snapshot(&s, &src, json!({"name": "snap"})).await;
 
-    // A later build of an existing snapshot that fails ends as an error;
-    // the snapshot stays as it was.
+    // A node short of capacity: 503, nothing left, the first one stays.
     s.node
         .fail_next_snapshot(NodeError::Capacity("busy".into()));
     s.call(
         "POST",
         &format!("/sandboxes/{src}/snapshots"),
-        Some(json!({"name": "snap:v2"})),
+        Some(json!({"name": "other"})),
     )
     .await
     .assert_error(503);

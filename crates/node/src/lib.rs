@@ -151,6 +151,8 @@ struct Instance {
     on_disk: std::sync::atomic::AtomicBool,
     /// When the current pause began (for moving frozen sandboxes to disk).
     paused_since: Mutex<Option<Instant>>,
+    /// The deadline loop is acting on it (pausing or ending it).
+    deadline_busy: std::sync::atomic::AtomicBool,
     /// Serialises pause, resume and kill of this sandbox.
     transition: tokio::sync::Mutex<()>,
 }
@@ -174,6 +176,7 @@ impl Instance {
             paused_at_deadline: std::sync::atomic::AtomicBool::new(st.paused_at_deadline),
             on_disk: std::sync::atomic::AtomicBool::new(st.on_disk),
             paused_since: Mutex::new(st.paused.then(Instant::now)),
+            deadline_busy: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
             spec,
         }
@@ -243,7 +246,8 @@ impl Instance {
         lock(&self.run).as_ref().map(|r| (r.pid, r.pid_start))
     }
 
-    fn save_state(&self) {
+    /// Writes the state file; `false` (logged) if it could not be written.
+    fn save_state(&self) -> bool {
         let (pid, slot_index) = {
             let run = lock(&self.run);
             (
@@ -265,8 +269,12 @@ impl Instance {
                 .load(std::sync::atomic::Ordering::SeqCst),
             on_disk: self.is_on_disk(),
         };
-        if let Err(e) = st.save(&self.dir) {
-            tracing::error!(sandbox_id = %self.spec.sandbox_id, error = %e, "cannot save state");
+        match st.save(&self.dir) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(sandbox_id = %self.spec.sandbox_id, error = %e, "cannot save state");
+                false
+            }
         }
     }
 }
@@ -553,41 +561,29 @@ impl Node {
                 let all: Vec<Arc<Instance>> =
                     lock(&node.inner.sandboxes).values().cloned().collect();
                 for inst in all {
-                    let id = inst.spec.sandbox_id.clone();
                     // A paused sandbox does not expire (it is kept until
                     // resumed or killed); its processes still must exist.
-                    if !inst.is_paused() && *lock(&inst.end_at) <= now {
-                        if inst.spec.on_timeout == TimeoutAction::Pause {
-                            match node
-                                .pause_sandbox(&id, true, inst.spec.auto_pause_mode)
-                                .await
-                            {
-                                Ok(()) => {
-                                    inst.log("info", "paused at its deadline");
-                                    let _ = node
-                                        .inner
-                                        .events
-                                        .send(SandboxEvent::Paused { sandbox_id: id });
-                                    continue;
-                                }
-                                // Paused, resumed with a later deadline or
-                                // killed meanwhile: nothing to do now.
-                                Err(NodeError::Conflict(_) | NodeError::SandboxNotFound(_)) => {
-                                    continue;
-                                }
-                                Err(e) => inst.log(
-                                    "warn",
-                                    format!("pausing at the deadline failed ({e}); killing"),
-                                ),
-                            }
-                        }
-                        node.end(&id, EndReason::Expired).await;
-                    } else if inst
-                        .init_pid()
-                        .is_some_and(|(pid, start)| !state::same_process(pid, start))
+                    let expired = !inst.is_paused() && *lock(&inst.end_at) <= now;
+                    let exited = !expired
+                        && inst
+                            .init_pid()
+                            .is_some_and(|(pid, start)| !state::same_process(pid, start));
+                    // Each action is a task of its own, so a slow one (a
+                    // pause to disk) holds up no other sandbox's deadline;
+                    // one at a time per sandbox.
+                    if !(expired || exited)
+                        || inst
+                            .deadline_busy
+                            .swap(true, std::sync::atomic::Ordering::SeqCst)
                     {
-                        node.end(&id, EndReason::Exited).await;
+                        continue;
                     }
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        node.deadline_action(&inst, expired).await;
+                        inst.deadline_busy
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                    });
                 }
             }
         });
@@ -605,6 +601,39 @@ impl Node {
                 }
             }
         });
+    }
+
+    /// What the deadline loop does to a sandbox whose deadline passed
+    /// (`expired`: pause or end it) or whose init is gone (end it).
+    async fn deadline_action(&self, inst: &Arc<Instance>, expired: bool) {
+        let id = inst.spec.sandbox_id.clone();
+        if !expired {
+            self.end(&id, EndReason::Exited).await;
+            return;
+        }
+        if inst.spec.on_timeout == TimeoutAction::Pause {
+            match self
+                .pause_sandbox(&id, true, inst.spec.auto_pause_mode)
+                .await
+            {
+                Ok(()) => {
+                    inst.log("info", "paused at its deadline");
+                    let _ = self
+                        .inner
+                        .events
+                        .send(SandboxEvent::Paused { sandbox_id: id });
+                    return;
+                }
+                // Paused, resumed with a later deadline or killed
+                // meanwhile: nothing to do now.
+                Err(NodeError::Conflict(_) | NodeError::SandboxNotFound(_)) => return,
+                Err(e) => inst.log(
+                    "warn",
+                    format!("pausing at the deadline failed ({e}); killing"),
+                ),
+            }
+        }
+        self.end(&id, EndReason::Expired).await;
     }
 
     /// Ends a sandbox: kills every process, removes its cgroup, files and
@@ -681,7 +710,21 @@ impl Node {
         inst.on_disk
             .store(to_disk, std::sync::atomic::Ordering::SeqCst);
         *lock(&inst.paused_since) = Some(Instant::now());
-        inst.save_state();
+        if !inst.save_state() && to_disk {
+            // Without the record a restart would take the sandbox for
+            // dead and remove its disk: it goes on running instead.
+            inst.on_disk
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            inst.paused
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            *lock(&inst.paused_since) = None;
+            if let Some(cg) = inst.cgroup() {
+                let _ = tokio::task::spawn_blocking(move || cg.set_frozen(false)).await;
+            }
+            return Err(NodeError::Internal(format!(
+                "sandbox {id}: cannot record the pause (is the disk of the Arca home full?)"
+            )));
+        }
         // Connections through the proxy are cut, as the SDKs expect.
         let _ = self.inner.ended.send(id.clone());
         if to_disk {
@@ -707,7 +750,11 @@ impl Node {
         }
         inst.on_disk
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        inst.save_state();
+        if !inst.save_state() {
+            inst.on_disk
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
         self.release_runtime(&inst).await;
         inst.log(
             "info",
@@ -834,10 +881,23 @@ impl Node {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| NodeError::Internal("sandbox directory without a name".into()))?;
+        // Never a second mount of a disk the last run still holds.
+        let image = inst.dir.join("disk.img");
+        let img = image.clone();
+        let released =
+            tokio::task::spawn_blocking(move || disk::wait_released(&img, DISK_RELEASED_WITHIN))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+        if !released {
+            return Err(NodeError::Internal(format!(
+                "sandbox {}: its disk is still held by its last run; try again",
+                spec.sandbox_id
+            )));
+        }
         let mut plan = self.sandbox_plan(build, spec.disk_size_mb)?;
         plan.upper = Upper::Existing {
             mb: spec.disk_size_mb,
-            image: inst.dir.join("disk.img"),
+            image,
         };
         plan.resume = Some(StateFile::load(&inst.dir).map_err(|e| {
             NodeError::Internal(format!(
@@ -931,7 +991,7 @@ impl Node {
         // A resume keeps the paused sandbox's state and records only what
         // it makes: a crash half-way leaves the sandbox paused.
         let resuming = plan.resume.is_some();
-        let mut st = plan.resume.take().unwrap_or_else(|| StateFile {
+        let st = plan.resume.take().unwrap_or_else(|| StateFile {
             phase: Phase::Creating,
             spec: None,
             started_at: Utc::now(),
@@ -957,6 +1017,29 @@ impl Node {
             pid_start: 0,
             disk_size_mb,
         };
+        match self.boot_into(&mut b, st, plan).await {
+            Ok(()) => Ok(b),
+            Err(e) => {
+                // What the boot made is gone before the error is told: a
+                // retry (a resume, above all) must not meet it half-removed.
+                b.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of [`Node::boot`] that make something: slot, cgroup, disk,
+    /// init, network, envd, the template's start command.
+    async fn boot_into(
+        &self,
+        b: &mut Booted,
+        mut st: StateFile,
+        plan: BootPlan,
+    ) -> Result<(), NodeError> {
+        let inner = &self.inner;
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
+        let (dir, instance_id) = (b.dir.clone(), b.instance_id.clone());
         let t0 = Instant::now();
         let slot = inner
             .slots
@@ -1088,7 +1171,7 @@ impl Node {
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "booted (cumulative times)"
         );
-        Ok(b)
+        Ok(())
     }
 
     /// Gives a booted sandbox its identity: limits, `/init`, state file,
@@ -1500,6 +1583,17 @@ fn reap(pid: i32) {
     }
 }
 
+/// Runs a state change of a sandbox as a task of its own and waits for it:
+/// a caller that stops waiting (a client gone, a timeout) cannot cut it off
+/// half-way.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| NodeError::Internal(format!("a sandbox task failed: {e}")))?
+}
+
 /// Whether the host has less than a tenth of its memory available.
 fn memory_short() -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
@@ -1622,7 +1716,10 @@ impl NodeService for Node {
         id: &'a SandboxId,
         mode: PauseMode,
     ) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(self.pause_sandbox(id, false, mode))
+        let (node, id) = (self.clone(), id.clone());
+        Box::pin(detached(async move {
+            node.pause_sandbox(&id, false, mode).await
+        }))
     }
 
     fn resume<'a>(
@@ -1630,7 +1727,10 @@ impl NodeService for Node {
         id: &'a SandboxId,
         end_at: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<SandboxStatus, NodeError>> {
-        Box::pin(self.resume_sandbox(id, end_at))
+        let (node, id) = (self.clone(), id.clone());
+        Box::pin(detached(
+            async move { node.resume_sandbox(&id, end_at).await },
+        ))
     }
 
     fn fork<'a>(
@@ -1638,7 +1738,10 @@ impl NodeService for Node {
         source: &'a SandboxId,
         specs: Vec<SandboxSpec>,
     ) -> BoxFuture<'a, Result<Vec<Result<SandboxStatus, NodeError>>, NodeError>> {
-        Box::pin(self.fork_sandbox(source, specs))
+        let (node, source) = (self.clone(), source.clone());
+        Box::pin(detached(
+            async move { node.fork_sandbox(&source, specs).await },
+        ))
     }
 
     fn snapshot<'a>(
@@ -1647,7 +1750,11 @@ impl NodeService for Node {
         template_id: &'a str,
         build_id: &'a str,
     ) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(self.snapshot_sandbox(source, template_id, build_id))
+        let (node, source) = (self.clone(), source.clone());
+        let (t, b) = (template_id.to_string(), build_id.to_string());
+        Box::pin(detached(async move {
+            node.snapshot_sandbox(&source, &t, &b).await
+        }))
     }
 }
 
@@ -1703,7 +1810,10 @@ impl RouteSource for Node {
                 Ok(secs) if secs > 0 => chrono::TimeDelta::seconds(secs),
                 _ => (inst.spec.end_at - inst.started_at).max(chrono::TimeDelta::seconds(1)),
             };
-            match self.resume_sandbox(&id, Utc::now() + life).await {
+            let (node, rid) = (self.clone(), id.clone());
+            let resumed =
+                detached(async move { node.resume_sandbox(&rid, Utc::now() + life).await }).await;
+            match resumed {
                 Ok(status) => {
                     inst.log("info", "resumed by inbound traffic");
                     let _ = self.inner.events.send(SandboxEvent::Resumed {

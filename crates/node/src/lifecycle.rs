@@ -183,6 +183,9 @@ impl Node {
     ) -> Result<(), NodeError> {
         let inst = self.instance(source)?;
         let parent = self.build_of(&inst)?;
+        // The parent build's layers stay while the copy is made, even if
+        // the source ends and its template is deleted meanwhile.
+        let _booting = Booting::new(&self.inner, &parent.template_id, &parent.build_id);
         // Layer ids are lowercase letters, digits and dashes.
         let key: String = format!("snapshot-{template_id}-{build_id}")
             .chars()

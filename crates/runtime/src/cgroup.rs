@@ -381,18 +381,39 @@ impl Cgroup {
     /// reports the new state.
     pub fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
         let (dir, v2) = &self.freezer;
-        if *v2 {
-            write(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        let (file, settled) = if *v2 {
+            let file = dir.join("cgroup.freeze");
+            write(&file, if frozen { "1" } else { "0" })?;
             let want = if frozen { "frozen 1" } else { "frozen 0" };
-            wait_for(|| {
+            let settled = wait_for(|| {
                 fs::read_to_string(dir.join("cgroup.events"))
                     .is_ok_and(|t| t.lines().any(|l| l.trim() == want))
             });
+            (file, settled)
         } else {
             let state = dir.join("freezer.state");
             write(&state, if frozen { "FROZEN" } else { "THAWED" })?;
             let want = if frozen { "FROZEN" } else { "THAWED" };
-            wait_for(|| fs::read_to_string(&state).is_ok_and(|t| t.trim() == want));
+            let settled = wait_for(|| fs::read_to_string(&state).is_ok_and(|t| t.trim() == want));
+            (state, settled)
+        };
+        if !settled {
+            // A task stuck in the kernel keeps a freeze from finishing: the
+            // caller must not act as if nothing ran, and nothing stays
+            // half-frozen.
+            if frozen {
+                let _ = write(&file, if *v2 { "0" } else { "THAWED" });
+            }
+            return Err(CgroupError::Io {
+                path: file,
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the cgroup did not become {} within a second",
+                        if frozen { "frozen" } else { "thawed" }
+                    ),
+                ),
+            });
         }
         Ok(())
     }
@@ -514,13 +535,15 @@ fn read_u64(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn wait_for(mut done: impl FnMut() -> bool) {
+/// Polls `done` for about a second; whether it became true.
+fn wait_for(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..500 {
         if done() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    done()
 }
 
 #[cfg(test)]

@@ -161,12 +161,14 @@ fn mount_root(cfg: &InitConfig) -> Res<()> {
             format!("attaching {}", disk.image.display())
         })?;
         ensure_dir(&disk.mount_point)?;
+        // noinit_itable: no kernel thread zeroing inode tables behind the
+        // sandbox's back (a fork copies the image while it is mounted).
         mnt(
             Some(&path.display().to_string()),
             &disk.mount_point,
             Some("ext4"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None,
+            Some("noinit_itable"),
         )?;
         drop(dev);
     }

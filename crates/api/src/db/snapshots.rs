@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
-use super::templates::{NameTaken, NewBuild, insert_build, insert_template};
+use super::templates::{NameTaken, NewBuild, insert_template};
 use super::{Arg, Db, from_micros, micros};
 use crate::error::ApiError;
 
@@ -88,28 +88,6 @@ impl Db {
         .await?;
         tx.commit().await?;
         Ok(Ok(()))
-    }
-
-    /// Registers another build of the snapshot `build.template_id`; `false`
-    /// if that snapshot is gone. The snapshot names its source and tag
-    /// once the build is made ([`Db::snapshot_made`]).
-    pub(crate) async fn add_snapshot_build(
-        &self,
-        build: &NewBuild,
-        now: DateTime<Utc>,
-    ) -> Result<bool, ApiError> {
-        let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT 1 FROM snapshots WHERE template_id = $1")
-            .bind(build.template_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-        if !exists {
-            return Ok(false);
-        }
-        insert_build(&mut tx, build, now).await?;
-        tx.commit().await?;
-        Ok(true)
     }
 
     /// Records that the snapshot's newest build, named by `tag`, was made
