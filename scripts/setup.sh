@@ -72,6 +72,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# CRIU >= 4.2 (Debian 12's is too old for current kernels): built from Debian's source package so
+# the checkpoint tests run. Optional for Arca itself: without it, sandboxes moved to disk keep
+# their files only, and those tests say why they skipped.
+# ---------------------------------------------------------------------------------------------
+if ! scripts/build-criu.sh; then
+  log "CRIU could not be built (see above): the checkpoint tests will be skipped"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Python venvs with the official SDK, one per version, from fully pinned requirement files.
 # ---------------------------------------------------------------------------------------------
 py="${ARCA_PYTHON:-python3}"

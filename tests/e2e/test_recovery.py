@@ -126,9 +126,31 @@ def test_a_sandbox_paused_to_disk_survives_a_restart_and_resumes(arca):
         Sandbox.kill(sbx.sandbox_id)
 
 
+def criu_usable() -> str | None:
+    """Why CRIU cannot be used here, or None when it can (what `arca up` checks too)."""
+    import shutil
+    import subprocess
+
+    criu = "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else shutil.which("criu")
+    if not criu:
+        return "no criu installed (scripts/build-criu.sh builds it; scripts/setup.sh runs that)"
+    out = subprocess.run([criu, "--version"], capture_output=True, text=True).stdout
+    version = next((l.split()[1] for l in out.splitlines() if l.startswith("Version:")), "0")
+    if tuple(int(x) for x in version.split(".")[:2]) < (4, 2):
+        return f"criu {version} is older than 4.2"
+    if subprocess.run([criu, "check"], capture_output=True).returncode != 0:
+        return "`criu check` fails on this host"
+    return None
+
+
 def test_frozen_sandboxes_beyond_max_frozen_move_to_disk(arca):
     """`--max-frozen 1`: pausing a second sandbox with its memory moves the one paused longest to
-    disk (files kept, processes ended); the newer one keeps its processes."""
+    disk; with CRIU its processes and memory are saved and come back on connect (same pids, same
+    boot id, a counter going on from its value), without CRIU only its files; the newer one stays
+    frozen."""
+    from test_lifecycle import COUNTER, host_processes_of, read_counter
+
+    no_criu = criu_usable()
     arca.stop()
     arca.extra_args = ["--max-frozen", "1"]
     os.environ.update(arca.start())
@@ -136,25 +158,79 @@ def test_frozen_sandboxes_beyond_max_frozen_move_to_disk(arca):
     b = Sandbox.create(timeout=600)
     try:
         a.files.write("/home/user/a.txt", "a's file")
+        a.files.write("/tmp/counter.py", COUNTER)
+        a.commands.run("python3 /tmp/counter.py", background=True)
+        wait_until(lambda: read_counter(a) > 3, "the counter to count")
+        boot_id = a.files.read("/proc/sys/kernel/random/boot_id")
+        pid_a = int(a.commands.run(BACKGROUND).stdout)
         pid_b = int(b.commands.run(BACKGROUND).stdout)
-        a.commands.run(BACKGROUND)
         assert a.pause() is True
         assert b.pause() is True
 
         def mode(s):
             return arca.api("GET", f"/sandboxes/{s.sandbox_id}").json().get("pauseMode")
 
-        wait_until(lambda: mode(a) == "filesystem", "the older pause to move to disk")
+        # Moved: nothing of it runs on the host any more.
+        wait_until(lambda: host_processes_of(a.sandbox_id) == [], "the older pause to move to disk")
         assert mode(b) == "full"
+        assert host_processes_of(b.sandbox_id) != []
         a2 = Sandbox.connect(a.sandbox_id, timeout=120)
         assert a2.files.read("/home/user/a.txt") == "a's file"
-        assert "sleep 1000" not in a2.commands.run("ps -eo args").stdout
+        if no_criu is None:
+            assert mode(a) is None  # running again
+            assert a2.files.read("/proc/sys/kernel/random/boot_id") == boot_id
+            r = a2.commands.run(f"cat /proc/{pid_a}/cmdline | tr '\\0' ' '")
+            assert r.stdout == "sleep 1000 ", r.stdout
+            # The counter's count lived in its memory: it goes on from there.
+            value = read_counter(a2)
+            assert value > 3
+            wait_until(lambda: read_counter(a2) > value, "the restored counter to go on")
+        else:
+            print(f"CRIU path skipped: {no_criu}")
+            assert "sleep 1000" not in a2.commands.run("ps -eo args").stdout
         b2 = Sandbox.connect(b.sandbox_id, timeout=120)
         r = b2.commands.run(f"cat /proc/{pid_b}/cmdline | tr '\\0' ' '")
         assert r.stdout == "sleep 1000 ", r.stdout
     finally:
         Sandbox.kill(a.sandbox_id)
         Sandbox.kill(b.sandbox_id)
+        arca.stop()
+        arca.extra_args = []
+        os.environ.update(arca.start())
+
+
+def test_a_checkpointed_sandbox_survives_a_restart_and_resumes(arca):
+    """With CRIU: a sandbox moved to disk (`--pause-to-disk-after 0`) holds nothing on the host; after
+    `kill -9` and a restart of `arca up` it is still paused, and connect restores its processes."""
+    from test_lifecycle import host_processes_of
+
+    no_criu = criu_usable()
+    if no_criu is not None:
+        pytest.skip(f"CRIU path: {no_criu}")
+    arca.stop()
+    arca.extra_args = ["--pause-to-disk-after", "0"]
+    os.environ.update(arca.start())
+    sbx = Sandbox.create(timeout=600)
+    try:
+        pid = int(sbx.commands.run(BACKGROUND).stdout)
+        sbx.files.write("/home/user/kept.txt", "with its processes")
+        assert sbx.pause() is True
+        wait_until(lambda: host_processes_of(sbx.sandbox_id) == [], "the pause to move to disk")
+        info = arca.api("GET", f"/sandboxes/{sbx.sandbox_id}").json()
+        assert (info["state"], info.get("pauseMode")) == ("paused", "full")
+        arca.kill9()
+        os.environ.update(arca.start())
+        assert Sandbox.get_info(sbx.sandbox_id).state == "paused"
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        r = again.commands.run(f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
+        assert r.stdout == "sleep 1000 ", r.stdout
+        assert again.files.read("/home/user/kept.txt") == "with its processes"
+        # It pauses and resumes again like any sandbox.
+        assert again.pause() is True
+        third = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert third.commands.run("echo ok").stdout.strip() == "ok"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
         arca.stop()
         arca.extra_args = []
         os.environ.update(arca.start())

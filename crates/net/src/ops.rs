@@ -56,24 +56,73 @@ pub(crate) fn create_invocations(layout: &Layout, index: u32) -> Option<[Invocat
 /// 3. `ip netns attach {ns} {pid}`: the name is the sandbox's netns now,
 ///    so `/run/netns/{ns}` keeps working for the proxy and the node;
 /// 4. `ip -n {ns} -batch -`: address, `eth0` up, default route.
-pub(crate) fn attach_invocations(layout: &Layout, index: u32, pid: i32) -> Option<[Invocation; 4]> {
+pub(crate) fn attach_invocations(
+    layout: &Layout,
+    index: u32,
+    pid: &str,
+) -> Option<[Invocation; 4]> {
     let (host_ip, sandbox_ip) = layout.addresses(index)?;
     let ns = layout.netns_name(index);
-    let pid = pid.to_string();
     let inside = format!(
         "addr add {sandbox_ip}/{SLOT_PREFIX_LEN} dev {SANDBOX_IFNAME}\n\
          link set {SANDBOX_IFNAME} up\n\
+         link set lo up\n\
          route add default via {host_ip}\n"
     );
     Some([
         Invocation::new(
             Program::Ip,
-            &["-n", &ns, "link", "set", SANDBOX_IFNAME, "netns", &pid],
+            &["-n", &ns, "link", "set", SANDBOX_IFNAME, "netns", pid],
         ),
         Invocation::new(Program::Ip, &["netns", "del", &ns]),
-        Invocation::new(Program::Ip, &["netns", "attach", &ns, &pid]),
+        Invocation::new(Program::Ip, &["netns", "attach", &ns, pid]),
         Invocation::new(Program::Ip, &["-n", &ns, "-batch", "-"]).with_stdin(inside),
     ])
+}
+
+/// A POSIX shell script that does what [`attach_invocations`] does for the
+/// process whose pid is in `$CRTOOLS_INIT_PID` when CRIU runs it with
+/// `CRTOOLS_SCRIPT_ACTION=setup-namespaces` (CRIU's restore makes the
+/// sandbox's network namespace anew, empty), and also sets the namespace's
+/// sysctls the sandbox init sets at boot. Other actions do nothing. CRIU
+/// runs it in the restorer's private mount namespace: it re-runs itself in
+/// `host_mnt_ns` (the node's), where `/run/netns` names must be made.
+pub(crate) fn attach_script(layout: &Layout, index: u32, host_mnt_ns: &str) -> Option<String> {
+    const PID: &str = "@PID@";
+    let steps = attach_invocations(layout, index, PID)?;
+    let ns = layout.netns_name(index);
+    let mut s = format!(
+        "#!/bin/sh\n\
+         # Written by Arca: joins a restored sandbox to its network slot.\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = setup-namespaces ] || exit 0\n\
+         set -e\n\
+         if [ -z \"$ARCA_HOST_MNT\" ]; then\n\
+         \x20 ARCA_HOST_MNT=1 exec nsenter --mount={host_mnt_ns} -- \"$0\"\n\
+         fi\n\
+         pid=\"$CRTOOLS_INIT_PID\"\n"
+    );
+    for step in &steps {
+        s.push_str(step.program.name());
+        for a in &step.args {
+            s.push(' ');
+            if a == PID {
+                s.push_str("\"$pid\"");
+            } else {
+                s.push_str(a);
+            }
+        }
+        if let Some(stdin) = &step.stdin {
+            s.push_str(" <<'ARCA_EOF'\n");
+            s.push_str(stdin);
+            s.push_str("ARCA_EOF");
+        }
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "ip netns exec {ns} sh -c 'echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start; \
+         echo \"0 2147483647\" > /proc/sys/net/ipv4/ping_group_range'\n"
+    ));
+    Some(s)
 }
 
 fn delete_link(layout: &Layout, index: u32) -> Invocation {

@@ -323,7 +323,7 @@ impl SlotPool {
     /// the sandbox's processes once the slot is released. About 10 ms.
     pub async fn attach(&self, slot: &Slot, pid: i32) -> Result<(), NetError> {
         let layout = &self.inner.layout;
-        let Some(steps) = ops::attach_invocations(layout, slot.index, pid) else {
+        let Some(steps) = ops::attach_invocations(layout, slot.index, &pid.to_string()) else {
             return Err(NetError::Exhausted {
                 cidr: layout.cidr().to_owned(),
                 slots: layout.slots(),
@@ -341,6 +341,14 @@ impl SlotPool {
                 })?;
         }
         Ok(())
+    }
+
+    /// What [`attach`](Self::attach) does, as a CRIU action script for a
+    /// restore: the restored sandbox's network namespace is made by CRIU,
+    /// and the script joins it to `slot` when CRIU says so.
+    pub fn attach_script(&self, slot: &Slot) -> Option<String> {
+        let host = format!("/proc/{}/ns/mnt", std::process::id());
+        ops::attach_script(&self.inner.layout, slot.index, &host)
     }
 
     /// The [`Slot`] of an index adopted by [`new`](Self::new), once; `None`

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod build;
+mod criu;
 mod disk;
 mod envd;
 mod lifecycle;
@@ -51,6 +52,8 @@ pub const DEFAULT_PIDS_LIMIT: u64 = 2048;
 const METRICS_KEPT: usize = 120;
 /// Log lines kept per sandbox.
 const LOGS_KEPT: usize = 1000;
+/// Where a checkpointed sandbox's CRIU images live, in its directory.
+const CHECKPOINT_DIR: &str = "checkpoint";
 /// How long a stopped sandbox's disk may take to leave its loop device.
 const DISK_RELEASED_WITHIN: Duration = Duration::from_secs(10);
 /// How long envd has to answer after start.
@@ -88,6 +91,16 @@ pub struct NodeConfig {
     /// A frozen sandbox goes to disk after this long paused (`None`: never
     /// for idleness).
     pub frozen_to_disk_after: Option<Duration>,
+    /// The `criu` binary (default: `/usr/local/sbin/criu`, then `PATH`).
+    /// When a usable one is found, sandboxes moved to disk keep their
+    /// processes and memory.
+    pub criu: Option<PathBuf>,
+}
+
+/// Whether this host has a CRIU the node can use (the one `explicit`
+/// names, else the default): its path and version, or why not. Blocking.
+pub fn criu_status(explicit: Option<&Path>) -> Result<(PathBuf, String), String> {
+    criu::Criu::detect(explicit).map(|c| (c.bin().to_path_buf(), c.version().to_string()))
 }
 
 /// Default [`NodeConfig::max_frozen`].
@@ -149,6 +162,8 @@ struct Instance {
     paused_at_deadline: std::sync::atomic::AtomicBool,
     /// The pause keeps files only (set before the processes go).
     on_disk: std::sync::atomic::AtomicBool,
+    /// With `on_disk`: processes and memory are saved by CRIU.
+    checkpointed: std::sync::atomic::AtomicBool,
     /// When the current pause began (for moving frozen sandboxes to disk).
     paused_since: Mutex<Option<Instant>>,
     /// The deadline loop is acting on it (pausing or ending it).
@@ -175,6 +190,7 @@ impl Instance {
             paused: std::sync::atomic::AtomicBool::new(st.paused),
             paused_at_deadline: std::sync::atomic::AtomicBool::new(st.paused_at_deadline),
             on_disk: std::sync::atomic::AtomicBool::new(st.on_disk),
+            checkpointed: std::sync::atomic::AtomicBool::new(st.on_disk && st.checkpoint),
             paused_since: Mutex::new(st.paused.then(Instant::now)),
             deadline_busy: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
@@ -206,7 +222,7 @@ impl Instance {
                 SandboxState::Running
             },
             pause_mode: self.is_paused().then(|| {
-                if self.is_on_disk() {
+                if self.is_on_disk() && !self.is_checkpointed() {
                     PauseMode::Filesystem
                 } else {
                     PauseMode::Full
@@ -227,6 +243,10 @@ impl Instance {
 
     fn is_on_disk(&self) -> bool {
         self.on_disk.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn is_checkpointed(&self) -> bool {
+        self.checkpointed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The cgroup, unless paused to disk.
@@ -268,6 +288,7 @@ impl Instance {
                 .paused_at_deadline
                 .load(std::sync::atomic::Ordering::SeqCst),
             on_disk: self.is_on_disk(),
+            checkpoint: self.is_checkpointed(),
         };
         match st.save(&self.dir) {
             Ok(()) => true,
@@ -282,6 +303,8 @@ impl Instance {
 struct Inner {
     config: NodeConfig,
     layout: Layout,
+    /// CRIU, when this host has a usable one.
+    criu: Option<criu::Criu>,
     slots: SlotPool,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Instance>>>,
     creating: Mutex<std::collections::HashSet<SandboxId>>,
@@ -386,12 +409,29 @@ impl Node {
         let disks_dir = config.home.join("disks");
         let templates = TemplateStore::open(&config.home)?;
         let warm_pool = config.warm_pool;
+        let explicit = config.criu.clone();
+        let criu = match tokio::task::spawn_blocking(move || {
+            criu::Criu::detect(explicit.as_deref())
+        })
+        .await
+        {
+            Ok(Ok(c)) => {
+                tracing::info!(criu = %c.bin().display(), version = c.version(), "CRIU found: sandboxes moved to disk keep their processes");
+                Some(c)
+            }
+            Ok(Err(why)) => {
+                tracing::info!(%why, "no usable CRIU: sandboxes moved to disk keep their files only");
+                None
+            }
+            Err(_) => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let (ended, _) = broadcast::channel(1024);
         let node = Node {
             inner: Arc::new(Inner {
                 config,
                 layout,
+                criu,
                 slots,
                 sandboxes: Mutex::new(HashMap::new()),
                 creating: Mutex::new(std::collections::HashSet::new()),
@@ -748,19 +788,56 @@ impl Node {
         if !current || !inst.is_paused() || inst.is_on_disk() {
             return;
         }
+        // With CRIU the processes and memory go to disk too.
+        let saved = match (&self.inner.criu, inst.cgroup(), inst.init_pid()) {
+            (Some(criu), Some(cg), Some((pid, _))) => {
+                let (criu, images) = (criu.clone(), inst.dir.join(CHECKPOINT_DIR));
+                let freezer = cg.freezer_dir().to_path_buf();
+                let t0 = Instant::now();
+                let dumped =
+                    tokio::task::spawn_blocking(move || criu.dump(pid, &freezer, &images)).await;
+                match dumped {
+                    Ok(Ok(())) => {
+                        tracing::debug!(sandbox_id = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "checkpointed");
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        inst.log(
+                            "warn",
+                            format!("checkpoint failed ({e}); keeping its files only"),
+                        );
+                        false
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        inst.checkpointed
+            .store(saved, std::sync::atomic::Ordering::SeqCst);
         inst.on_disk
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if !inst.save_state() {
             inst.on_disk
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            inst.checkpointed
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             return;
         }
         self.release_runtime(&inst).await;
-        inst.log(
-            "info",
-            format!("moved to disk ({why}): files kept, processes ended"),
-        );
-        tracing::info!(sandbox_id = %id, why, "a frozen sandbox was moved to disk");
+        if saved {
+            inst.log(
+                "info",
+                format!("moved to disk ({why}): processes and memory saved"),
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(inst.dir.join(CHECKPOINT_DIR));
+            inst.log(
+                "info",
+                format!("moved to disk ({why}): files kept, processes ended"),
+            );
+        }
+        tracing::info!(sandbox_id = %id, why, checkpoint = saved, "a frozen sandbox was moved to disk");
     }
 
     /// Frozen sandboxes to move to disk now, each with the reason: paused
@@ -833,7 +910,12 @@ impl Node {
         // The deadline first: the deadline loop must not see it expired.
         *lock(&inst.end_at) = end_at;
         if inst.is_on_disk() {
-            if let Err(e) = self.boot_again(&inst).await {
+            let back = if inst.is_checkpointed() {
+                self.restore_checkpoint(&inst).await
+            } else {
+                self.boot_again(&inst).await
+            };
+            if let Err(e) = back {
                 // Still paused; the state file names no half-made runtime.
                 inst.save_state();
                 inst.log("error", format!("resume failed: {e}"));
@@ -849,6 +931,8 @@ impl Node {
                 .map_err(|e| NodeError::Internal(format!("thawing sandbox {id}: {e}")))?;
         }
         inst.on_disk
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        inst.checkpointed
             .store(false, std::sync::atomic::Ordering::SeqCst);
         inst.paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1002,6 +1086,7 @@ impl Node {
             paused: false,
             paused_at_deadline: false,
             on_disk: false,
+            checkpoint: false,
         });
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
@@ -1190,6 +1275,7 @@ impl Node {
             paused: false,
             paused_at_deadline: false,
             on_disk: false,
+            checkpoint: false,
         };
         let inst = Arc::new(Instance::new(spec, &st, dir, Some(run)));
         inst.save_state();

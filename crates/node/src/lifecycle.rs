@@ -309,3 +309,205 @@ impl Drop for Pin<'_> {
         }
     }
 }
+
+impl Node {
+    /// Brings a checkpointed sandbox back with CRIU (see `criu.rs`): a new
+    /// slot and cgroup, its root mounted again, its processes and memory
+    /// restored. The state file records the pid and slot as they are made,
+    /// so a crash half-way leaves the sandbox paused. The images go once
+    /// it runs.
+    pub(crate) async fn restore_checkpoint(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
+        let internal = |what: &str, e: &dyn std::fmt::Display| {
+            NodeError::Internal(format!(
+                "restoring sandbox {}: {what}: {e}",
+                inst.spec.sandbox_id
+            ))
+        };
+        let criu = self
+            .inner
+            .criu
+            .clone()
+            .ok_or_else(|| internal("CRIU", &"no usable criu on this node any more"))?;
+        let build = self.build_of(inst)?;
+        let name = inst
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| internal("sandbox directory", &"no name"))?;
+        let image = inst.dir.join("disk.img");
+        let img = image.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            disk::wait_released(&img, crate::DISK_RELEASED_WITHIN)
+        })
+        .await
+        .map_err(|e| internal("disk task", &e))?;
+        if !released {
+            return Err(internal("disk", &"still held by its last run; try again"));
+        }
+        let lowers = self
+            .inner
+            .templates
+            .lower_dirs(&build)
+            .map_err(|e| internal("template layers", &e))?;
+        let mut st = crate::state::StateFile::load(&inst.dir).map_err(|e| internal("state", &e))?;
+        let slot = self
+            .inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
+        st.slot_index = Some(slot.index);
+        let _ = st.save(&inst.dir);
+        let limits = arca_runtime::cgroup::Limits {
+            cpus: inst.spec.cpu_count,
+            memory_mib: u64::from(inst.spec.memory_mb),
+            pids: self.inner.config.pids_limit,
+        };
+        let cgroup = match self.inner.layout.create(&name, limits) {
+            Ok(c) => c,
+            Err(e) => {
+                self.inner.slots.release(slot);
+                return Err(internal("cgroup", &e));
+            }
+        };
+        let images = inst.dir.join(crate::CHECKPOINT_DIR);
+        let (hook, pidfile) = (images.join("net-hook.sh"), images.join("restored.pid"));
+        let prepared = (|| -> std::io::Result<()> {
+            use std::os::unix::fs::PermissionsExt as _;
+            let script = self
+                .inner
+                .slots
+                .attach_script(&slot)
+                .ok_or_else(|| std::io::Error::other("the slot has no addresses"))?;
+            std::fs::write(&hook, script)?;
+            std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o700))?;
+            let _ = std::fs::remove_file(&pidfile);
+            Ok(())
+        })();
+        let (root, disk_dir) = (inst.dir.join("root"), inst.dir.join("disk"));
+        let cfg = arca_runtime::RestoreConfig {
+            init: arca_runtime::InitConfig {
+                sandbox_id: inst.spec.sandbox_id.to_string(),
+                hostname: inst.spec.sandbox_id.to_string(),
+                lower_dirs: lowers,
+                upper_dir: disk_dir.join("upper"),
+                work_dir: disk_dir.join("work"),
+                root_dir: root.clone(),
+                envd_binary: self.inner.config.envd_binary.clone(),
+                envd_args: vec![],
+                env: vec![],
+                own_netns: true,
+                cgroup_dirs: cgroup.dirs().to_vec(),
+                id_map: arca_runtime::DEFAULT_ID_MAP,
+                boot_id: String::new(),
+                no_new_privs: false,
+                disk: Some(arca_runtime::DiskSpec {
+                    image: image.clone(),
+                    mount_point: disk_dir,
+                }),
+                files: vec![],
+            },
+            criu: criu.bin().to_path_buf(),
+            args: crate::criu::Criu::restore_args(
+                &images,
+                &root,
+                &hook,
+                &pidfile,
+                &self.inner.layout.criu_cgroup_roots(&name),
+            ),
+        };
+        let exe = self.inner.config.init_exe.clone();
+        let restored = match prepared {
+            Err(e) => Err(format!("writing the network hook: {e}")),
+            Ok(()) => tokio::task::spawn_blocking({
+                let images = images.clone();
+                let pidfile = pidfile.clone();
+                move || run_restore(&exe, &cfg, &images, &pidfile)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string())),
+        };
+        let pid = match restored {
+            Ok(pid) => pid,
+            Err(e) => {
+                let (inner, cg) = (self.inner.clone(), cgroup.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::stop_runtime(Some(&cg), 0, Some(slot), &inner.slots);
+                    disk::wait_released(&image, crate::DISK_RELEASED_WITHIN);
+                })
+                .await;
+                return Err(internal("criu restore", &e));
+            }
+        };
+        let pid_start = crate::state::process_start(pid).unwrap_or(0);
+        st.pid = Some(pid);
+        st.pid_start = Some(pid_start);
+        let _ = st.save(&inst.dir);
+        let sandbox_ip = slot.sandbox_ip;
+        let run = crate::Running {
+            pid,
+            pid_start,
+            sandbox_ip,
+            netns: slot.netns_path.clone(),
+            slot: Some(slot),
+            cgroup,
+        };
+        if let Err(e) = self
+            .inner
+            .envd
+            .wait_ready(sandbox_ip, crate::ENVD_READY_WITHIN)
+            .await
+        {
+            let inner = self.inner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::stop_runtime(Some(&run.cgroup), run.pid, run.slot, &inner.slots);
+                disk::wait_released(&image, crate::DISK_RELEASED_WITHIN);
+            })
+            .await;
+            return Err(internal("envd after the restore", &e));
+        }
+        *lock(&inst.run) = Some(run);
+        let _ = std::fs::remove_dir_all(&images);
+        Ok(())
+    }
+}
+
+/// Runs `arca __restore` and returns the restored init's host pid.
+/// Blocking.
+fn run_restore(
+    exe: &Path,
+    cfg: &arca_runtime::RestoreConfig,
+    images: &Path,
+    pidfile: &Path,
+) -> Result<i32, String> {
+    use std::io::Write as _;
+    let json = serde_json::to_vec(cfg).map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .arg("__restore")
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {} __restore: {e}", exe.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&json).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        let log = std::fs::read_to_string(images.join("restore.log")).unwrap_or_default();
+        return Err(format!(
+            "{} {}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            crate::criu::last_lines(&log, 4)
+        ));
+    }
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or_else(|| "criu restore wrote no pid".to_string())
+}

@@ -42,6 +42,10 @@ pub(crate) struct StateFile {
     /// a crash interrupted, which a restarted node removes).
     #[serde(default)]
     pub(crate) on_disk: bool,
+    /// With `on_disk`: its processes and memory are saved in
+    /// `checkpoint/` (CRIU), and a resume restores them.
+    #[serde(default)]
+    pub(crate) checkpoint: bool,
 }
 
 impl StateFile {

@@ -151,6 +151,22 @@ impl Layout {
         Err(CgroupError::MissingController(controller))
     }
 
+    /// `criu restore --cgroup-root` values that put a restored sandbox into
+    /// the cgroup `name` of this layout (one per controller Arca uses, so
+    /// the host's other hierarchies are left as they are).
+    pub fn criu_cgroup_roots(&self, name: &str) -> Vec<String> {
+        let at = format!("/{}/{name}", self.parent);
+        let mut out: Vec<String> = self
+            .v1
+            .iter()
+            .flat_map(|(_, ctrls)| ctrls.iter().map(|c| format!("{c}:{at}")))
+            .collect();
+        if self.v2.is_some() {
+            out.push(format!(":{at}"));
+        }
+        out
+    }
+
     /// Checks that every controller a sandbox needs is available.
     pub fn check(&self) -> Result<(), CgroupError> {
         for c in NEEDED {
@@ -327,6 +343,12 @@ impl Cgroup {
     /// Every directory a process must join (`cgroup.procs` in each).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
+    }
+
+    /// The directory whose freezer stops the sandbox (`freezer.state` on
+    /// v1, `cgroup.freeze` on v2): CRIU's `--freeze-cgroup`.
+    pub fn freezer_dir(&self) -> &Path {
+        &self.freezer.0
     }
 
     /// Sets cpu, memory and pids limits (at creation, and when a warm

@@ -100,7 +100,7 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
         None,
     )?;
     mount_root(cfg)?;
-    mount_run(cfg)?;
+    stage_envd(cfg)?;
     // The sandbox's PID 1 starts in the root: host paths to it may pass
     // through directories that only host root may enter, and the clone
     // moves the working directory into the new mount namespace's copy.
@@ -153,7 +153,7 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
 
 /// Mounts the sandbox's disk (if any) and its overlay root on
 /// `cfg.root_dir`. Host root, in stage 1's private mount namespace.
-fn mount_root(cfg: &InitConfig) -> Res<()> {
+pub(crate) fn mount_root(cfg: &InitConfig) -> Res<()> {
     if let Some(disk) = &cfg.disk {
         // The writable layer lives on the sandbox's own disk; the loop device
         // detaches itself when the last mount namespace holding it ends.
@@ -302,39 +302,26 @@ fn ensure_file(p: &Path) -> Res<()> {
     Ok(())
 }
 
-/// Mounts `/run` (a tmpfs of sandbox root's) with envd read-only at
-/// [`ENVD_PATH`] and the boot id in it. Host root, before the clone: envd's
-/// host path may pass through directories only host root may enter.
-fn mount_run(cfg: &InitConfig) -> Res<()> {
-    let root = cfg.root_dir.as_path();
-    let owner = format!("uid={0},gid={0}", cfg.id_map.outside);
-    let had_run = root.join("run").exists();
-    let run = mount_point(root, "run")?;
-    if !had_run {
-        // Made by host root: give it to sandbox root, as if the image had it.
-        ctx(
-            std::os::unix::fs::chown(&run, Some(cfg.id_map.outside), Some(cfg.id_map.outside)),
-            || "chown /run".into(),
-        )?;
-    }
-    mnt(
-        Some("tmpfs"),
-        &run,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(&format!("mode=755,size=16m,{owner}")),
-    )?;
-    let arca_dir = run.join("arca");
-    ensure_dir(&arca_dir)?;
-    let envd = root.join(ENVD_PATH.trim_start_matches('/'));
-    ensure_file(&envd)?;
+/// Where stage 1 puts envd for PID 1: beside the root directory, so that
+/// PID 1 reaches it as `../envd` from the root (no host path to walk) and
+/// it is gone with the old root after `pivot_root`.
+fn envd_stage(cfg: &InitConfig) -> std::path::PathBuf {
+    cfg.root_dir
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(ENVD_STAGE)
+}
+
+/// Name of [`envd_stage`] beside the root.
+const ENVD_STAGE: &str = "envd";
+
+/// Binds the envd binary at [`envd_stage`]. Host root, before the clone:
+/// envd's host path may pass through directories only host root may enter.
+fn stage_envd(cfg: &InitConfig) -> Res<()> {
+    let stage = envd_stage(cfg);
+    ensure_file(&stage)?;
     let envd_src = cfg.envd_binary.display().to_string();
-    mnt(Some(&envd_src), &envd, None, MsFlags::MS_BIND, None)?;
-    read_only(&envd, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
-    ctx(
-        fs::write(arca_dir.join("boot_id"), format!("{}\n", cfg.boot_id)),
-        || "writing boot_id".into(),
-    )
+    mnt(Some(&envd_src), &stage, None, MsFlags::MS_BIND, None)
 }
 
 /// Runs as the sandbox's PID 1 until exec; returns only an error.
@@ -462,8 +449,44 @@ fn stage2_inner(cfg: &InitConfig, go: OwnedFd) -> Res<Never> {
         None,
     )?;
 
-    // The boot id stage 1 wrote under /run.
-    let boot_id = root.join("run/arca/boot_id");
+    // /run with envd, read-only, and the boot id. Mounted here, in the
+    // sandbox's own mount namespace, so that a checkpoint can save and
+    // restore it like any tmpfs of the sandbox.
+    let run = mount_point(root, "run")?;
+    mnt(
+        Some("tmpfs"),
+        &run,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&format!("mode=755,size=16m,{owner}")),
+    )?;
+    let arca_dir = run.join("arca");
+    ensure_dir(&arca_dir)?;
+    let envd = root.join(ENVD_PATH.trim_start_matches('/'));
+    ensure_file(&envd)?;
+    {
+        use std::os::fd::AsFd;
+        let staged = ctx(
+            nix::fcntl::open(
+                Path::new("..").join(ENVD_STAGE).as_path(),
+                OFlag::O_PATH | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ),
+            || "opening the envd stage 1 left beside the root".into(),
+        )?;
+        let tree = ctx(sys::clone_tree(staged.as_fd(), false), || {
+            format!("copying the mount of {}", cfg.envd_binary.display())
+        })?;
+        let to = CString::new(envd.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        ctx(sys::attach_tree(tree.as_fd(), None, &to), || {
+            format!("mounting envd from {}", cfg.envd_binary.display())
+        })?;
+    }
+    read_only(&envd, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+    let boot_id = arca_dir.join("boot_id");
+    ctx(fs::write(&boot_id, format!("{}\n", cfg.boot_id)), || {
+        "writing boot_id".into()
+    })?;
     let boot_target = proc_.join("sys/kernel/random/boot_id");
     mnt(
         Some(&boot_id.display().to_string()),

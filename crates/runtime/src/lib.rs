@@ -22,6 +22,7 @@ pub mod cgroup;
 mod config;
 mod init;
 mod launch;
+mod restore;
 pub mod seccomp;
 #[allow(unsafe_code)]
 mod sys;
@@ -32,6 +33,7 @@ pub use apply::{ApplyOptions, apply, apply_main};
 pub use config::{DEFAULT_ID_MAP, DiskSpec, ENVD_PATH, IdMap, InitConfig};
 pub use init::init_main;
 pub use launch::launch;
+pub use restore::{RestoreConfig, restore_main};
 
 /// Starting a sandbox failed.
 #[derive(Debug, thiserror::Error)]

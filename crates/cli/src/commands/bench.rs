@@ -221,6 +221,7 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         build_disk_mb: arca_node::DEFAULT_BUILD_DISK_MB,
         max_frozen: arca_node::DEFAULT_MAX_FROZEN,
         frozen_to_disk_after: None,
+        criu: None,
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;

@@ -290,14 +290,19 @@ fn kvm() -> Check {
 }
 
 fn criu() -> Check {
-    match version_of("criu", &["--version"]) {
-        Some(v) => info(
+    match arca_node::criu_status(None) {
+        Ok((path, v)) => info(
             "criu",
-            format!("{v}; pause to disk keeps processes (needs 4.2 or later)"),
+            format!(
+                "{v} at {}; sandboxes moved to disk keep their processes and memory",
+                path.display()
+            ),
         ),
-        None => info(
+        Err(why) => info(
             "criu",
-            "not installed; pause keeps memory (frozen) or falls back to filesystem-only to disk",
+            format!(
+                "{why}; sandboxes moved to disk keep their files only (scripts/build-criu.sh builds CRIU)"
+            ),
         ),
     }
 }

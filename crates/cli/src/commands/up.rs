@@ -79,6 +79,11 @@ pub(crate) struct Args {
     /// has been paused this many seconds (default: never for idleness).
     #[arg(long, value_name = "SECS")]
     pause_to_disk_after: Option<u64>,
+    /// The CRIU binary (4.2 or later; scripts/build-criu.sh builds one).
+    /// With it, sandboxes moved to disk keep their processes and memory.
+    /// Default: /usr/local/sbin/criu, then criu on PATH.
+    #[arg(long, env = "ARCA_CRIU")]
+    criu: Option<PathBuf>,
 }
 
 fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
@@ -250,6 +255,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         build_disk_mb: args.build_disk_mb,
         max_frozen: args.max_frozen,
         frozen_to_disk_after: args.pause_to_disk_after.map(std::time::Duration::from_secs),
+        criu: args.criu.clone(),
     })
     .await
     .context("starting the node (try `arca doctor`)")?;
