@@ -6,16 +6,25 @@ from __future__ import annotations
 import pytest
 from e2b import Sandbox
 
-from conftest import unique
+from conftest import unique, wait_until
+from test_lifecycle import COUNTER, read_counter
+from test_recovery import criu_usable
 
 
 def test_fork_of_a_running_sandbox_with_count_three_diverges_independently(arca):
+    no_criu = criu_usable()
+    memory = no_criu is None
+    if not memory:
+        print(f"forks carry files only: {no_criu}")
     src = Sandbox.create(timeout=120, envs={"FROM_SOURCE": "yes"})
     forks = []
     try:
         src.files.write("/home/user/shared.txt", "written before the fork")
         src.commands.run("mkdir -p /opt/app && echo v1 > /opt/app/version", user="root")
-        src.commands.run("sleep 1000", background=True)
+        pid = int(src.commands.run("nohup sleep 1000 >/dev/null 2>&1 & echo $!").stdout)
+        src.files.write("/tmp/counter.py", COUNTER)
+        src.commands.run("python3 /tmp/counter.py", background=True)
+        wait_until(lambda: read_counter(src) > 3, "the source's counter to count")
         before = Sandbox.get_info(src.sandbox_id)
         results = src.fork(count=3, timeout=120)
         assert len(results) == 3
@@ -30,6 +39,16 @@ def test_fork_of_a_running_sandbox_with_count_three_diverges_independently(arca)
             assert f.commands.run("echo $FROM_SOURCE").stdout.strip() == "yes"
             assert f.commands.run("hostname").stdout.strip() == f.sandbox_id
             f.files.write("/home/user/mine.txt", f"fork {i}")
+            if memory:
+                # With CRIU the fork has the source's processes, pids and memory: the counter
+                # goes on in the fork from the value it had, on its own.
+                r = f.commands.run(f"cat /proc/{pid}/cmdline | tr '\\0' ' '")
+                assert r.stdout == "sleep 1000 ", r.stdout
+                value = read_counter(f)
+                assert value > 3
+                wait_until(lambda: read_counter(f) > value, "the fork's counter to go on")
+            else:
+                assert "sleep 1000" not in f.commands.run("ps -eo args").stdout
         # Each fork has its own files from here on, and so has the source.
         src.files.write("/home/user/shared.txt", "changed in the source")
         for i, f in enumerate(forks):

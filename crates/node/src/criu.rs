@@ -90,8 +90,15 @@ impl Criu {
     }
 
     /// Saves the tree of `pid` (frozen through `freezer`) into `images`
-    /// and kills it. Blocking.
-    pub(crate) fn dump(&self, pid: i32, freezer: &Path, images: &Path) -> Result<(), String> {
+    /// and kills it, or with `leave_running` leaves it as it was (a fork's
+    /// source). Blocking.
+    pub(crate) fn dump(
+        &self,
+        pid: i32,
+        freezer: &Path,
+        images: &Path,
+        leave_running: bool,
+    ) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(images);
         std::fs::create_dir_all(images).map_err(|e| format!("{}: {e}", images.display()))?;
         let mut cmd = Command::new(&self.bin);
@@ -104,6 +111,9 @@ impl Criu {
             .arg("--freeze-cgroup")
             .arg(freezer)
             .args(dump_flags());
+        if leave_running {
+            cmd.arg("--leave-running");
+        }
         run(&mut cmd, &images.join("dump.log"), "criu dump")
     }
 

@@ -795,7 +795,8 @@ impl Node {
                 let freezer = cg.freezer_dir().to_path_buf();
                 let t0 = Instant::now();
                 let dumped =
-                    tokio::task::spawn_blocking(move || criu.dump(pid, &freezer, &images)).await;
+                    tokio::task::spawn_blocking(move || criu.dump(pid, &freezer, &images, false))
+                        .await;
                 match dumped {
                     Ok(Ok(())) => {
                         tracing::debug!(sandbox_id = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "checkpointed");
@@ -1090,18 +1091,14 @@ impl Node {
         });
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
-        let mut b = Booted {
-            keep_dir: resuming,
-            template: plan.template.clone(),
-            node: self.clone(),
-            instance_id: instance_id.clone(),
-            dir: dir.clone(),
-            slot: None,
-            cgroup: None,
-            pid: 0,
-            pid_start: 0,
-            disk_size_mb,
-        };
+        let mut b = Booted::empty(
+            self,
+            instance_id.clone(),
+            dir.clone(),
+            plan.template.clone(),
+        );
+        b.keep_dir = resuming;
+        b.disk_size_mb = disk_size_mb;
         match self.boot_into(&mut b, st, plan).await {
             Ok(()) => Ok(b),
             Err(e) => {
@@ -1307,7 +1304,7 @@ impl Node {
             Some(s) => (s.sandbox_ip, s.netns_path.clone()),
             None => return Err(NodeError::Internal("booted without a slot".into())),
         };
-        let renamed = b.instance_id != spec.sandbox_id.as_str();
+        let renamed = b.instance_id != spec.sandbox_id.as_str() || b.envd_token.is_some();
         if renamed {
             // A warm sandbox booted under another name: it takes the id now.
             let (pid, start, name) = (b.pid, b.pid_start, spec.sandbox_id.to_string());
@@ -1344,7 +1341,7 @@ impl Node {
         }
         inner
             .envd
-            .init(sandbox_ip, None, &init)
+            .init(sandbox_ip, b.envd_token.as_deref(), &init)
             .await
             .map_err(|e| internal("configuring envd", &e))?;
         if renamed {
@@ -1542,6 +1539,10 @@ fn random_suffix() -> String {
 struct Booted {
     /// A failed boot leaves the sandbox directory (a resume's).
     keep_dir: bool,
+    /// The token envd already requires: a tree restored from another
+    /// sandbox's checkpoint (a fork) carries that sandbox's envd, name and
+    /// token, which `configure` replaces.
+    envd_token: Option<String>,
     /// The template build it runs, for sandboxes.
     template: Option<Arc<TemplateBuild>>,
     node: Node,
@@ -1555,6 +1556,28 @@ struct Booted {
 }
 
 impl Booted {
+    /// Nothing made yet for `instance_id` in `dir`.
+    fn empty(
+        node: &Node,
+        instance_id: String,
+        dir: PathBuf,
+        template: Option<Arc<TemplateBuild>>,
+    ) -> Booted {
+        Booted {
+            keep_dir: false,
+            envd_token: None,
+            template,
+            node: node.clone(),
+            instance_id,
+            dir,
+            slot: None,
+            cgroup: None,
+            pid: 0,
+            pid_start: 0,
+            disk_size_mb: 0,
+        }
+    }
+
     /// The sandbox's address.
     fn sandbox_ip(&self) -> Option<std::net::Ipv4Addr> {
         self.slot.as_ref().map(|s| s.sandbox_ip)

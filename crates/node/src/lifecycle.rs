@@ -10,13 +10,22 @@ use arca_proto::node::{NodeError, SandboxId, SandboxSpec, SandboxStatus};
 use chrono::Utc;
 
 use crate::templates::{TemplateBuild, layer_id};
-use crate::{Booting, Instance, Node, Upper, disk, lock, sandboxes_dir};
+use crate::{Booted, Booting, Instance, Node, Upper, disk, lock, sandboxes_dir};
 
 impl Node {
     /// Copies the disk of `inst` into `dest` as it is at one moment: a
     /// running sandbox is frozen for the copy and thawed after, a paused
     /// one stays as it is. Holds the sandbox's transition lock.
-    async fn copy_disk(&self, inst: &Arc<Instance>, dest: PathBuf) -> Result<(), NodeError> {
+    ///
+    /// With `memory` (a directory) and CRIU, the processes and memory of a
+    /// sandbox that has them are saved there in the same frozen moment
+    /// (`criu dump --leave-running`); the result says whether they were.
+    async fn copy_disk(
+        &self,
+        inst: &Arc<Instance>,
+        dest: PathBuf,
+        memory: Option<PathBuf>,
+    ) -> Result<bool, NodeError> {
         let _t = inst.transition.lock().await;
         let id = inst.spec.sandbox_id.clone();
         if !lock(&self.inner.sandboxes).contains_key(&id) {
@@ -25,7 +34,9 @@ impl Node {
         let freeze = !inst.is_paused();
         let (cgroup, pid) = (inst.cgroup(), inst.init_pid().map(|p| p.0));
         let image = inst.dir.join("disk.img");
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let criu = self.inner.criu.clone();
+        let sid = id.clone();
+        tokio::task::spawn_blocking(move || -> Result<bool, String> {
             let frozen = match (&cgroup, freeze) {
                 (Some(cg), true) => {
                     cg.set_frozen(true)
@@ -37,6 +48,23 @@ impl Node {
             let copied = sync_root(pid).and_then(|()| {
                 disk::sparse_copy(&image, &dest).map_err(|e| format!("copying its disk: {e}"))
             });
+            let saved = match (&copied, &criu, &cgroup, pid, &memory) {
+                (Ok(()), Some(criu), Some(cg), Some(pid), Some(images)) => {
+                    let dumped = criu.dump(pid, cg.freezer_dir(), images, true);
+                    // CRIU thaws what it froze; a paused source stays paused.
+                    if !freeze {
+                        let _ = cg.set_frozen(true);
+                    }
+                    match dumped {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(sandbox_id = %sid, error = %e, "no memory copy for a fork; files only");
+                            false
+                        }
+                    }
+                }
+                _ => false,
+            };
             if let Some(cg) = frozen {
                 if let Err(e) = cg.set_frozen(false) {
                     // Left frozen it would hang every client: say so loudly.
@@ -47,7 +75,7 @@ impl Node {
             if copied.is_err() {
                 let _ = std::fs::remove_file(&dest);
             }
-            copied
+            copied.map(|()| saved)
         })
         .await
         .map_err(|e| NodeError::Internal(e.to_string()))?
@@ -101,6 +129,16 @@ impl Node {
         let home = sandboxes_dir(&self.inner.config.home);
         let mut images: Vec<Result<PathBuf, NodeError>> = Vec::with_capacity(specs.len());
         let mut first: Option<PathBuf> = None;
+        // With CRIU the forks get the source's processes and memory too:
+        // one set of images, taken in the same frozen moment as the disk,
+        // in a directory of its own (a crash leaves it to the reaper: it
+        // has no state file).
+        let memory_dir = self
+            .inner
+            .criu
+            .as_ref()
+            .map(|_| home.join(format!("f{}", crate::random_suffix())));
+        let mut memory = false;
         for (s, claim) in specs.iter().zip(claimed) {
             if claim.is_none() {
                 images.push(Err(NodeError::Conflict(format!(
@@ -118,7 +156,10 @@ impl Node {
                 ))),
                 Ok(()) => match &first {
                     // One copy of the source; the others copy that copy.
-                    None => self.copy_disk(inst, image.clone()).await,
+                    None => self
+                        .copy_disk(inst, image.clone(), memory_dir.clone())
+                        .await
+                        .map(|saved| memory = saved),
                     Some(from) => {
                         let (from, to) = (from.clone(), image.clone());
                         tokio::task::spawn_blocking(move || disk::sparse_copy(&from, &to))
@@ -142,17 +183,24 @@ impl Node {
                                 let _ = std::fs::remove_dir_all(d);
                             }
                         }
+                        if let Some(m) = &memory_dir {
+                            let _ = std::fs::remove_dir_all(m);
+                        }
                         return Err(e);
                     }
                     images.push(Err(e));
                 }
             }
         }
-        let boots = specs
-            .into_iter()
-            .zip(images)
-            .map(|(spec, image)| async move {
+        let memory_dir = memory_dir.filter(|_| memory);
+        let token = inst.spec.envd_access_token.clone();
+        let boots = specs.into_iter().zip(images).map(|(spec, image)| {
+            let (memory_dir, token) = (memory_dir.clone(), token.clone());
+            async move {
                 let image = image?;
+                if let Some(images) = memory_dir {
+                    return self.fork_restore(spec, build, &images, token).await;
+                }
                 let mut plan = self.sandbox_plan(build.clone(), spec.disk_size_mb)?;
                 plan.upper = Upper::Existing {
                     mb: spec.disk_size_mb,
@@ -160,8 +208,12 @@ impl Node {
                 };
                 let booted = self.boot(spec.sandbox_id.to_string(), plan).await?;
                 self.activate(booted, spec).await
-            });
+            }
+        });
         let results = futures_util::future::join_all(boots).await;
+        if let Some(m) = &memory_dir {
+            let _ = std::fs::remove_dir_all(m);
+        }
         // A fork that failed before booting leaves its directory behind.
         for (r, claim) in results.iter().zip(claimed) {
             if let (Err(_), Some(id)) = (r, claim) {
@@ -171,6 +223,55 @@ impl Node {
             }
         }
         Ok(results)
+    }
+
+    /// One fork restored from the source's CRIU images: its own slot,
+    /// cgroup and disk (already copied into its directory), then the
+    /// identity of `spec` (host name, `/init` with its token, env and id),
+    /// handed to envd with the source's token, which the restored envd
+    /// still holds.
+    async fn fork_restore(
+        &self,
+        spec: SandboxSpec,
+        build: &Arc<TemplateBuild>,
+        images: &Path,
+        source_token: String,
+    ) -> Result<SandboxStatus, NodeError> {
+        let name = spec.sandbox_id.to_string();
+        let dir = sandboxes_dir(&self.inner.config.home).join(&name);
+        let st = crate::state::StateFile {
+            phase: crate::state::Phase::Creating,
+            spec: None,
+            started_at: Utc::now(),
+            end_at: Utc::now(),
+            pid: None,
+            pid_start: None,
+            slot_index: None,
+            paused: false,
+            paused_at_deadline: false,
+            on_disk: false,
+            checkpoint: false,
+        };
+        st.save(&dir)
+            .map_err(|e| NodeError::Internal(format!("writing the state file: {e}")))?;
+        let mut b = Booted::empty(self, name, dir.clone(), Some(build.clone()));
+        b.disk_size_mb = spec.disk_size_mb;
+        b.envd_token = Some(source_token);
+        let limits = arca_runtime::cgroup::Limits {
+            cpus: spec.cpu_count,
+            memory_mib: u64::from(spec.memory_mb),
+            pids: self.inner.config.pids_limit,
+        };
+        let work = dir.join("criu");
+        if let Err(e) = self
+            .criu_restore_into(&mut b, st, build, limits, images, &work)
+            .await
+        {
+            b.shutdown().await;
+            return Err(e);
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        self.activate(b, spec).await
     }
 
     /// Registers build `build_id` of template `template_id`: the source's
@@ -208,7 +309,7 @@ impl Node {
         }
         let writer = store.begin().map_err(|e| internal(&e))?;
         let image = writer.scratch_path("disk.img");
-        self.copy_disk(&inst, image.clone()).await?;
+        self.copy_disk(&inst, image.clone(), None).await?;
         // The new layer is unreferenced until its record is saved: keep it
         // from a concurrent clean-up.
         let _pin = Pin::new(self, &key);
@@ -317,24 +418,81 @@ impl Node {
     /// so a crash half-way leaves the sandbox paused. The images go once
     /// it runs.
     pub(crate) async fn restore_checkpoint(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
-        let internal = |what: &str, e: &dyn std::fmt::Display| {
-            NodeError::Internal(format!(
-                "restoring sandbox {}: {what}: {e}",
-                inst.spec.sandbox_id
-            ))
-        };
-        let criu = self
-            .inner
-            .criu
-            .clone()
-            .ok_or_else(|| internal("CRIU", &"no usable criu on this node any more"))?;
         let build = self.build_of(inst)?;
         let name = inst
             .dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| internal("sandbox directory", &"no name"))?;
-        let image = inst.dir.join("disk.img");
+            .ok_or_else(|| NodeError::Internal("sandbox directory without a name".into()))?;
+        let st = crate::state::StateFile::load(&inst.dir).map_err(|e| {
+            NodeError::Internal(format!(
+                "reading the state of sandbox {}: {e}",
+                inst.spec.sandbox_id
+            ))
+        })?;
+        let images = inst.dir.join(crate::CHECKPOINT_DIR);
+        let mut b = Booted::empty(self, name, inst.dir.clone(), Some(build.clone()));
+        b.keep_dir = true;
+        b.disk_size_mb = inst.spec.disk_size_mb;
+        let limits = arca_runtime::cgroup::Limits {
+            cpus: inst.spec.cpu_count,
+            memory_mib: u64::from(inst.spec.memory_mb),
+            pids: self.inner.config.pids_limit,
+        };
+        if let Err(e) = self
+            .criu_restore_into(&mut b, st, &build, limits, &images, &images)
+            .await
+        {
+            b.shutdown().await;
+            return Err(e);
+        }
+        let (Some(slot), Some(cgroup)) = (b.slot.take(), b.cgroup.clone()) else {
+            b.shutdown().await;
+            return Err(NodeError::Internal(
+                "restored without a slot or cgroup".into(),
+            ));
+        };
+        let run = crate::Running {
+            pid: b.pid,
+            pid_start: b.pid_start,
+            sandbox_ip: slot.sandbox_ip,
+            netns: slot.netns_path.clone(),
+            slot: Some(slot),
+            cgroup,
+        };
+        b.disarm();
+        *lock(&inst.run) = Some(run);
+        let _ = std::fs::remove_dir_all(&images);
+        Ok(())
+    }
+
+    /// Restores the CRIU images in `images` into `b` (its directory holds
+    /// the disk the images go with): a slot and a cgroup (`limits`) of its
+    /// own, the root mounted by `arca __restore`, the network joined by the
+    /// slot's hook, envd answering. `st` is the state file to record the
+    /// pid and slot in as they are made. `work` is CRIU's directory for
+    /// this restore (its log, the pid file), so that several restores can
+    /// share one set of images. What it made is in `b` for the caller to
+    /// keep or shut down.
+    async fn criu_restore_into(
+        &self,
+        b: &mut Booted,
+        mut st: crate::state::StateFile,
+        build: &TemplateBuild,
+        limits: arca_runtime::cgroup::Limits,
+        images: &Path,
+        work: &Path,
+    ) -> Result<(), NodeError> {
+        let internal = |what: &str, e: &dyn std::fmt::Display| {
+            NodeError::Internal(format!("restoring {}: {what}: {e}", b.instance_id))
+        };
+        let criu = self
+            .inner
+            .criu
+            .clone()
+            .ok_or_else(|| NodeError::Internal("no usable CRIU on this node".into()))?;
+        let dir = b.dir.clone();
+        let image = dir.join("disk.img");
         let img = image.clone();
         let released = tokio::task::spawn_blocking(move || {
             disk::wait_released(&img, crate::DISK_RELEASED_WITHIN)
@@ -347,9 +505,8 @@ impl Node {
         let lowers = self
             .inner
             .templates
-            .lower_dirs(&build)
+            .lower_dirs(build)
             .map_err(|e| internal("template layers", &e))?;
-        let mut st = crate::state::StateFile::load(&inst.dir).map_err(|e| internal("state", &e))?;
         let slot = self
             .inner
             .slots
@@ -357,42 +514,49 @@ impl Node {
             .await
             .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
         st.slot_index = Some(slot.index);
-        let _ = st.save(&inst.dir);
-        let limits = arca_runtime::cgroup::Limits {
-            cpus: inst.spec.cpu_count,
-            memory_mib: u64::from(inst.spec.memory_mb),
-            pids: self.inner.config.pids_limit,
-        };
-        let cgroup = match self.inner.layout.create(&name, limits) {
-            Ok(c) => c,
-            Err(e) => {
-                self.inner.slots.release(slot);
-                return Err(internal("cgroup", &e));
-            }
-        };
-        let images = inst.dir.join(crate::CHECKPOINT_DIR);
-        let (hook, pidfile) = (images.join("net-hook.sh"), images.join("restored.pid"));
-        let prepared = (|| -> std::io::Result<()> {
+        let sandbox_ip = slot.sandbox_ip;
+        let script = self.inner.slots.attach_script(&slot);
+        b.slot = Some(slot);
+        st.save(&dir).map_err(|e| internal("state file", &e))?;
+        let cgroup = self
+            .inner
+            .layout
+            .create(&b.instance_id, limits)
+            .map_err(|e| internal("cgroup", &e))?;
+        b.cgroup = Some(cgroup.clone());
+        let (hook, pidfile) = (work.join("net-hook.sh"), work.join("restored.pid"));
+        (|| -> std::io::Result<()> {
             use std::os::unix::fs::PermissionsExt as _;
-            let script = self
-                .inner
-                .slots
-                .attach_script(&slot)
-                .ok_or_else(|| std::io::Error::other("the slot has no addresses"))?;
+            std::fs::create_dir_all(work)?;
+            let script =
+                script.ok_or_else(|| std::io::Error::other("the slot has no addresses"))?;
             std::fs::write(&hook, script)?;
             std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o700))?;
             let _ = std::fs::remove_file(&pidfile);
             Ok(())
-        })();
-        let (root, disk_dir) = (inst.dir.join("root"), inst.dir.join("disk"));
+        })()
+        .map_err(|e| internal("writing the network hook", &e))?;
+        let (root, disk_dir) = (dir.join("root"), dir.join("disk"));
+        for d in [&root, &disk_dir] {
+            std::fs::create_dir_all(d).map_err(|e| internal("sandbox directories", &e))?;
+        }
+        let mut args = crate::criu::Criu::restore_args(
+            images,
+            &root,
+            &hook,
+            &pidfile,
+            &self.inner.layout.criu_cgroup_roots(&b.instance_id),
+        );
+        args.push("-W".into());
+        args.push(work.display().to_string());
         let cfg = arca_runtime::RestoreConfig {
             init: arca_runtime::InitConfig {
-                sandbox_id: inst.spec.sandbox_id.to_string(),
-                hostname: inst.spec.sandbox_id.to_string(),
+                sandbox_id: b.instance_id.clone(),
+                hostname: b.instance_id.clone(),
                 lower_dirs: lowers,
                 upper_dir: disk_dir.join("upper"),
                 work_dir: disk_dir.join("work"),
-                root_dir: root.clone(),
+                root_dir: root,
                 envd_binary: self.inner.config.envd_binary.clone(),
                 envd_args: vec![],
                 env: vec![],
@@ -402,82 +566,39 @@ impl Node {
                 boot_id: String::new(),
                 no_new_privs: false,
                 disk: Some(arca_runtime::DiskSpec {
-                    image: image.clone(),
+                    image,
                     mount_point: disk_dir,
                 }),
                 files: vec![],
             },
             criu: criu.bin().to_path_buf(),
-            args: crate::criu::Criu::restore_args(
-                &images,
-                &root,
-                &hook,
-                &pidfile,
-                &self.inner.layout.criu_cgroup_roots(&name),
-            ),
+            args,
         };
         let exe = self.inner.config.init_exe.clone();
-        let restored = match prepared {
-            Err(e) => Err(format!("writing the network hook: {e}")),
-            Ok(()) => tokio::task::spawn_blocking({
-                let images = images.clone();
-                let pidfile = pidfile.clone();
-                move || run_restore(&exe, &cfg, &images, &pidfile)
-            })
+        let work_dir = work.to_path_buf();
+        let pid = tokio::task::spawn_blocking(move || run_restore(&exe, &cfg, &work_dir, &pidfile))
             .await
-            .unwrap_or_else(|e| Err(e.to_string())),
-        };
-        let pid = match restored {
-            Ok(pid) => pid,
-            Err(e) => {
-                let (inner, cg) = (self.inner.clone(), cgroup.clone());
-                let _ = tokio::task::spawn_blocking(move || {
-                    crate::stop_runtime(Some(&cg), 0, Some(slot), &inner.slots);
-                    disk::wait_released(&image, crate::DISK_RELEASED_WITHIN);
-                })
-                .await;
-                return Err(internal("criu restore", &e));
-            }
-        };
-        let pid_start = crate::state::process_start(pid).unwrap_or(0);
+            .map_err(|e| internal("restore task", &e))?
+            .map_err(|e| internal("criu restore", &e))?;
+        b.pid = pid;
+        b.pid_start = crate::state::process_start(pid).unwrap_or(0);
         st.pid = Some(pid);
-        st.pid_start = Some(pid_start);
-        let _ = st.save(&inst.dir);
-        let sandbox_ip = slot.sandbox_ip;
-        let run = crate::Running {
-            pid,
-            pid_start,
-            sandbox_ip,
-            netns: slot.netns_path.clone(),
-            slot: Some(slot),
-            cgroup,
-        };
-        if let Err(e) = self
-            .inner
+        st.pid_start = Some(b.pid_start);
+        st.save(&dir).map_err(|e| internal("state file", &e))?;
+        self.inner
             .envd
             .wait_ready(sandbox_ip, crate::ENVD_READY_WITHIN)
             .await
-        {
-            let inner = self.inner.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                crate::stop_runtime(Some(&run.cgroup), run.pid, run.slot, &inner.slots);
-                disk::wait_released(&image, crate::DISK_RELEASED_WITHIN);
-            })
-            .await;
-            return Err(internal("envd after the restore", &e));
-        }
-        *lock(&inst.run) = Some(run);
-        let _ = std::fs::remove_dir_all(&images);
-        Ok(())
+            .map_err(|e| internal("envd after the restore", &e))
     }
 }
 
-/// Runs `arca __restore` and returns the restored init's host pid.
-/// Blocking.
+/// Runs `arca __restore` and returns the restored init's host pid; CRIU
+/// logs into `work`. Blocking.
 fn run_restore(
     exe: &Path,
     cfg: &arca_runtime::RestoreConfig,
-    images: &Path,
+    work: &Path,
     pidfile: &Path,
 ) -> Result<i32, String> {
     use std::io::Write as _;
@@ -499,7 +620,7 @@ fn run_restore(
     }
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     if !out.status.success() {
-        let log = std::fs::read_to_string(images.join("restore.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         return Err(format!(
             "{} {}",
             String::from_utf8_lossy(&out.stderr).trim(),
