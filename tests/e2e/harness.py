@@ -107,7 +107,8 @@ class Arca:
     proxy_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
-    # More `arca up` flags for the next start (a test that needs other settings restarts).
+    # More `arca up` flags for the next start (a test that needs other settings restarts;
+    # `harness.py run` takes them from ARCA_UP_ARGS, split on spaces).
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -494,6 +495,7 @@ def main(argv: list[str]) -> int:
     cmd = argv[argv.index("--") + 1 :]
     stop_on_sigterm()
     arca = new_instance()
+    arca.extra_args = os.environ.get("ARCA_UP_ARGS", "").split()
     rc = 1
     try:
         env = arca.start()

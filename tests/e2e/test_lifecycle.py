@@ -114,9 +114,13 @@ def test_list_shows_running_and_paused_together(arca):
     b = Sandbox.create(timeout=120)
     try:
         b.pause()
-        listed = {s.sandbox_id: s.state for s in Sandbox.list().next_items()}
+        items = Sandbox.list().next_items()
+        listed = {s.sandbox_id: s.state for s in items}
         assert listed[a.sandbox_id] == "running"
         assert listed[b.sandbox_id] == "paused"
+        # In order (newest first by default), paused or not: b was created after a.
+        ids = [s.sandbox_id for s in items]
+        assert ids.index(b.sandbox_id) < ids.index(a.sandbox_id), ids
     finally:
         a.kill()
         b.kill()

@@ -164,6 +164,9 @@ struct Instance {
     on_disk: std::sync::atomic::AtomicBool,
     /// With `on_disk`: processes and memory are saved by CRIU.
     checkpointed: std::sync::atomic::AtomicBool,
+    /// Its processes came from a CRIU restore: they cannot be checkpointed
+    /// again (CRIU leaves them non-dumpable for the host's user namespace).
+    restored: std::sync::atomic::AtomicBool,
     /// When the current pause began (for moving frozen sandboxes to disk).
     paused_since: Mutex<Option<Instant>>,
     /// The deadline loop is acting on it (pausing or ending it).
@@ -191,6 +194,7 @@ impl Instance {
             paused_at_deadline: std::sync::atomic::AtomicBool::new(st.paused_at_deadline),
             on_disk: std::sync::atomic::AtomicBool::new(st.on_disk),
             checkpointed: std::sync::atomic::AtomicBool::new(st.on_disk && st.checkpoint),
+            restored: std::sync::atomic::AtomicBool::new(st.restored),
             paused_since: Mutex::new(st.paused.then(Instant::now)),
             deadline_busy: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
@@ -289,6 +293,7 @@ impl Instance {
                 .load(std::sync::atomic::Ordering::SeqCst),
             on_disk: self.is_on_disk(),
             checkpoint: self.is_checkpointed(),
+            restored: self.restored.load(std::sync::atomic::Ordering::SeqCst),
         };
         match st.save(&self.dir) {
             Ok(()) => true,
@@ -788,9 +793,11 @@ impl Node {
         if !current || !inst.is_paused() || inst.is_on_disk() {
             return;
         }
-        // With CRIU the processes and memory go to disk too.
+        // With CRIU the processes and memory go to disk too (not those of a
+        // restored sandbox, which CRIU cannot save again).
+        let restored = inst.restored.load(std::sync::atomic::Ordering::SeqCst);
         let saved = match (&self.inner.criu, inst.cgroup(), inst.init_pid()) {
-            (Some(criu), Some(cg), Some((pid, _))) => {
+            (Some(criu), Some(cg), Some((pid, _))) if !restored => {
                 let (criu, images) = (criu.clone(), inst.dir.join(CHECKPOINT_DIR));
                 let freezer = cg.freezer_dir().to_path_buf();
                 let t0 = Instant::now();
@@ -862,6 +869,15 @@ impl Node {
         let short = memory_short();
         let mut out = Vec::new();
         for (n, (since, inst)) in frozen.into_iter().enumerate() {
+            // A restored sandbox cannot be checkpointed again: moving it
+            // would end its processes, which only a short host justifies.
+            if self.inner.criu.is_some() && inst.restored.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                if n == 0 && short {
+                    out.push((inst, "the host is short of memory"));
+                }
+                continue;
+            }
             if n < over {
                 out.push((inst, "more frozen sandboxes than --max-frozen"));
             } else if cfg
@@ -1088,6 +1104,7 @@ impl Node {
             paused_at_deadline: false,
             on_disk: false,
             checkpoint: false,
+            restored: false,
         });
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
@@ -1260,6 +1277,7 @@ impl Node {
     /// registry. This is all a warm create costs.
     async fn activate(&self, mut b: Booted, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
         let dir = b.dir.clone();
+        let restored = b.envd_token.is_some();
         let run = self.configure(&mut b, &spec).await?;
         let st = StateFile {
             phase: Phase::Running,
@@ -1273,6 +1291,7 @@ impl Node {
             paused_at_deadline: false,
             on_disk: false,
             checkpoint: false,
+            restored,
         };
         let inst = Arc::new(Instance::new(spec, &st, dir, Some(run)));
         inst.save_state();

@@ -137,6 +137,7 @@ impl Node {
             .inner
             .criu
             .as_ref()
+            .filter(|_| !inst.restored.load(std::sync::atomic::Ordering::SeqCst))
             .map(|_| home.join(format!("f{}", crate::random_suffix())));
         let mut memory = false;
         for (s, claim) in specs.iter().zip(claimed) {
@@ -251,6 +252,7 @@ impl Node {
             paused_at_deadline: false,
             on_disk: false,
             checkpoint: false,
+            restored: false,
         };
         st.save(&dir)
             .map_err(|e| NodeError::Internal(format!("writing the state file: {e}")))?;
@@ -462,6 +464,8 @@ impl Node {
         };
         b.disarm();
         *lock(&inst.run) = Some(run);
+        inst.restored
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::fs::remove_dir_all(&images);
         Ok(())
     }

@@ -46,6 +46,10 @@ pub(crate) struct StateFile {
     /// `checkpoint/` (CRIU), and a resume restores them.
     #[serde(default)]
     pub(crate) checkpoint: bool,
+    /// Its processes were restored by CRIU (from a checkpoint or as a
+    /// fork): CRIU leaves them non-dumpable, so they cannot be saved again.
+    #[serde(default)]
+    pub(crate) restored: bool,
 }
 
 impl StateFile {

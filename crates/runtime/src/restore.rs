@@ -51,6 +51,14 @@ pub fn restore_main() -> i32 {
 }
 
 fn prepare(cfg: &RestoreConfig) -> Result<(), String> {
+    // Into the sandbox's cgroup first: the memory CRIU restores is charged
+    // to whoever allocates it, and a charge does not follow a task that
+    // moves later. (CRIU's own few MiB count there too, until it exits.)
+    let me = std::process::id().to_string();
+    for dir in &cfg.init.cgroup_dirs {
+        std::fs::write(dir.join("cgroup.procs"), &me)
+            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+    }
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
     mount(
         None::<&str>,
