@@ -250,8 +250,9 @@ def test_mount_and_remount_refused(arca, sandbox):
 
 def test_network_and_host_name_cannot_be_changed_from_inside(arca, sandbox, sandbox_b):
     """The sandbox's user namespace owns its network and uts namespaces (ADR 0004), but sandbox
-    root has no CAP_NET_ADMIN or CAP_SYS_ADMIN: it cannot take its interface down, give itself
-    another address (to pose as another sandbox) or rename the host; the sandbox keeps working."""
+    root has no CAP_NET_ADMIN, CAP_SYS_ADMIN or CAP_NET_RAW: it cannot take its interface down,
+    give itself another address (to pose as another sandbox), rename the host or open raw and
+    packet sockets (hand-made frames); the sandbox keeps working."""
     ip = sandbox_ip(sandbox)
     other = sandbox_ip(sandbox_b)
     code = (
@@ -268,11 +269,20 @@ def test_network_and_host_name_cannot_be_changed_from_inside(arca, sandbox, sand
         "try:\n"
         "    socket.sethostname('evil'); print('RENAMED')\n"
         "except OSError as e: print('rename refused', e.errno)\n"
+        "try:\n"
+        "    socket.socket(socket.AF_PACKET, socket.SOCK_RAW); print('PACKET')\n"
+        "except OSError as e: print('packet refused', e.errno)\n"
+        "try:\n"
+        "    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print('RAW')\n"
+        "except OSError as e: print('raw refused', e.errno)\n"
     )
     sandbox.files.write("/tmp/net.py", code)
     _, out = sh(sandbox, "python3 /tmp/net.py")
-    assert "DOWN" not in out and "READDRESSED" not in out and "RENAMED" not in out, out
-    assert out.count("refused 1") == 3, out  # EPERM each time
+    for made in ("DOWN", "READDRESSED", "RENAMED", "PACKET", "RAW"):
+        assert made not in out, out
+    assert out.count("refused 1") == 5, out  # EPERM each time
+    # Ping still works without raw sockets (ping sockets), to the sandbox's own address.
+    assert sh(sandbox, f"python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); print('ok')\"")[1].strip() == "ok"
     assert sandbox_ip(sandbox) == ip
     assert sh(sandbox, "hostname")[1].strip() == sandbox.sandbox_id
     assert sandbox.commands.run("echo still reachable").stdout.strip() == "still reachable"

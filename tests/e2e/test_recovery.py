@@ -240,3 +240,48 @@ def test_a_checkpointed_sandbox_survives_a_restart_and_resumes(arca):
         arca.stop()
         arca.extra_args = []
         os.environ.update(arca.start())
+
+
+def test_a_checkpoint_that_cannot_be_restored_resumes_on_its_files(arca):
+    """With CRIU: images that cannot be restored (here: its memory pages deleted, as a crash in the
+    middle of the dump would leave them) do not strand the sandbox: connect boots it on its files
+    (a filesystem-only resume), and it pauses and resumes as usual after that."""
+    import glob
+    import time
+
+    from test_lifecycle import host_processes_of
+
+    no_criu = criu_usable()
+    if no_criu is not None:
+        pytest.skip(f"CRIU path: {no_criu}")
+    arca.stop()
+    arca.extra_args = ["--pause-to-disk-after", "0"]
+    os.environ.update(arca.start())
+    sbx = Sandbox.create(timeout=600)
+    try:
+        sbx.commands.run(BACKGROUND)
+        sbx.files.write("/home/user/kept.txt", "files survive")
+        boot_id = sbx.files.read("/proc/sys/kernel/random/boot_id")
+        assert sbx.pause() is True
+        wait_until(lambda: host_processes_of(sbx.sandbox_id) == [], "the pause to move to disk")
+        d = arca.handed_out()[sbx.sandbox_id]
+        pages = glob.glob(str(arca.home / "sandboxes" / d / "checkpoint" / "pages-*.img"))
+        assert pages, "no CRIU images were written"
+        for p in pages:
+            os.remove(p)
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.files.read("/home/user/kept.txt") == "files survive"
+        assert again.files.read("/proc/sys/kernel/random/boot_id") != boot_id
+        assert "sleep 1000" not in again.commands.run("ps -eo args").stdout
+        assert not (arca.home / "sandboxes" / d / "checkpoint").exists()
+        # A fresh boot: CRIU can save it again.
+        again.commands.run(BACKGROUND)
+        assert again.pause() is True
+        wait_until(lambda: host_processes_of(sbx.sandbox_id) == [], "the second pause to move to disk")
+        third = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert "sleep 1000" in third.commands.run("ps -eo args").stdout
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+        arca.stop()
+        arca.extra_args = []
+        os.environ.update(arca.start())

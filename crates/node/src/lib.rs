@@ -794,16 +794,35 @@ impl Node {
             return;
         }
         // With CRIU the processes and memory go to disk too (not those of a
-        // restored sandbox, which CRIU cannot save again).
+        // restored sandbox, which CRIU cannot save again). The state file
+        // says so before anything is dumped or killed: a crash from here on
+        // leaves it paused to disk, and a restore that finds no usable
+        // images falls back to its files.
         let restored = inst.restored.load(std::sync::atomic::Ordering::SeqCst);
-        let saved = match (&self.inner.criu, inst.cgroup(), inst.init_pid()) {
-            (Some(criu), Some(cg), Some((pid, _))) if !restored => {
-                let (criu, images) = (criu.clone(), inst.dir.join(CHECKPOINT_DIR));
-                let freezer = cg.freezer_dir().to_path_buf();
+        let dump = match (&self.inner.criu, inst.cgroup(), inst.init_pid()) {
+            (Some(criu), Some(cg), Some((pid, _))) if !restored => Some((criu.clone(), cg, pid)),
+            _ => None,
+        };
+        inst.checkpointed
+            .store(dump.is_some(), std::sync::atomic::Ordering::SeqCst);
+        inst.on_disk
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if !inst.save_state() {
+            // Nothing was touched: it stays frozen as it was.
+            inst.on_disk
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            inst.checkpointed
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        let saved = match dump {
+            Some((criu, cg, pid)) => {
+                let images = inst.dir.join(CHECKPOINT_DIR);
                 let t0 = Instant::now();
-                let dumped =
-                    tokio::task::spawn_blocking(move || criu.dump(pid, &freezer, &images, false))
-                        .await;
+                let dumped = tokio::task::spawn_blocking(move || {
+                    criu.dump(pid, cg.freezer_dir(), &images, false)
+                })
+                .await;
                 match dumped {
                     Ok(Ok(())) => {
                         tracing::debug!(sandbox_id = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "checkpointed");
@@ -819,18 +838,12 @@ impl Node {
                     Err(_) => false,
                 }
             }
-            _ => false,
+            None => false,
         };
-        inst.checkpointed
-            .store(saved, std::sync::atomic::Ordering::SeqCst);
-        inst.on_disk
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if !inst.save_state() {
-            inst.on_disk
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+        if !saved {
             inst.checkpointed
                 .store(false, std::sync::atomic::Ordering::SeqCst);
-            return;
+            inst.save_state();
         }
         self.release_runtime(&inst).await;
         if saved {
@@ -848,9 +861,12 @@ impl Node {
         tracing::info!(sandbox_id = %id, why, checkpoint = saved, "a frozen sandbox was moved to disk");
     }
 
-    /// Frozen sandboxes to move to disk now, each with the reason: paused
-    /// longer than allowed, more frozen than allowed (the longest paused
-    /// go), or the host short of memory (the longest paused one).
+    /// Frozen sandboxes to move to disk now, each with the reason: more
+    /// frozen than `--max-frozen` (the longest paused go; ones CRIU can
+    /// save before restored ones, which lose their processes), paused
+    /// longer than `--pause-to-disk-after` (not restored ones, whose
+    /// processes would end), or the host short of memory (the longest
+    /// paused one).
     fn frozen_to_evict(&self) -> Vec<(Arc<Instance>, &'static str)> {
         let mut frozen: Vec<(Instant, Arc<Instance>)> = lock(&self.inner.sandboxes)
             .values()
@@ -860,32 +876,29 @@ impl Node {
         if frozen.is_empty() {
             return Vec::new();
         }
-        frozen.sort_by_key(|(t, _)| *t);
         let cfg = &self.inner.config;
+        // A restored sandbox cannot be checkpointed again (CRIU).
+        let keeps_processes_only_frozen = |i: &Instance| {
+            self.inner.criu.is_some() && i.restored.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        frozen.sort_by_key(|(t, i)| (keeps_processes_only_frozen(i), *t));
         let over = match cfg.max_frozen {
             0 => 0,
             max => frozen.len().saturating_sub(max),
         };
         let short = memory_short();
+        let oldest = frozen.iter().map(|(t, _)| *t).min();
         let mut out = Vec::new();
         for (n, (since, inst)) in frozen.into_iter().enumerate() {
-            // A restored sandbox cannot be checkpointed again: moving it
-            // would end its processes, which only a short host justifies.
-            if self.inner.criu.is_some() && inst.restored.load(std::sync::atomic::Ordering::SeqCst)
-            {
-                if n == 0 && short {
-                    out.push((inst, "the host is short of memory"));
-                }
-                continue;
-            }
             if n < over {
                 out.push((inst, "more frozen sandboxes than --max-frozen"));
-            } else if cfg
-                .frozen_to_disk_after
-                .is_some_and(|after| since.elapsed() >= after)
+            } else if !keeps_processes_only_frozen(&inst)
+                && cfg
+                    .frozen_to_disk_after
+                    .is_some_and(|after| since.elapsed() >= after)
             {
                 out.push((inst, "paused longer than --pause-to-disk-after"));
-            } else if n == 0 && short {
+            } else if short && Some(since) == oldest {
                 out.push((inst, "the host is short of memory"));
             }
         }
@@ -928,7 +941,25 @@ impl Node {
         *lock(&inst.end_at) = end_at;
         if inst.is_on_disk() {
             let back = if inst.is_checkpointed() {
-                self.restore_checkpoint(&inst).await
+                match self.restore_checkpoint(&inst).await {
+                    Ok(()) => Ok(()),
+                    // Images that cannot be restored (a crash during the
+                    // dump, a changed envd binary, ...) would fail every
+                    // time: the sandbox comes back with its files instead.
+                    Err(e) => {
+                        inst.log(
+                            "warn",
+                            format!(
+                                "restoring its checkpoint failed ({e}); booting it on its files"
+                            ),
+                        );
+                        inst.checkpointed
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                        inst.save_state();
+                        let _ = std::fs::remove_dir_all(inst.dir.join(CHECKPOINT_DIR));
+                        self.boot_again(&inst).await
+                    }
+                }
             } else {
                 self.boot_again(&inst).await
             };
@@ -957,6 +988,9 @@ impl Node {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         *lock(&inst.paused_since) = None;
         inst.save_state();
+        // Only now that the state says it runs: a crash before this must
+        // still find the images.
+        let _ = std::fs::remove_dir_all(inst.dir.join(CHECKPOINT_DIR));
         inst.log("info", "resumed");
         Ok(inst.status())
     }
@@ -1009,6 +1043,9 @@ impl Node {
         let mut b = self.boot(name, plan).await?;
         let run = self.configure(&mut b, spec).await?;
         *lock(&inst.run) = Some(run);
+        // Freshly booted processes: CRIU can save these.
+        inst.restored
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 

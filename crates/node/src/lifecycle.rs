@@ -193,6 +193,10 @@ impl Node {
                 }
             }
         }
+        // A failed dump may have left part of its images behind.
+        if let (Some(m), false) = (&memory_dir, memory) {
+            let _ = std::fs::remove_dir_all(m);
+        }
         let memory_dir = memory_dir.filter(|_| memory);
         let token = inst.spec.envd_access_token.clone();
         let boots = specs.into_iter().zip(images).map(|(spec, image)| {
@@ -466,7 +470,7 @@ impl Node {
         *lock(&inst.run) = Some(run);
         inst.restored
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = std::fs::remove_dir_all(&images);
+        // The images go once the state says it runs (resume_sandbox).
         Ok(())
     }
 
@@ -585,7 +589,8 @@ impl Node {
             .map_err(|e| internal("restore task", &e))?
             .map_err(|e| internal("criu restore", &e))?;
         b.pid = pid;
-        b.pid_start = crate::state::process_start(pid).unwrap_or(0);
+        b.pid_start = crate::state::process_start(pid)
+            .ok_or_else(|| internal("restored init", &"exited at once"))?;
         st.pid = Some(pid);
         st.pid_start = Some(b.pid_start);
         st.save(&dir).map_err(|e| internal("state file", &e))?;

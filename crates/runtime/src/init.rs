@@ -26,8 +26,11 @@ use nix::unistd::{Gid, Pid, Uid};
 use crate::config::{ENVD_PATH, InitConfig};
 use crate::{seccomp, sys};
 
-/// Capabilities sandbox root keeps (Docker's default set).
-const KEPT_CAPS: [u32; 14] = [
+/// Capabilities sandbox root keeps: Docker's default set without NET_RAW.
+/// The sandbox's user namespace owns its network namespace (ADR 0004), so
+/// NET_RAW there would open raw and packet sockets (hand-made frames to the
+/// host's end of the veth); ping works without it (ping sockets).
+const KEPT_CAPS: [u32; 13] = [
     0,  // CHOWN
     1,  // DAC_OVERRIDE
     3,  // FOWNER
@@ -37,7 +40,6 @@ const KEPT_CAPS: [u32; 14] = [
     7,  // SETUID
     8,  // SETPCAP
     10, // NET_BIND_SERVICE
-    13, // NET_RAW
     18, // SYS_CHROOT
     27, // MKNOD
     29, // AUDIT_WRITE
