@@ -315,6 +315,30 @@ impl<S: Send + Sync> FromRequestParts<S> for SandboxPath {
     }
 }
 
+/// `X-Next-Token` of a listing ordered by (time, id): where the next page
+/// starts, opaque to clients.
+pub(crate) fn page_token(at: chrono::DateTime<chrono::Utc>, id: &str) -> String {
+    use base64::Engine as _;
+    let raw = format!("{}:{id}", crate::db::micros(at));
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// Reads a [`page_token`] back: (Unix microseconds, id).
+pub(crate) fn parse_page_token(token: &str) -> Result<(i64, String), crate::error::ApiError> {
+    use base64::Engine as _;
+    let bad = || {
+        crate::error::ApiError::BadRequest(
+            "invalid nextToken: pass the X-Next-Token value as is".into(),
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (t, id) = raw.split_once(':').ok_or_else(bad)?;
+    Ok((t.parse().map_err(|_| bad())?, id.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,6 @@ use arca_proto::node::{
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use chrono::{DateTime, NaiveDateTime, SubsecRound as _, TimeDelta, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tracing::Instrument as _;
@@ -885,21 +884,16 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
 }
 
 fn encode_cursor(r: &SandboxRecord) -> String {
-    let raw = format!("{}:{}", crate::db::micros(r.started_at), r.id);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    crate::http::page_token(r.started_at, r.id.as_str())
 }
 
 fn decode_cursor(token: &str) -> Result<Cursor, ApiError> {
-    let bad =
-        || ApiError::BadRequest("invalid nextToken: pass the X-Next-Token value as is".into());
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token.trim())
-        .map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    let (t, id) = raw.split_once(':').ok_or_else(bad)?;
-    let id = SandboxId::parse(id).map_err(|_| bad())?;
+    let (started_at_micros, id) = crate::http::parse_page_token(token)?;
+    let id = SandboxId::parse(&id).map_err(|_| {
+        ApiError::BadRequest("invalid nextToken: pass the X-Next-Token value as is".into())
+    })?;
     Ok(Cursor {
-        started_at_micros: t.parse().map_err(|_| bad())?,
+        started_at_micros,
         id: id.to_string(),
     })
 }
@@ -977,6 +971,7 @@ pub(crate) async fn list_v1(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn timeouts_are_bounded_and_name_the_limit() {

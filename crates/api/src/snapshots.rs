@@ -17,7 +17,6 @@ use arca_proto::node::SandboxId;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use http::{HeaderValue, StatusCode};
 
 use crate::Api;
@@ -438,19 +437,11 @@ async fn forget_build(api: &Api, build: &NewBuild) {
 // ---- listing ----------------------------------------------------------------
 
 fn encode_cursor(s: &SnapshotRow) -> String {
-    let raw = format!("{}:{}", crate::db::micros(s.created_at), s.template_id);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    crate::http::page_token(s.created_at, &s.template_id)
 }
 
 fn decode_cursor(token: &str) -> Result<(i64, String), ApiError> {
-    let bad =
-        || ApiError::BadRequest("invalid nextToken: pass the X-Next-Token value as is".into());
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token.trim())
-        .map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    let (t, id) = raw.split_once(':').ok_or_else(bad)?;
-    Ok((t.parse().map_err(|_| bad())?, id.to_string()))
+    crate::http::parse_page_token(token)
 }
 
 /// The template a `name` filter means, with the tag it names; `None`
@@ -531,6 +522,7 @@ pub(crate) async fn list_snapshots(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn snapshot_ids_are_template_references() {

@@ -1000,17 +1000,7 @@ impl Node {
     /// sandbox's own settings. Its processes are not back (files are).
     async fn boot_again(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
         let spec = &inst.spec;
-        let build = self
-            .inner
-            .templates
-            .get_in_use(&spec.template_id, &spec.build_id)
-            .map(Arc::new)
-            .ok_or_else(|| {
-                NodeError::TemplateNotFound(format!(
-                    "{} (build {}), which sandbox {} was made from",
-                    spec.template_id, spec.build_id, spec.sandbox_id
-                ))
-            })?;
+        let build = self.build_of(inst)?;
         let name = inst
             .dir
             .file_name()
@@ -1129,20 +1119,7 @@ impl Node {
         // A resume keeps the paused sandbox's state and records only what
         // it makes: a crash half-way leaves the sandbox paused.
         let resuming = plan.resume.is_some();
-        let st = plan.resume.take().unwrap_or_else(|| StateFile {
-            phase: Phase::Creating,
-            spec: None,
-            started_at: Utc::now(),
-            end_at: Utc::now(),
-            pid: None,
-            pid_start: None,
-            slot_index: None,
-            paused: false,
-            paused_at_deadline: false,
-            on_disk: false,
-            checkpoint: false,
-            restored: false,
-        });
+        let st = plan.resume.take().unwrap_or_else(StateFile::creating);
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
         let mut b = Booted::empty(
@@ -1318,17 +1295,9 @@ impl Node {
         let run = self.configure(&mut b, &spec).await?;
         let st = StateFile {
             phase: Phase::Running,
-            spec: None,
-            started_at: Utc::now(),
             end_at: spec.end_at,
-            pid: None,
-            pid_start: None,
-            slot_index: None,
-            paused: false,
-            paused_at_deadline: false,
-            on_disk: false,
-            checkpoint: false,
             restored,
+            ..StateFile::creating()
         };
         let inst = Arc::new(Instance::new(spec, &st, dir, Some(run)));
         inst.save_state();
@@ -1350,11 +1319,7 @@ impl Node {
             .clone()
             .ok_or_else(|| NodeError::Internal("booted without a cgroup".into()))?;
         cgroup
-            .set_limits(Limits {
-                cpus: spec.cpu_count,
-                memory_mib: u64::from(spec.memory_mb),
-                pids: inner.config.pids_limit,
-            })
+            .set_limits(self.limits_of(spec))
             .map_err(|e| internal("setting the sandbox's limits", &e))?;
         let (sandbox_ip, netns) = match &b.slot {
             Some(s) => (s.sandbox_ip, s.netns_path.clone()),

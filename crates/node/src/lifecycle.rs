@@ -244,30 +244,13 @@ impl Node {
     ) -> Result<SandboxStatus, NodeError> {
         let name = spec.sandbox_id.to_string();
         let dir = sandboxes_dir(&self.inner.config.home).join(&name);
-        let st = crate::state::StateFile {
-            phase: crate::state::Phase::Creating,
-            spec: None,
-            started_at: Utc::now(),
-            end_at: Utc::now(),
-            pid: None,
-            pid_start: None,
-            slot_index: None,
-            paused: false,
-            paused_at_deadline: false,
-            on_disk: false,
-            checkpoint: false,
-            restored: false,
-        };
+        let st = crate::state::StateFile::creating();
         st.save(&dir)
             .map_err(|e| NodeError::Internal(format!("writing the state file: {e}")))?;
         let mut b = Booted::empty(self, name, dir.clone(), Some(build.clone()));
         b.disk_size_mb = spec.disk_size_mb;
         b.envd_token = Some(source_token);
-        let limits = arca_runtime::cgroup::Limits {
-            cpus: spec.cpu_count,
-            memory_mib: u64::from(spec.memory_mb),
-            pids: self.inner.config.pids_limit,
-        };
+        let limits = self.limits_of(&spec);
         let work = dir.join("criu");
         if let Err(e) = self
             .criu_restore_into(&mut b, st, build, limits, images, &work)
@@ -364,8 +347,17 @@ impl Node {
         Ok(())
     }
 
+    /// The cgroup limits a sandbox was created with.
+    pub(crate) fn limits_of(&self, spec: &SandboxSpec) -> arca_runtime::cgroup::Limits {
+        arca_runtime::cgroup::Limits {
+            cpus: spec.cpu_count,
+            memory_mib: u64::from(spec.memory_mb),
+            pids: self.inner.config.pids_limit,
+        }
+    }
+
     /// The template build a sandbox runs (also one deleted since).
-    fn build_of(&self, inst: &Instance) -> Result<Arc<TemplateBuild>, NodeError> {
+    pub(crate) fn build_of(&self, inst: &Instance) -> Result<Arc<TemplateBuild>, NodeError> {
         let spec = &inst.spec;
         self.inner
             .templates
@@ -440,11 +432,7 @@ impl Node {
         let mut b = Booted::empty(self, name, inst.dir.clone(), Some(build.clone()));
         b.keep_dir = true;
         b.disk_size_mb = inst.spec.disk_size_mb;
-        let limits = arca_runtime::cgroup::Limits {
-            cpus: inst.spec.cpu_count,
-            memory_mib: u64::from(inst.spec.memory_mb),
-            pids: self.inner.config.pids_limit,
-        };
+        let limits = self.limits_of(&inst.spec);
         if let Err(e) = self
             .criu_restore_into(&mut b, st, &build, limits, &images, &images)
             .await

@@ -53,6 +53,25 @@ pub(crate) struct StateFile {
 }
 
 impl StateFile {
+    /// A sandbox whose resources are being made now: a node that finds it
+    /// so after a restart reaps it.
+    pub(crate) fn creating() -> StateFile {
+        StateFile {
+            phase: Phase::Creating,
+            spec: None,
+            started_at: chrono::Utc::now(),
+            end_at: chrono::Utc::now(),
+            pid: None,
+            pid_start: None,
+            slot_index: None,
+            paused: false,
+            paused_at_deadline: false,
+            on_disk: false,
+            checkpoint: false,
+            restored: false,
+        }
+    }
+
     pub(crate) fn path(dir: &Path) -> PathBuf {
         dir.join("state.json")
     }

@@ -512,21 +512,11 @@ pub(crate) async fn get(
 }
 
 fn encode_build_cursor(b: &BuildRow) -> String {
-    use base64::Engine as _;
-    let raw = format!("{}:{}", crate::db::micros(b.created_at), b.id);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    crate::http::page_token(b.created_at, &b.id)
 }
 
 fn decode_build_cursor(token: &str) -> Result<(i64, String), ApiError> {
-    use base64::Engine as _;
-    let bad =
-        || ApiError::BadRequest("invalid nextToken: pass the X-Next-Token value as is".into());
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token.trim())
-        .map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    let (t, id) = raw.split_once(':').ok_or_else(bad)?;
-    Ok((t.parse().map_err(|_| bad())?, id.to_string()))
+    crate::http::parse_page_token(token)
 }
 
 // ---- changes ------------------------------------------------------------------
