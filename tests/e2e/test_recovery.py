@@ -285,3 +285,39 @@ def test_a_checkpoint_that_cannot_be_restored_resumes_on_its_files(arca):
         arca.stop()
         arca.extra_args = []
         os.environ.update(arca.start())
+
+
+def test_frozen_sandboxes_move_to_disk_when_the_host_is_short_of_memory(arca):
+    """`--min-free-memory-pct 100` makes the host always short of memory: frozen sandboxes move to
+    disk one after the other, the longest paused first, and come back on connect (with CRIU with
+    their processes, without it with their files)."""
+    from test_lifecycle import host_processes_of
+
+    no_criu = criu_usable()
+    arca.stop()
+    arca.extra_args = ["--min-free-memory-pct", "100"]
+    os.environ.update(arca.start())
+    a = Sandbox.create(timeout=600)
+    b = Sandbox.create(timeout=600)
+    try:
+        pids = {s.sandbox_id: int(s.commands.run(BACKGROUND).stdout) for s in (a, b)}
+        a.files.write("/home/user/a.txt", "a")
+        assert a.pause() is True
+        wait_until(lambda: host_processes_of(a.sandbox_id) == [], "the first pause to move to disk")
+        assert host_processes_of(b.sandbox_id) != []  # running: not a candidate
+        assert b.pause() is True
+        wait_until(lambda: host_processes_of(b.sandbox_id) == [], "the second pause to move to disk")
+        for s in (a, b):
+            again = Sandbox.connect(s.sandbox_id, timeout=120)
+            ps = again.commands.run("ps -eo pid,args").stdout
+            if no_criu is None:
+                assert f"{pids[s.sandbox_id]} sleep 1000" in " ".join(ps.split()), ps
+            else:
+                assert "sleep 1000" not in ps
+        assert Sandbox.connect(a.sandbox_id, timeout=60).files.read("/home/user/a.txt") == "a"
+    finally:
+        Sandbox.kill(a.sandbox_id)
+        Sandbox.kill(b.sandbox_id)
+        arca.stop()
+        arca.extra_args = []
+        os.environ.update(arca.start())

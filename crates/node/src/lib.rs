@@ -91,6 +91,9 @@ pub struct NodeConfig {
     /// A frozen sandbox goes to disk after this long paused (`None`: never
     /// for idleness).
     pub frozen_to_disk_after: Option<Duration>,
+    /// Below this share of the host's memory available (MemAvailable, in
+    /// percent), the longest-paused frozen sandbox moves to disk.
+    pub min_free_memory_pct: u8,
     /// The `criu` binary (default: `/usr/local/sbin/criu`, then `PATH`).
     /// When a usable one is found, sandboxes moved to disk keep their
     /// processes and memory.
@@ -102,6 +105,9 @@ pub struct NodeConfig {
 pub fn criu_status(explicit: Option<&Path>) -> Result<(PathBuf, String), String> {
     criu::Criu::detect(explicit).map(|c| (c.bin().to_path_buf(), c.version().to_string()))
 }
+
+/// Default [`NodeConfig::min_free_memory_pct`].
+pub const DEFAULT_MIN_FREE_MEMORY_PCT: u8 = 10;
 
 /// Default [`NodeConfig::max_frozen`].
 pub const DEFAULT_MAX_FROZEN: usize = 64;
@@ -886,7 +892,7 @@ impl Node {
             0 => 0,
             max => frozen.len().saturating_sub(max),
         };
-        let short = memory_short();
+        let short = memory_short(cfg.min_free_memory_pct);
         let oldest = frozen.iter().map(|(t, _)| *t).min();
         let mut out = Vec::new();
         for (n, (since, inst)) in frozen.into_iter().enumerate() {
@@ -1725,10 +1731,13 @@ async fn detached<T: Send + 'static>(
 }
 
 /// Whether the host has less than a tenth of its memory available.
-fn memory_short() -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
-        return false;
-    };
+fn memory_short(min_free_pct: u8) -> bool {
+    std::fs::read_to_string("/proc/meminfo").is_ok_and(|info| short_of_memory(&info, min_free_pct))
+}
+
+/// Whether `/proc/meminfo` text shows less than `min_free_pct` percent of
+/// the memory available.
+fn short_of_memory(info: &str, min_free_pct: u8) -> bool {
     let field = |name: &str| -> Option<u64> {
         info.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -1736,7 +1745,9 @@ fn memory_short() -> bool {
             .and_then(|v| v.parse().ok())
     };
     match (field("MemTotal:"), field("MemAvailable:")) {
-        (Some(total), Some(avail)) => avail < total / 10,
+        (Some(total), Some(avail)) => {
+            u128::from(avail) * 100 < u128::from(total) * u128::from(min_free_pct)
+        }
         _ => false,
     }
 }
@@ -2107,5 +2118,17 @@ impl arca_proto::build::BuildService for Node {
             .map_err(|e| NodeError::Internal(e.to_string()))?
             .map_err(|e| NodeError::Internal(e.to_string()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_of_memory_compares_available_with_the_threshold() {
+        let info = "MemTotal:       1000000 kB\nMemFree:  1 kB\nMemAvailable:    95000 kB\n";
+        assert!(super::short_of_memory(info, 10));
+        assert!(!super::short_of_memory(info, 5));
+        assert!(super::short_of_memory(info, 100));
+        assert!(!super::short_of_memory("garbage", 100));
     }
 }

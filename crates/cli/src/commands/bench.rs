@@ -222,6 +222,7 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         max_frozen: arca_node::DEFAULT_MAX_FROZEN,
         frozen_to_disk_after: None,
         criu: None,
+        min_free_memory_pct: arca_node::DEFAULT_MIN_FREE_MEMORY_PCT,
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;

@@ -79,6 +79,10 @@ pub(crate) struct Args {
     /// has been paused this many seconds (default: never for idleness).
     #[arg(long, value_name = "SECS")]
     pause_to_disk_after: Option<u64>,
+    /// When less than this percentage of the host's memory is available,
+    /// the longest-paused frozen sandbox is moved to disk (0 turns it off).
+    #[arg(long, default_value_t = arca_node::DEFAULT_MIN_FREE_MEMORY_PCT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    min_free_memory_pct: u8,
     /// The CRIU binary (4.2 or later; scripts/build-criu.sh builds one).
     /// With it, sandboxes moved to disk keep their processes and memory.
     /// Default: /usr/local/sbin/criu, then criu on PATH.
@@ -256,6 +260,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         max_frozen: args.max_frozen,
         frozen_to_disk_after: args.pause_to_disk_after.map(std::time::Duration::from_secs),
         criu: args.criu.clone(),
+        min_free_memory_pct: args.min_free_memory_pct,
     })
     .await
     .context("starting the node (try `arca doctor`)")?;
