@@ -323,14 +323,31 @@ pub(crate) fn page_token(at: chrono::DateTime<chrono::Utc>, id: &str) -> String 
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
+/// The error of a `nextToken` that is not one this api handed out.
+pub(crate) fn bad_page_token() -> crate::error::ApiError {
+    crate::error::ApiError::BadRequest(
+        "invalid nextToken: pass the X-Next-Token value as is".into(),
+    )
+}
+
+/// `resp` with `X-Next-Token: next` when a next page exists.
+pub(crate) fn with_next_page(
+    mut resp: Response,
+    next: Option<String>,
+) -> Result<Response, crate::error::ApiError> {
+    if let Some(next) = next {
+        let token = http::HeaderValue::from_str(&next).map_err(|e| {
+            crate::error::ApiError::Internal(format!("cursor is not a header value: {e}"))
+        })?;
+        resp.headers_mut().insert("x-next-token", token);
+    }
+    Ok(resp)
+}
+
 /// Reads a [`page_token`] back: (Unix microseconds, id).
 pub(crate) fn parse_page_token(token: &str) -> Result<(i64, String), crate::error::ApiError> {
     use base64::Engine as _;
-    let bad = || {
-        crate::error::ApiError::BadRequest(
-            "invalid nextToken: pass the X-Next-Token value as is".into(),
-        )
-    };
+    let bad = bad_page_token;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token.trim())
         .map_err(|_| bad())?;

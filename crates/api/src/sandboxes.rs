@@ -10,7 +10,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, NaiveDateTime, SubsecRound as _, TimeDelta, Utc};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use tracing::Instrument as _;
 
 use crate::Api;
@@ -889,9 +889,7 @@ fn encode_cursor(r: &SandboxRecord) -> String {
 
 fn decode_cursor(token: &str) -> Result<Cursor, ApiError> {
     let (started_at_micros, id) = crate::http::parse_page_token(token)?;
-    let id = SandboxId::parse(&id).map_err(|_| {
-        ApiError::BadRequest("invalid nextToken: pass the X-Next-Token value as is".into())
-    })?;
+    let id = SandboxId::parse(&id).map_err(|_| crate::http::bad_page_token())?;
     Ok(Cursor {
         started_at_micros,
         id: id.to_string(),
@@ -939,13 +937,8 @@ pub(crate) async fn list_v2(
     };
     let (page, more) = api.db().list_sandboxes(&filter).await?;
     let body: Vec<ListedSandbox> = page.iter().map(ListedSandbox::from).collect();
-    let mut resp = Json(body).into_response();
-    if let Some(last) = page.last().filter(|_| more) {
-        let token = HeaderValue::from_str(&encode_cursor(last))
-            .map_err(|e| ApiError::Internal(format!("cursor is not a header value: {e}")))?;
-        resp.headers_mut().insert("x-next-token", token);
-    }
-    Ok(resp)
+    let next = page.last().filter(|_| more).map(encode_cursor);
+    crate::http::with_next_page(Json(body).into_response(), next)
 }
 
 /// `GET /sandboxes` (deprecated): every running sandbox, metadata filter only.

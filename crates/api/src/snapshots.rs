@@ -17,7 +17,7 @@ use arca_proto::node::SandboxId;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 
 use crate::Api;
 use crate::db::snapshots::{SnapshotFilter, SnapshotRow};
@@ -510,13 +510,8 @@ pub(crate) async fn list_snapshots(
     }
     let (page, more) = api.db().list_snapshots(&filter).await?;
     let body: Vec<SnapshotInfo> = page.iter().map(snapshot_info).collect();
-    let mut resp = Json(body).into_response();
-    if let Some(last) = page.last().filter(|_| more) {
-        let token = HeaderValue::from_str(&encode_cursor(last))
-            .map_err(|e| ApiError::Internal(format!("cursor is not a header value: {e}")))?;
-        resp.headers_mut().insert("x-next-token", token);
-    }
-    Ok(resp)
+    let next = page.last().filter(|_| more).map(encode_cursor);
+    crate::http::with_next_page(Json(body).into_response(), next)
 }
 
 #[cfg(test)]

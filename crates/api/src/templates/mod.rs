@@ -37,7 +37,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SubsecRound as _, Utc};
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 
 pub(crate) use builds::{build_logs, build_status, interrupt_unfinished, start_v2, trigger_v1};
 pub(crate) use uploads::{file_upload_link, upload};
@@ -502,13 +502,8 @@ pub(crate) async fn get(
         .map(|b| Build::new(b, resources(&api, b)))
         .collect();
     let body = template_body(&api, &t).await?.with_builds(builds);
-    let mut resp = Json(body).into_response();
-    if let Some(last) = page.last().filter(|_| more) {
-        let token = HeaderValue::from_str(&encode_build_cursor(last))
-            .map_err(|e| ApiError::Internal(format!("cursor is not a header value: {e}")))?;
-        resp.headers_mut().insert("x-next-token", token);
-    }
-    Ok(resp)
+    let next = page.last().filter(|_| more).map(encode_build_cursor);
+    crate::http::with_next_page(Json(body).into_response(), next)
 }
 
 fn encode_build_cursor(b: &BuildRow) -> String {
