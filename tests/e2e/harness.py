@@ -170,6 +170,12 @@ class Arca:
                 self.proc.kill()
                 self.proc.wait()
 
+    def restart(self, *extra_args: str) -> dict[str, str]:
+        """Stops `arca up` and starts it again with these extra flags (none: the defaults)."""
+        self.stop()
+        self.extra_args = list(extra_args)
+        return self.start()
+
     def kill9(self) -> None:
         assert self.proc and self.proc.poll() is None, "arca up is not running"
         self.proc.send_signal(signal.SIGKILL)

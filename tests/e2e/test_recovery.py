@@ -151,9 +151,7 @@ def test_frozen_sandboxes_beyond_max_frozen_move_to_disk(arca):
     from test_lifecycle import COUNTER, host_processes_of, read_counter
 
     no_criu = criu_usable()
-    arca.stop()
-    arca.extra_args = ["--max-frozen", "1"]
-    os.environ.update(arca.start())
+    os.environ.update(arca.restart("--max-frozen", "1"))
     a = Sandbox.create(timeout=600)
     b = Sandbox.create(timeout=600)
     try:
@@ -194,9 +192,7 @@ def test_frozen_sandboxes_beyond_max_frozen_move_to_disk(arca):
     finally:
         Sandbox.kill(a.sandbox_id)
         Sandbox.kill(b.sandbox_id)
-        arca.stop()
-        arca.extra_args = []
-        os.environ.update(arca.start())
+        os.environ.update(arca.restart())
 
 
 def test_a_checkpointed_sandbox_survives_a_restart_and_resumes(arca):
@@ -207,9 +203,7 @@ def test_a_checkpointed_sandbox_survives_a_restart_and_resumes(arca):
     no_criu = criu_usable()
     if no_criu is not None:
         pytest.skip(f"CRIU path: {no_criu}")
-    arca.stop()
-    arca.extra_args = ["--pause-to-disk-after", "0"]
-    os.environ.update(arca.start())
+    os.environ.update(arca.restart("--pause-to-disk-after", "0"))
     sbx = Sandbox.create(timeout=600)
     try:
         pid = int(sbx.commands.run(BACKGROUND).stdout)
@@ -237,9 +231,7 @@ def test_a_checkpointed_sandbox_survives_a_restart_and_resumes(arca):
         assert r.stdout == "sleep 1000 ", r.stdout
     finally:
         Sandbox.kill(sbx.sandbox_id)
-        arca.stop()
-        arca.extra_args = []
-        os.environ.update(arca.start())
+        os.environ.update(arca.restart())
 
 
 def test_a_checkpoint_that_cannot_be_restored_resumes_on_its_files(arca):
@@ -254,9 +246,7 @@ def test_a_checkpoint_that_cannot_be_restored_resumes_on_its_files(arca):
     no_criu = criu_usable()
     if no_criu is not None:
         pytest.skip(f"CRIU path: {no_criu}")
-    arca.stop()
-    arca.extra_args = ["--pause-to-disk-after", "0"]
-    os.environ.update(arca.start())
+    os.environ.update(arca.restart("--pause-to-disk-after", "0"))
     sbx = Sandbox.create(timeout=600)
     try:
         sbx.commands.run(BACKGROUND)
@@ -282,9 +272,7 @@ def test_a_checkpoint_that_cannot_be_restored_resumes_on_its_files(arca):
         assert "sleep 1000" in third.commands.run("ps -eo args").stdout
     finally:
         Sandbox.kill(sbx.sandbox_id)
-        arca.stop()
-        arca.extra_args = []
-        os.environ.update(arca.start())
+        os.environ.update(arca.restart())
 
 
 def test_frozen_sandboxes_move_to_disk_when_the_host_is_short_of_memory(arca):
@@ -294,9 +282,7 @@ def test_frozen_sandboxes_move_to_disk_when_the_host_is_short_of_memory(arca):
     from test_lifecycle import host_processes_of
 
     no_criu = criu_usable()
-    arca.stop()
-    arca.extra_args = ["--min-free-memory-pct", "100"]
-    os.environ.update(arca.start())
+    os.environ.update(arca.restart("--min-free-memory-pct", "100"))
     a = Sandbox.create(timeout=600)
     b = Sandbox.create(timeout=600)
     try:
@@ -318,6 +304,4 @@ def test_frozen_sandboxes_move_to_disk_when_the_host_is_short_of_memory(arca):
     finally:
         Sandbox.kill(a.sandbox_id)
         Sandbox.kill(b.sandbox_id)
-        arca.stop()
-        arca.extra_args = []
-        os.environ.update(arca.start())
+        os.environ.update(arca.restart())

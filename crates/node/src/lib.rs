@@ -509,10 +509,7 @@ impl Node {
             return;
         };
         let id = spec.sandbox_id.clone();
-        let instance = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let instance = dir_name(&dir).unwrap_or_default();
         let Some(slot) = st.slot_index.and_then(|i| self.inner.slots.take_adopted(i)) else {
             tracing::warn!(sandbox_id = %id, "running sandbox without its network slot; reaping it");
             self.reap_leftover(&dir, Some(&st));
@@ -549,10 +546,7 @@ impl Node {
             self.reap_leftover(&dir, Some(&st));
             return;
         };
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = dir_name(&dir).unwrap_or_default();
         let cgroup = self.inner.layout.open(&name).ok();
         let slot = st.slot_index.and_then(|i| self.inner.slots.take_adopted(i));
         let (inner, image) = (self.inner.clone(), dir.join("disk.img"));
@@ -570,10 +564,7 @@ impl Node {
 
     /// Removes whatever a sandbox that is not running left behind.
     fn reap_leftover(&self, dir: &Path, st: Option<&StateFile>) {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = dir_name(dir).unwrap_or_default();
         let slot = st
             .and_then(|s| s.slot_index)
             .and_then(|i| self.inner.slots.take_adopted(i));
@@ -1007,24 +998,9 @@ impl Node {
     async fn boot_again(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
         let spec = &inst.spec;
         let build = self.build_of(inst)?;
-        let name = inst
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| NodeError::Internal("sandbox directory without a name".into()))?;
-        // Never a second mount of a disk the last run still holds.
+        let name = dir_name(&inst.dir)?;
         let image = inst.dir.join("disk.img");
-        let img = image.clone();
-        let released =
-            tokio::task::spawn_blocking(move || disk::wait_released(&img, DISK_RELEASED_WITHIN))
-                .await
-                .map_err(|e| NodeError::Internal(e.to_string()))?;
-        if !released {
-            return Err(NodeError::Internal(format!(
-                "sandbox {}: its disk is still held by its last run; try again",
-                spec.sandbox_id
-            )));
-        }
+        disk_released(&image, &spec.sandbox_id).await?;
         let mut plan = self.sandbox_plan(build, spec.disk_size_mb)?;
         plan.upper = Upper::Existing {
             mb: spec.disk_size_mb,
@@ -1728,6 +1704,31 @@ async fn detached<T: Send + 'static>(
     tokio::spawn(work)
         .await
         .map_err(|e| NodeError::Internal(format!("a sandbox task failed: {e}")))?
+}
+
+/// The name of a sandbox's directory, which its cgroup shares.
+fn dir_name(dir: &Path) -> Result<String, NodeError> {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| NodeError::Internal(format!("{} has no name", dir.display())))
+}
+
+/// Waits until no loop device holds `image` any more (a sandbox's last run
+/// lets go of its disk as its mount namespace ends): never a second mount
+/// of one ext4 image.
+async fn disk_released(image: &Path, sandbox: &impl std::fmt::Display) -> Result<(), NodeError> {
+    let img = image.to_path_buf();
+    let released =
+        tokio::task::spawn_blocking(move || disk::wait_released(&img, DISK_RELEASED_WITHIN))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+    if released {
+        Ok(())
+    } else {
+        Err(NodeError::Internal(format!(
+            "sandbox {sandbox}: its disk is still held by its last run; try again"
+        )))
+    }
 }
 
 /// Whether the host has less than a tenth of its memory available.

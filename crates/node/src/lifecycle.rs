@@ -417,11 +417,7 @@ impl Node {
     /// it runs.
     pub(crate) async fn restore_checkpoint(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
         let build = self.build_of(inst)?;
-        let name = inst
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| NodeError::Internal("sandbox directory without a name".into()))?;
+        let name = crate::dir_name(&inst.dir)?;
         let st = crate::state::StateFile::load(&inst.dir).map_err(|e| {
             NodeError::Internal(format!(
                 "reading the state of sandbox {}: {e}",
@@ -489,15 +485,7 @@ impl Node {
             .ok_or_else(|| NodeError::Internal("no usable CRIU on this node".into()))?;
         let dir = b.dir.clone();
         let image = dir.join("disk.img");
-        let img = image.clone();
-        let released = tokio::task::spawn_blocking(move || {
-            disk::wait_released(&img, crate::DISK_RELEASED_WITHIN)
-        })
-        .await
-        .map_err(|e| internal("disk task", &e))?;
-        if !released {
-            return Err(internal("disk", &"still held by its last run; try again"));
-        }
+        crate::disk_released(&image, &b.instance_id).await?;
         let lowers = self
             .inner
             .templates
