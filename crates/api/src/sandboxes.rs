@@ -343,6 +343,8 @@ pub(crate) fn spec_for(
             PauseMode::Filesystem
         },
         allow_internet_access: rec.allow_internet_access.unwrap_or(true),
+        network: Default::default(),
+        ingress: Default::default(),
     }
 }
 

@@ -1912,6 +1912,7 @@ impl RouteSource for Node {
             sandbox_id: id,
             netns: inst.network()?.0,
             envd_access_token: Some(inst.spec.envd_access_token.clone()),
+            ingress: inst.spec.ingress.clone(),
         })
     }
 
@@ -1924,6 +1925,7 @@ impl RouteSource for Node {
                     sandbox_id: inst.spec.sandbox_id.clone(),
                     netns: inst.network()?.0,
                     envd_access_token: Some(inst.spec.envd_access_token.clone()),
+            ingress: inst.spec.ingress.clone(),
                 })
             })
             .collect()

@@ -6,6 +6,7 @@
 //! - [`node`]: the node agent's interface ([`node::NodeService`]) and the
 //!   proxy's view of sandboxes ([`node::RouteSource`]).
 //! - [`files`]: signed `/files` URLs.
+//! - [`network`]: egress and ingress settings, their checks, egress log entries.
 //! - [`connect`]: the Connect protocol as the E2B SDKs speak it: codecs,
 //!   content types, envelopes, end-of-stream messages and error codes.
 //!
@@ -25,6 +26,7 @@
 pub mod build;
 pub mod connect;
 pub mod files;
+pub mod network;
 pub mod node;
 mod timestamp;
 

@@ -122,6 +122,12 @@ pub struct SandboxSpec {
     pub auto_pause_mode: PauseMode,
     /// `false` denies all egress.
     pub allow_internet_access: bool,
+    /// Egress rules (checked by [`crate::network::EgressPolicy::compile`]).
+    #[serde(default)]
+    pub network: crate::network::NetworkSpec,
+    /// Ingress settings, fixed for the sandbox's life.
+    #[serde(default)]
+    pub ingress: crate::network::IngressSpec,
 }
 
 /// State of a sandbox as a node reports it.
@@ -372,6 +378,36 @@ pub trait NodeService: Send + Sync + 'static {
             )))
         })
     }
+
+    /// Replaces a sandbox's egress rules at once (one firewall commit);
+    /// connections to destinations that stay allowed are kept. Legal while
+    /// running; a paused sandbox gives [`NodeError::Conflict`].
+    fn update_network<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        network: crate::network::NetworkSpec,
+        allow_internet_access: bool,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        let _ = (network, allow_internet_access);
+        Box::pin(async move {
+            Err(NodeError::InvalidInput(format!(
+                "sandbox {id}: this node cannot change network rules"
+            )))
+        })
+    }
+
+    /// A sandbox's egress log, oldest first (bounded; see ADR 0005). Legal
+    /// in any state.
+    fn network_logs<'a>(
+        &'a self,
+        id: &'a SandboxId,
+    ) -> BoxFuture<'a, Result<Vec<crate::network::EgressLogEntry>, NodeError>> {
+        Box::pin(async move {
+            Err(NodeError::InvalidInput(format!(
+                "sandbox {id}: this node keeps no network log"
+            )))
+        })
+    }
 }
 
 /// Where the proxy sends traffic for a sandbox.
@@ -384,6 +420,8 @@ pub struct Route {
     pub netns: PathBuf,
     /// envd's access token, to find the sandbox of a signed `/files` URL.
     pub envd_access_token: Option<String>,
+    /// Ingress settings: traffic token for user ports, Host mask.
+    pub ingress: crate::network::IngressSpec,
 }
 
 /// The proxy's view of live sandboxes.
@@ -400,6 +438,13 @@ pub trait RouteSource: Send + Sync + 'static {
     fn wake<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, bool> {
         let _ = sandbox_id;
         Box::pin(async { false })
+    }
+    /// Ingress settings of a sandbox that exists here, running or paused
+    /// (checked before [`wake`](Self::wake), so a request without the
+    /// traffic token cannot resume a sandbox).
+    fn ingress(&self, sandbox_id: &str) -> Option<crate::network::IngressSpec> {
+        let _ = sandbox_id;
+        None
     }
 }
 

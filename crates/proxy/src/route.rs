@@ -276,6 +276,7 @@ mod tests {
             sandbox_id: SandboxId::parse(id).unwrap(),
             netns: PathBuf::from("/nonexistent"),
             envd_access_token: token.map(str::to_string),
+            ingress: Default::default(),
         }
     }
 

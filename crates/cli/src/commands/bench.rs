@@ -102,6 +102,8 @@ fn spec(id: &SandboxId) -> SandboxSpec {
         timeout_secs: 0,
         auto_pause_mode: arca_proto::node::PauseMode::Full,
         allow_internet_access: true,
+        network: Default::default(),
+        ingress: Default::default(),
     }
 }
 

@@ -139,6 +139,7 @@ impl FakeRouteSource {
             sandbox_id: SandboxId::parse(id).unwrap(),
             netns,
             envd_access_token: token.map(str::to_string),
+            ingress: Default::default(),
         };
         self.routes.lock().unwrap().insert(id.to_string(), route);
     }
