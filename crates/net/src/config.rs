@@ -35,6 +35,8 @@ pub struct NetConfig {
     /// Name of the `inet` table holding the pool's rules: ASCII letters,
     /// digits and `_`, starting with a letter, at most 64 bytes.
     pub nft_table: String,
+    /// Where the node's egress services listen and the firewall logs.
+    pub egress: EgressHooks,
 }
 
 impl Default for NetConfig {
@@ -44,6 +46,41 @@ impl Default for NetConfig {
             name_prefix: DEFAULT_NAME_PREFIX.to_owned(),
             warm_slots: DEFAULT_WARM_SLOTS,
             nft_table: DEFAULT_NFT_TABLE.to_owned(),
+            egress: EgressHooks::default(),
+        }
+    }
+}
+
+/// The node's egress services as the firewall sees them (ADR 0005): DNS
+/// from sandboxes is redirected to `dns_port`; in domain mode, TCP 443 and
+/// 80 to addresses admitted by DNS go to `tls_port` and `http_port`, where
+/// the name is checked. All three listen on every host address, so the
+/// input chain lets sandboxes reach them only through these redirects and
+/// other interfaces (except `lo`) not at all. Verdicts are logged to
+/// nflog group `nflog_group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressHooks {
+    /// DNS forwarder, UDP and TCP.
+    pub dns_port: u16,
+    /// TLS name check.
+    pub tls_port: u16,
+    /// HTTP name check.
+    pub http_port: u16,
+    /// nflog group of the verdict log.
+    pub nflog_group: u16,
+    /// Networks no sandbox reaches whatever its rules (operator setting;
+    /// default the link-local range with cloud metadata services).
+    pub node_deny: Vec<String>,
+}
+
+impl Default for EgressHooks {
+    fn default() -> Self {
+        Self {
+            dns_port: 15353,
+            tls_port: 15443,
+            http_port: 15080,
+            nflog_group: 8710,
+            node_deny: vec!["169.254.0.0/16".to_owned()],
         }
     }
 }
@@ -85,6 +122,14 @@ pub enum ConfigError {
     NftTable {
         /// The rejected value.
         table: String,
+    },
+    /// An entry of `egress.node_deny` is not an IPv4 address or network.
+    #[error(
+        "node deny entry {entry:?} is not an IPv4 address or a.b.c.d/len network without host bits"
+    )]
+    NodeDeny {
+        /// The rejected entry.
+        entry: String,
     },
     /// An index given to adopt does not belong to the cidr.
     #[error("cannot adopt slot {index}: the cidr only has {slots} slots")]

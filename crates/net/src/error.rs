@@ -78,6 +78,18 @@ pub enum NetError {
         #[source]
         source: CmdError,
     },
+    /// Loading, replacing or removing a slot's egress rules, or admitting
+    /// addresses into them, failed; the old rules stay (one transaction).
+    #[error("could not {action} the egress rules of network slot {index}")]
+    Egress {
+        /// What was being done.
+        action: &'static str,
+        /// Slot index (the first one, for a batch).
+        index: u32,
+        /// The failed `nft` run.
+        #[source]
+        source: CmdError,
+    },
     /// Every index of the cidr is in use, prepared, or being recycled.
     #[error("no free network slot: all {slots} /30 subnets of {cidr} are taken; use a larger cidr")]
     Exhausted {

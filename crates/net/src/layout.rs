@@ -4,7 +4,9 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use crate::config::{ConfigError, NetConfig};
+use arca_proto::network::Ipv4Net;
+
+use crate::config::{ConfigError, EgressHooks, NetConfig};
 use crate::pool::Slot;
 
 /// Prefix length of every slot's subnet: host `.1`, sandbox `.2`.
@@ -26,6 +28,8 @@ pub(crate) struct Layout {
     slots: u32,
     prefix: String,
     table: String,
+    egress: EgressHooks,
+    node_deny: Vec<Ipv4Net>,
 }
 
 impl Layout {
@@ -63,7 +67,15 @@ impl Layout {
                 table: table.clone(),
             });
         }
+        let mut node_deny = Vec::new();
+        for entry in &config.egress.node_deny {
+            node_deny.push(Ipv4Net::parse(entry).map_err(|_| ConfigError::NodeDeny {
+                entry: entry.clone(),
+            })?);
+        }
         Ok(Self {
+            egress: config.egress.clone(),
+            node_deny,
             cidr: config.cidr.clone(),
             network,
             slots,
@@ -80,6 +92,15 @@ impl Layout {
     /// How many /30 slots the cidr holds; valid indexes are `0..slots`.
     pub(crate) fn slots(&self) -> u32 {
         self.slots
+    }
+
+    pub(crate) fn egress(&self) -> &EgressHooks {
+        &self.egress
+    }
+
+    /// Networks denied to every sandbox.
+    pub(crate) fn node_deny(&self) -> &[Ipv4Net] {
+        &self.node_deny
     }
 
     pub(crate) fn prefix(&self) -> &str {
@@ -268,6 +289,7 @@ mod tests {
         let mk = |t: &str| {
             Layout::new(&NetConfig {
                 nft_table: t.into(),
+                egress: Default::default(),
                 ..NetConfig::default()
             })
         };

@@ -57,6 +57,7 @@ mod config;
 mod dns;
 mod error;
 mod layout;
+mod nflog;
 mod nft;
 mod ops;
 mod pool;
@@ -68,8 +69,10 @@ pub mod testing;
 pub use cmd::{BoxFuture, Cmd, CmdError, Invocation, Program, SystemRunner};
 pub use config::{
     ConfigError, DEFAULT_CIDR, DEFAULT_NAME_PREFIX, DEFAULT_NFT_TABLE, DEFAULT_WARM_SLOTS,
-    NetConfig,
+    EgressHooks, NetConfig,
 };
 pub use dns::{resolv_conf, resolv_conf_from};
 pub use error::NetError;
+pub use nflog::{NflogPacket, NflogReader, PacketSummary, parse_ipv4, parse_messages};
+pub use nft::SlotEgress;
 pub use pool::{PoolStats, Slot, SlotPool};

@@ -238,6 +238,7 @@ mod tests {
             name_prefix: "arcatq".into(),
             warm_slots: 0,
             nft_table: "arcatq".into(),
+            egress: Default::default(),
         })
         .unwrap()
     }

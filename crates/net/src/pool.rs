@@ -19,7 +19,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
@@ -28,6 +28,7 @@ use crate::cmd::{Cmd, SystemRunner};
 use crate::config::{ConfigError, NetConfig};
 use crate::error::{NetError, chain};
 use crate::layout::Layout;
+use crate::nft::SlotEgress;
 use crate::{nft, ops};
 
 /// The sysctl turned on by [`SlotPool::new`].
@@ -144,7 +145,18 @@ impl SlotPool {
     /// Must be called inside a Tokio runtime with the `process` driver
     /// (any runtime built with `enable_all`).
     pub async fn new(config: NetConfig, in_use: &[u32]) -> Result<Self, NetError> {
-        Self::with_runner(config, in_use, Arc::new(SystemRunner::new())).await
+        Self::with_runner(config, in_use, &[], Arc::new(SystemRunner::new())).await
+    }
+
+    /// [`new`](Self::new) for a node restart: the adopted slots listed in
+    /// `egress` get their rules back in the same transaction that replaces
+    /// the table, so no running sandbox is ever unrestricted.
+    pub async fn new_with_egress(
+        config: NetConfig,
+        in_use: &[u32],
+        egress: &[(u32, SlotEgress)],
+    ) -> Result<Self, NetError> {
+        Self::with_runner(config, in_use, egress, Arc::new(SystemRunner::new())).await
     }
 
     /// [`new`](Self::new) with another way of running `ip` and `nft`
@@ -152,11 +164,16 @@ impl SlotPool {
     pub async fn with_runner(
         config: NetConfig,
         in_use: &[u32],
+        egress: &[(u32, SlotEgress)],
         runner: Arc<dyn Cmd>,
     ) -> Result<Self, NetError> {
         let started = Instant::now();
         let layout = Layout::new(&config)?;
-        if let Some(&index) = in_use.iter().find(|&&i| i >= layout.slots()) {
+        if let Some(&index) = in_use
+            .iter()
+            .chain(egress.iter().map(|(i, _)| i))
+            .find(|&&i| i >= layout.slots())
+        {
             return Err(ConfigError::AdoptOutOfRange {
                 index,
                 slots: layout.slots(),
@@ -172,7 +189,7 @@ impl SlotPool {
             .await
             .map_err(NetError::EnableForwarding)?;
         runner
-            .run(&nft::install(&layout))
+            .run(&nft::install(&layout, egress))
             .await
             .map_err(|source| NetError::InstallTable {
                 table: layout.table().to_owned(),
@@ -351,6 +368,48 @@ impl SlotPool {
         ops::attach_script(&self.inner.layout, slot.index, &host)
     }
 
+    /// Replaces the egress rules of slot `index` (in use) in one
+    /// transaction: its sets, chains and switch. About 20 ms (one `nft`).
+    pub async fn set_egress(&self, index: u32, egress: &SlotEgress) -> Result<(), NetError> {
+        let layout = &self.inner.layout;
+        if index >= layout.slots() {
+            return Err(ConfigError::AdoptOutOfRange {
+                index,
+                slots: layout.slots(),
+            }
+            .into());
+        }
+        self.inner
+            .runner
+            .run(&nft::script(nft::slot_script(layout, index, egress)))
+            .await
+            .map(drop)
+            .map_err(|source| NetError::Egress {
+                action: "install",
+                index,
+                source,
+            })
+    }
+
+    /// Puts addresses into slots' DNS admission sets (slot, address, time
+    /// to keep it), all in one transaction. The slots must have egress
+    /// rules ([`set_egress`](Self::set_egress)).
+    pub async fn admit(&self, items: &[(u32, Ipv4Addr, Duration)]) -> Result<(), NetError> {
+        let Some(&(first, _, _)) = items.first() else {
+            return Ok(());
+        };
+        self.inner
+            .runner
+            .run(&nft::script(nft::admit_script(&self.inner.layout, items)))
+            .await
+            .map(drop)
+            .map_err(|source| NetError::Egress {
+                action: "admit addresses into",
+                index: first,
+                source,
+            })
+    }
+
     /// The [`Slot`] of an index adopted by [`new`](Self::new), once; `None`
     /// for any other index or when already taken. Release it like any slot.
     pub fn take_adopted(&self, index: u32) -> Option<Slot> {
@@ -518,6 +577,18 @@ impl Inner {
     /// Deletes a released slot, then re-prepares or frees its index.
     async fn recycle(&self, index: u32) {
         let started = Instant::now();
+        // Its egress rules go first, so the index's next owner starts with
+        // none; the index stays taken if they cannot be removed.
+        let clear = nft::script(nft::clear_slot_script(&self.layout, index));
+        if let Err(e) = self.runner.run(&clear).await {
+            let e = NetError::Egress {
+                action: "remove",
+                index,
+                source: e,
+            };
+            tracing::error!(index, error = %chain(&e), "egress rules of a released network slot not removed; its index is quarantined until restart");
+            return;
+        }
         if let Err(e) = ops::delete_slot(&*self.runner, &self.layout, index).await {
             tracing::error!(index, error = %chain(&e), "released network slot not deleted; its index is quarantined until restart");
             return;
@@ -565,6 +636,7 @@ mod tests {
             name_prefix: "arcatu".into(),
             warm_slots: warm,
             nft_table: "arcatu".into(),
+            egress: Default::default(),
         }
     }
 
@@ -591,6 +663,14 @@ mod tests {
         ]
     }
 
+    /// What a release runs: the slot's egress rules go, then the slot.
+    fn releases(index: u32) -> Vec<String> {
+        let layout = Layout::new(&config("10.99.9.0/24", 0)).unwrap();
+        let mut v = vec![nft::script(nft::clear_slot_script(&layout, index)).to_string()];
+        v.extend(deletes(index));
+        v
+    }
+
     #[tokio::test]
     async fn new_enables_forwarding_installs_nft_clears_stale_and_warms_up() {
         let r = Arc::new(RecordingRunner::new());
@@ -599,7 +679,7 @@ mod tests {
             "ip -o link show",
             "1: lo: <LOOPBACK>\n9: arcatu1h@if2: <UP>\n10: arcatu5h@if2: <UP>\n",
         );
-        let pool = SlotPool::with_runner(config("10.99.9.0/24", 2), &[2], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/24", 2), &[2], &[], r.clone())
             .await
             .unwrap();
         let lines = r.lines();
@@ -636,7 +716,7 @@ mod tests {
     #[tokio::test]
     async fn acquire_takes_warm_slots_and_refills_in_the_background() {
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/24", 1), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/24", 1), &[], &[], r.clone())
             .await
             .unwrap();
         r.clear();
@@ -657,7 +737,7 @@ mod tests {
     #[tokio::test]
     async fn exhaustion_is_an_error_and_recycling_indexes_are_not_reused_early() {
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/29", 0), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/29", 0), &[], &[], r.clone())
             .await
             .unwrap();
         let a = pool.acquire().await.unwrap();
@@ -697,7 +777,7 @@ mod tests {
     async fn release_deletes_then_reprepares_only_while_the_queue_is_short() {
         // Queue full (slot 1 is warm): the released index is deleted and freed.
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/28", 1), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/28", 1), &[], &[], r.clone())
             .await
             .unwrap();
         let a = pool.acquire().await.unwrap(); // 0; refill makes 1
@@ -705,7 +785,7 @@ mod tests {
         r.clear();
         pool.release(a);
         pool.idle().await;
-        assert_eq!(r.lines(), deletes(0));
+        assert_eq!(r.lines(), releases(0));
         assert_eq!(
             pool.stats(),
             PoolStats {
@@ -717,7 +797,7 @@ mod tests {
 
         // Queue short (no index free to refill it): the index is re-prepared.
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/29", 2), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/29", 2), &[], &[], r.clone())
             .await
             .unwrap();
         let a = pool.acquire().await.unwrap();
@@ -742,7 +822,7 @@ mod tests {
             }
         );
         pool.idle().await;
-        let mut expected = deletes(0).to_vec();
+        let mut expected = releases(0);
         expected.extend(creates(0));
         assert_eq!(r.lines(), expected);
         assert_eq!(
@@ -758,7 +838,7 @@ mod tests {
     #[tokio::test]
     async fn releasing_twice_or_a_foreign_slot_is_ignored() {
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/24", 0), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/24", 0), &[], &[], r.clone())
             .await
             .unwrap();
         let a = pool.acquire().await.unwrap();
@@ -784,7 +864,7 @@ mod tests {
     #[tokio::test]
     async fn bad_adoption_and_config_touch_nothing() {
         let r = Arc::new(RecordingRunner::new());
-        let err = SlotPool::with_runner(config("10.99.9.0/30", 0), &[1], r.clone())
+        let err = SlotPool::with_runner(config("10.99.9.0/30", 0), &[1], &[], r.clone())
             .await
             .unwrap_err();
         assert!(
@@ -794,7 +874,7 @@ mod tests {
             ),
             "{err:?}"
         );
-        let err = SlotPool::with_runner(config("10.99.9.1/24", 0), &[], r.clone())
+        let err = SlotPool::with_runner(config("10.99.9.1/24", 0), &[], &[], r.clone())
             .await
             .unwrap_err();
         assert!(
@@ -807,7 +887,7 @@ mod tests {
     #[tokio::test]
     async fn destroy_deletes_what_is_listed_and_the_table() {
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/24", 0), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/24", 0), &[], &[], r.clone())
             .await
             .unwrap();
         r.respond("ip netns list", "arcatu-0\narcatu-3\n");
@@ -824,7 +904,7 @@ mod tests {
     #[tokio::test]
     async fn destroy_keeps_going_after_a_failure() {
         let r = Arc::new(RecordingRunner::new());
-        let pool = SlotPool::with_runner(config("10.99.9.0/24", 0), &[], r.clone())
+        let pool = SlotPool::with_runner(config("10.99.9.0/24", 0), &[], &[], r.clone())
             .await
             .unwrap();
         r.respond("ip netns list", "arcatu-0\narcatu-1\n");

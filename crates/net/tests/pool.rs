@@ -27,7 +27,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use arca_net::{NetConfig, NetError, SlotPool};
+use arca_net::{NetConfig, NetError, SlotEgress, SlotPool};
+use arca_proto::network::{EgressPolicy, NetworkSpec};
 use nix::sched::CloneFlags;
 use rand::Rng as _;
 
@@ -93,6 +94,7 @@ impl Env {
             name_prefix: self.prefix.clone(),
             warm_slots,
             nft_table: self.table.clone(),
+            egress: Default::default(),
         }
     }
 
@@ -546,4 +548,197 @@ async fn closing_keeps_slots_in_use_and_removes_the_rest() {
         netns.is_empty() && links.is_empty() && !table,
         "{netns:?} {links:?} {table}"
     );
+}
+
+/// Egress rules of one slot, compiled from E2B-style lists.
+fn egress(id: &str, allow: &[String], deny: &[&str]) -> SlotEgress {
+    let spec = NetworkSpec {
+        allow_out: allow.to_vec(),
+        deny_out: deny.iter().map(|s| s.to_string()).collect(),
+        dns_servers: vec![],
+    };
+    SlotEgress {
+        sandbox_id: id.to_owned(),
+        policy: EgressPolicy::compile(&spec, true).unwrap(),
+        admitted: vec![],
+    }
+}
+
+/// Whether a TCP connection from `netns` to `to` is refused at once (a
+/// reset from the firewall), rather than made or timed out.
+fn refused_from(netns: &Path, to: SocketAddr) -> bool {
+    match connect_from(netns, to) {
+        Err(e) => {
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{to}: {e}");
+            true
+        }
+        Ok(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_rules_allow_deny_replace_redirect_and_leave_with_the_slot() {
+    require_root!();
+    let mut env = Env::new(28);
+    let (remote_ns, _, remote_ip) = env.make_remote();
+    let remote_path = Path::new("/run/netns").join(&remote_ns);
+    let mut config = env.config(1);
+    // Ports of the node's egress services, free on this host.
+    let dns = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let tls = TcpListener::bind("0.0.0.0:0").unwrap();
+    config.egress.dns_port = dns.local_addr().unwrap().port();
+    config.egress.tls_port = tls.local_addr().unwrap().port();
+    config.egress.http_port = config.egress.tls_port; // only 443 is tried here
+    config.egress.node_deny = vec![format!("10.99.{}.0/30", env.octet + 100)];
+    let pool = SlotPool::new(config.clone(), &[]).await.unwrap();
+    let a = pool.acquire().await.unwrap();
+    let web = listen_in(&remote_path, sock(remote_ip, 8080));
+    let web_addr = sock(remote_ip, 8080);
+
+    // No rules: node_deny (the remote's /30 here) is refused for everyone.
+    let err = connect_from(&a.netns_path, web_addr).unwrap_err();
+    assert_ne!(
+        err.kind(),
+        io::ErrorKind::TimedOut,
+        "node_deny refuses fast: {err}"
+    );
+    drop(pool);
+    config.egress.node_deny = vec![];
+    let pool = SlotPool::new_with_egress(config.clone(), &[a.index], &[])
+        .await
+        .unwrap();
+    connect_from(&a.netns_path, web_addr).expect("no rules: the remote is reachable");
+    drop(web.accept().unwrap());
+
+    // Deny all: TCP refused at once; UDP gets an ICMP error.
+    pool.set_egress(a.index, &egress("sbx1", &[], &["0.0.0.0/0"]))
+        .await
+        .unwrap();
+    assert!(refused_from(&a.netns_path, web_addr));
+    let udp_err = in_netns(&a.netns_path, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(sock(remote_ip, 9)).unwrap();
+        s.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+        s.send(b"x").unwrap();
+        s.recv(&mut [0; 8]).unwrap_err()
+    });
+    assert_ne!(
+        udp_err.kind(),
+        io::ErrorKind::WouldBlock,
+        "ICMP error, not silence: {udp_err}"
+    );
+
+    // Allow the remote (allow wins), and a connection made now survives a
+    // replace that keeps it allowed, then dies when it is denied.
+    let allow_remote = vec![remote_ip.to_string()];
+    pool.set_egress(a.index, &egress("sbx1", &allow_remote, &["0.0.0.0/0"]))
+        .await
+        .unwrap();
+    let mut conn = connect_from(&a.netns_path, web_addr).expect("allowed by address");
+    let (mut accepted, _) = web.accept().unwrap();
+    accepted.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+    pool.set_egress(
+        a.index,
+        &egress(
+            "sbx1",
+            &[remote_ip.to_string(), "10.1.0.0/16".into()],
+            &["0.0.0.0/0"],
+        ),
+    )
+    .await
+    .unwrap();
+    std::io::Write::write_all(&mut conn, b"one").unwrap();
+    let mut buf = [0; 3];
+    accepted.read_exact(&mut buf).unwrap();
+    assert_eq!(
+        &buf, b"one",
+        "a connection still allowed survives the replace"
+    );
+    pool.set_egress(a.index, &egress("sbx1", &[], &["0.0.0.0/0"]))
+        .await
+        .unwrap();
+    conn.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+    let _ = std::io::Write::write_all(&mut conn, b"two");
+    let cut = conn.read(&mut buf);
+    assert!(
+        matches!(&cut, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "a denied flow is reset on its next packet: {cut:?}"
+    );
+    let mut got = [0; 3];
+    assert!(
+        !matches!(accepted.read(&mut got), Ok(3)),
+        "nothing of it reached the remote"
+    );
+
+    // Domain mode: 443 to an address admitted by DNS goes to the node's
+    // TLS check (here: the test's listener); DNS to the gateway and to any
+    // other address goes to the node's forwarder.
+    let domains = egress("sbx1", &["allowed.test".into()], &["0.0.0.0/0"]);
+    pool.set_egress(a.index, &domains).await.unwrap();
+    assert!(
+        refused_from(&a.netns_path, sock(remote_ip, 443)),
+        "not admitted yet"
+    );
+    pool.admit(&[(a.index, remote_ip, Duration::from_secs(60))])
+        .await
+        .unwrap();
+    let _redirected = connect_from(&a.netns_path, sock(remote_ip, 443)).expect("redirected");
+    tls.set_nonblocking(false).unwrap();
+    let (_, peer) = tls.accept().unwrap();
+    assert_eq!(peer.ip(), IpAddr::V4(a.sandbox_ip));
+    assert!(
+        refused_from(&a.netns_path, sock(remote_ip, 8080)),
+        "other ports stay denied"
+    );
+    for to in [a.host_ip, remote_ip] {
+        in_netns(&a.netns_path, || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(b"query", sock(to, 53)).unwrap();
+        });
+        dns.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+        let (n, from) = dns.recv_from(&mut [0; 16]).unwrap();
+        assert_eq!((n, from.ip()), (5, IpAddr::V4(a.sandbox_ip)), "DNS to {to}");
+    }
+    // The services' ports are not reachable directly.
+    let err = connect_from(&a.netns_path, sock(a.host_ip, config.egress.tls_port)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "direct: {err}");
+
+    // A node restart keeps the rules in the same transaction.
+    drop(pool);
+    let kept = SlotEgress {
+        admitted: vec![(remote_ip, Duration::from_secs(30))],
+        ..domains.clone()
+    };
+    let pool = SlotPool::new_with_egress(config.clone(), &[a.index], &[(a.index, kept)])
+        .await
+        .unwrap();
+    let listing = run("nft", &["list", "table", "inet", &env.table]);
+    assert!(
+        listing.contains(&format!("chain e{}", a.index)),
+        "{listing}"
+    );
+    assert!(
+        refused_from(&a.netns_path, web_addr),
+        "still denied after restart"
+    );
+    let _again = connect_from(&a.netns_path, sock(remote_ip, 443)).expect("admission kept");
+
+    // Released: the slot's objects go, and the index starts with none.
+    let slot = pool.take_adopted(a.index).unwrap();
+    let veth = a.host_ifname.clone();
+    drop(a);
+    pool.release(slot);
+    pool.idle().await;
+    let listing = run("nft", &["list", "table", "inet", &env.table]);
+    for name in ["chain e", "chain n", "set a", "set d", "set x"] {
+        assert!(!listing.contains(name), "{name} left: {listing}");
+    }
+    assert!(
+        !listing.contains(&format!("\"{veth}\"")),
+        "map element left: {listing}"
+    );
+    let b = pool.acquire().await.unwrap();
+    connect_from(&b.netns_path, web_addr).expect("the next owner is unrestricted");
+    pool.release(b);
+    pool.destroy().await.unwrap();
 }

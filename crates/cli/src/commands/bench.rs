@@ -212,6 +212,7 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
             cidr: "10.66.0.0/16".into(),
             name_prefix: "bnch".into(),
             nft_table: "bnch".into(),
+            egress: Default::default(),
             warm_slots: 16,
         },
         pids_limit: arca_node::DEFAULT_PIDS_LIMIT,

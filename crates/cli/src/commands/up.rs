@@ -240,6 +240,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         warm_slots: args.warm_slots,
         name_prefix: args.net_prefix.clone(),
         nft_table: args.net_prefix.clone(),
+        egress: Default::default(),
     };
     let node = arca_node::Node::start(arca_node::NodeConfig {
         home: home.clone(),
