@@ -36,6 +36,20 @@ def arca():
             )
 
 
+@pytest.fixture(scope="session")
+def remote(arca):
+    """A fake remote network for network-policy tests (remote_host.py): netns `rmt*` with DNS,
+    HTTP, TLS and echo on 198.18.<k>.2 and .3. Needs `arca` so that it is gone before the
+    session's leak check, which reports it if not."""
+    from remote_host import RemoteHost, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(f"no remote host: {why}")
+    with RemoteHost() as r:
+        yield r
+
+
 @pytest.fixture
 def sandbox(arca):
     from e2b import Sandbox

@@ -391,6 +391,7 @@ class Arca:
         for dev in self.loop_devices():
             found.append(f"loop device {dev}")
             run("losetup", "-d", f"/dev/{dev}")
+        found += remote_host_leftovers()
         if not self.mounts():
             for name in warm:
                 shutil.rmtree(self.home / "sandboxes" / name, ignore_errors=True)
@@ -404,6 +405,13 @@ class Arca:
         ]:
             found += [f"{what} {x} could not be removed" for x in left]
         return found
+
+
+def remote_host_leftovers() -> list[str]:
+    """Fake remote networks (remote_host.py: netns and veth `rmt*`, a server process) that this
+    process made and that are still on the host: removed, and reported as leaks."""
+    module = sys.modules.get("remote_host")
+    return module.leftovers() if module is not None else []
 
 
 # Where a home keeps the base template (crates/node/src/templates.rs, crates/image store).

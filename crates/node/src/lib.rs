@@ -19,6 +19,8 @@
 mod build;
 mod criu;
 mod disk;
+mod egress;
+mod egress_log;
 mod envd;
 mod lifecycle;
 mod startcmd;
@@ -52,6 +54,8 @@ pub const DEFAULT_PIDS_LIMIT: u64 = 2048;
 const METRICS_KEPT: usize = 120;
 /// Log lines kept per sandbox.
 const LOGS_KEPT: usize = 1000;
+/// Egress log entries kept per sandbox.
+const EGRESS_LOG_KEPT: usize = 2000;
 /// Where a checkpointed sandbox's CRIU images live, in its directory.
 const CHECKPOINT_DIR: &str = "checkpoint";
 /// How long a stopped sandbox's disk may take to leave its loop device.
@@ -179,6 +183,12 @@ struct Instance {
     deadline_busy: std::sync::atomic::AtomicBool,
     /// Serialises pause, resume and kill of this sandbox.
     transition: tokio::sync::Mutex<()>,
+    /// Current egress settings (`PUT .../network` replaces them).
+    network: Mutex<(arca_proto::network::NetworkSpec, bool)>,
+    /// Their compiled form, as loaded into the firewall.
+    policy: Mutex<Arc<arca_proto::network::EgressPolicy>>,
+    /// What it tried to reach (bounded).
+    egress_log: egress_log::EgressLog,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,7 +202,6 @@ impl Instance {
             started_at: st.started_at,
             end_at: Mutex::new(st.end_at),
             run: Mutex::new(run),
-            dir,
             logs: Mutex::new(VecDeque::new()),
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
@@ -204,8 +213,49 @@ impl Instance {
             paused_since: Mutex::new(st.paused.then(Instant::now)),
             deadline_busy: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
+            network: Mutex::new((spec.network.clone(), spec.allow_internet_access)),
+            policy: Mutex::new(Arc::new(egress::compile(
+                &spec.sandbox_id,
+                &spec.network,
+                spec.allow_internet_access,
+            ))),
+            egress_log: egress_log::EgressLog::open(&dir.join("egress.jsonl"), EGRESS_LOG_KEPT),
+            dir,
             spec,
         }
+    }
+
+    /// Its egress policy as loaded.
+    fn policy(&self) -> Arc<arca_proto::network::EgressPolicy> {
+        lock(&self.policy).clone()
+    }
+
+    /// Records new egress settings (already loaded into the firewall).
+    fn set_network(
+        &self,
+        network: arca_proto::network::NetworkSpec,
+        allow_internet: bool,
+        policy: Arc<arca_proto::network::EgressPolicy>,
+    ) {
+        *lock(&self.network) = (network, allow_internet);
+        *lock(&self.policy) = policy;
+    }
+
+    /// Its spec with the current egress settings.
+    fn current_spec(&self) -> SandboxSpec {
+        let mut spec = self.spec.clone();
+        let (network, allow) = lock(&self.network).clone();
+        spec.network = network;
+        spec.allow_internet_access = allow;
+        spec
+    }
+
+    /// Index of its network slot, unless paused to disk.
+    fn slot_index(&self) -> Option<u32> {
+        lock(&self.run)
+            .as_ref()
+            .and_then(|r| r.slot.as_ref())
+            .map(|s| s.index)
     }
 
     fn log(&self, level: &str, message: impl Into<String>) {
@@ -287,7 +337,7 @@ impl Instance {
         };
         let st = StateFile {
             phase: Phase::Running,
-            spec: Some(self.spec.clone()),
+            spec: Some(self.current_spec()),
             started_at: self.started_at,
             end_at: *lock(&self.end_at),
             pid: pid.map(|p| p.0),
@@ -317,6 +367,8 @@ struct Inner {
     /// CRIU, when this host has a usable one.
     criu: Option<criu::Criu>,
     slots: SlotPool,
+    /// DNS forwarder and name checks of domain rules.
+    egress: std::sync::OnceLock<arca_egress::Egress>,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Instance>>>,
     creating: Mutex<std::collections::HashSet<SandboxId>>,
     events: broadcast::Sender<SandboxEvent>,
@@ -416,7 +468,46 @@ impl Node {
             .chain(&on_disk)
             .filter_map(|(_, s)| s.slot_index)
             .collect();
-        let slots = SlotPool::new(config.net.clone(), &in_use).await?;
+        // The egress listeners first: the firewall redirects to their ports.
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let pool = arca_proto::network::Ipv4Net::parse(&config.net.cidr)
+            .map_err(|e| StartError::Missing(format!("network cidr: {e}")))?;
+        let mut forbidden = vec![pool];
+        for d in &config.net.egress.node_deny {
+            if let Ok(n) = arca_proto::network::Ipv4Net::parse(d) {
+                forbidden.push(n);
+            }
+        }
+        forbidden.extend(egress::host_addresses());
+        let egress_service = arca_egress::Egress::start(
+            arca_egress::EgressConfig {
+                dns_port: config.net.egress.dns_port,
+                tls_port: config.net.egress.tls_port,
+                http_port: config.net.egress.http_port,
+                host_resolvers: egress::host_resolvers(),
+                forbidden,
+                ..arca_egress::EgressConfig::default()
+            },
+            Arc::new(egress::NodeEnforcer {
+                inner: cell.clone(),
+                pool,
+            }),
+        )
+        .await
+        .map_err(|e| {
+            StartError::Missing(format!(
+                "cannot start the egress listeners (DNS {}, TLS {}, HTTP {}): {e}; another Arca node may use these ports",
+                config.net.egress.dns_port, config.net.egress.tls_port, config.net.egress.http_port
+            ))
+        })?;
+        let mut net = config.net.clone();
+        (
+            net.egress.dns_port,
+            net.egress.tls_port,
+            net.egress.http_port,
+        ) = egress_service.local_ports();
+        let adopted = Node::adopted_egress(&survivors);
+        let slots = SlotPool::new_with_egress(net.clone(), &in_use, &adopted).await?;
         let disks_dir = config.home.join("disks");
         let templates = TemplateStore::open(&config.home)?;
         let warm_pool = config.warm_pool;
@@ -444,6 +535,7 @@ impl Node {
                 layout,
                 criu,
                 slots,
+                egress: std::sync::OnceLock::from(egress_service),
                 sandboxes: Mutex::new(HashMap::new()),
                 creating: Mutex::new(std::collections::HashSet::new()),
                 events,
@@ -459,6 +551,8 @@ impl Node {
                 booting: Mutex::new(Vec::new()),
             }),
         };
+        let _ = cell.set(Arc::downgrade(&node.inner));
+        node.spawn_nflog(net.egress.nflog_group);
         for (path, st) in dead {
             node.reap_leftover(&path, st.as_ref());
         }
@@ -533,6 +627,9 @@ impl Node {
         // between freezing and saving left (both writes are idempotent).
         if let Err(e) = cgroup.set_frozen(st.paused) {
             tracing::warn!(sandbox_id = %id, error = %e, "cannot set the freezer of a reattached sandbox");
+        }
+        if let Some(e) = self.inner.egress.get() {
+            e.restore(&id, egress::load_admissions(&inst.dir));
         }
         inst.log("info", "reattached after a node restart");
         tracing::info!(sandbox_id = %id, "reattached a running sandbox");
@@ -686,6 +783,9 @@ impl Node {
         };
         // Abort proxied connections first: the SDK must see a reset.
         let _ = self.inner.ended.send(id.clone());
+        if let Some(e) = self.inner.egress.get() {
+            e.forget(id);
+        }
         // A pause or resume in flight finishes first, and later ones see
         // the sandbox gone from the map and stop: no freeze lands after
         // the kill.
@@ -996,7 +1096,7 @@ impl Node {
     /// init (new boot id), the template's start command, `/init` with the
     /// sandbox's own settings. Its processes are not back (files are).
     async fn boot_again(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
-        let spec = &inst.spec;
+        let spec = &inst.current_spec();
         let build = self.build_of(inst)?;
         let name = dir_name(&inst.dir)?;
         let image = inst.dir.join("disk.img");
@@ -1142,6 +1242,7 @@ impl Node {
             .await
             .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
         let sandbox_ip = slot.sandbox_ip;
+        let slot_host_ip = slot.host_ip;
         st.slot_index = Some(slot.index);
         b.slot = Some(slot);
         st.save(&dir)
@@ -1198,9 +1299,14 @@ impl Node {
             }
             Upper::Dir { upper, work } => (upper, work, None),
         };
-        // Name resolution inside: the host's non-loopback resolvers.
+        // Name resolution inside: the node's DNS forwarder, reached at the
+        // gateway (the firewall redirects it), which applies the sandbox's
+        // domain rules.
         let mut files = etc_files(&instance_id);
-        files.push(("/etc/resolv.conf".to_string(), arca_net::resolv_conf()));
+        files.push((
+            "/etc/resolv.conf".to_string(),
+            format!("nameserver {}\n", slot_host_ip),
+        ));
         let cfg = InitConfig {
             sandbox_id: instance_id.clone(),
             hostname: instance_id.clone(),
@@ -1303,10 +1409,24 @@ impl Node {
         cgroup
             .set_limits(self.limits_of(spec))
             .map_err(|e| internal("setting the sandbox's limits", &e))?;
-        let (sandbox_ip, netns) = match &b.slot {
-            Some(s) => (s.sandbox_ip, s.netns_path.clone()),
+        let (sandbox_ip, netns, index) = match &b.slot {
+            Some(s) => (s.sandbox_ip, s.netns_path.clone(), s.index),
             None => return Err(NodeError::Internal("booted without a slot".into())),
         };
+        // Its egress rules before anything of the sandbox's own runs.
+        let admitted = inner
+            .egress
+            .get()
+            .map(|e| e.admissions(&spec.sandbox_id))
+            .unwrap_or_default();
+        self.apply_egress(
+            index,
+            &spec.sandbox_id,
+            &spec.network,
+            spec.allow_internet_access,
+            &admitted,
+        )
+        .await?;
         let renamed = b.instance_id != spec.sandbox_id.as_str() || b.envd_token.is_some();
         if renamed {
             // A warm sandbox booted under another name: it takes the id now.
@@ -1706,7 +1826,20 @@ async fn detached<T: Send + 'static>(
         .map_err(|e| NodeError::Internal(format!("a sandbox task failed: {e}")))?
 }
 
+/// `err` and its sources joined with `: `.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
 /// The name of a sandbox's directory, which its cgroup shares.
+
 fn dir_name(dir: &Path) -> Result<String, NodeError> {
     dir.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1849,6 +1982,29 @@ impl NodeService for Node {
         Box::pin(async move { Ok(lock(&self.instance(id)?.logs).iter().cloned().collect()) })
     }
 
+    fn update_network<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        network: arca_proto::network::NetworkSpec,
+        allow_internet_access: bool,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        let (node, id) = (self.clone(), id.clone());
+        Box::pin(detached(async move {
+            node.update_network_of(&id, network, allow_internet_access)
+                .await
+        }))
+    }
+
+    fn network_logs<'a>(
+        &'a self,
+        id: &'a SandboxId,
+    ) -> BoxFuture<'a, Result<Vec<arca_proto::network::EgressLogEntry>, NodeError>> {
+        Box::pin(async move {
+            let inst = self.instance(id)?;
+            Ok(inst.egress_log.entries(None, usize::MAX))
+        })
+    }
+
     fn events(&self) -> broadcast::Receiver<SandboxEvent> {
         self.inner.events.subscribe()
     }
@@ -1925,7 +2081,7 @@ impl RouteSource for Node {
                     sandbox_id: inst.spec.sandbox_id.clone(),
                     netns: inst.network()?.0,
                     envd_access_token: Some(inst.spec.envd_access_token.clone()),
-            ingress: inst.spec.ingress.clone(),
+                    ingress: inst.spec.ingress.clone(),
                 })
             })
             .collect()
@@ -1976,6 +2132,12 @@ impl RouteSource for Node {
         })
     }
 
+    fn ingress(&self, sandbox_id: &str) -> Option<arca_proto::network::IngressSpec> {
+        let id = SandboxId::parse(sandbox_id).ok()?;
+        let inst = lock(&self.inner.sandboxes).get(&id).cloned()?;
+        Some(inst.spec.ingress.clone())
+    }
+
     fn ended(&self) -> broadcast::Receiver<SandboxId> {
         self.inner.ended.subscribe()
     }
@@ -2020,6 +2182,10 @@ impl Node {
     /// running sandboxes, their slots and the host rules stay for the next
     /// start to reattach (all of it goes when nothing runs).
     pub async fn stop(&self) {
+        let all: Vec<Arc<Instance>> = lock(&self.inner.sandboxes).values().cloned().collect();
+        for inst in all {
+            inst.egress_log.flush();
+        }
         self.drain_warm().await;
         if let Err(e) = self.inner.slots.close().await {
             tracing::warn!(error = %e, "removing unused network slots");

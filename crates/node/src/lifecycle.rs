@@ -253,7 +253,7 @@ impl Node {
         let limits = self.limits_of(&spec);
         let work = dir.join("criu");
         if let Err(e) = self
-            .criu_restore_into(&mut b, st, build, limits, images, &work)
+            .criu_restore_into(&mut b, st, build, limits, images, &work, &spec)
             .await
         {
             b.shutdown().await;
@@ -430,7 +430,15 @@ impl Node {
         b.disk_size_mb = inst.spec.disk_size_mb;
         let limits = self.limits_of(&inst.spec);
         if let Err(e) = self
-            .criu_restore_into(&mut b, st, &build, limits, &images, &images)
+            .criu_restore_into(
+                &mut b,
+                st,
+                &build,
+                limits,
+                &images,
+                &images,
+                &inst.current_spec(),
+            )
             .await
         {
             b.shutdown().await;
@@ -465,7 +473,9 @@ impl Node {
     /// pid and slot in as they are made. `work` is CRIU's directory for
     /// this restore (its log, the pid file), so that several restores can
     /// share one set of images. What it made is in `b` for the caller to
-    /// keep or shut down.
+    /// keep or shut down. The slot gets the egress rules of `spec` before
+    /// anything restored runs.
+    #[allow(clippy::too_many_arguments)]
     async fn criu_restore_into(
         &self,
         b: &mut Booted,
@@ -474,6 +484,7 @@ impl Node {
         limits: arca_runtime::cgroup::Limits,
         images: &Path,
         work: &Path,
+        spec: &SandboxSpec,
     ) -> Result<(), NodeError> {
         let internal = |what: &str, e: &dyn std::fmt::Display| {
             NodeError::Internal(format!("restoring {}: {what}: {e}", b.instance_id))
@@ -500,8 +511,23 @@ impl Node {
         st.slot_index = Some(slot.index);
         let sandbox_ip = slot.sandbox_ip;
         let script = self.inner.slots.attach_script(&slot);
+        let index = slot.index;
         b.slot = Some(slot);
         st.save(&dir).map_err(|e| internal("state file", &e))?;
+        let admitted = self
+            .inner
+            .egress
+            .get()
+            .map(|e| e.admissions(&spec.sandbox_id))
+            .unwrap_or_default();
+        self.apply_egress(
+            index,
+            &spec.sandbox_id,
+            &spec.network,
+            spec.allow_internet_access,
+            &admitted,
+        )
+        .await?;
         let cgroup = self
             .inner
             .layout

@@ -212,7 +212,14 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
             cidr: "10.66.0.0/16".into(),
             name_prefix: "bnch".into(),
             nft_table: "bnch".into(),
-            egress: Default::default(),
+            // Free ports and its own log group: an `arca up` may run beside it.
+            egress: arca_net::EgressHooks {
+                dns_port: 0,
+                tls_port: 0,
+                http_port: 0,
+                nflog_group: 8711,
+                ..Default::default()
+            },
             warm_slots: 16,
         },
         pids_limit: arca_node::DEFAULT_PIDS_LIMIT,

@@ -1,0 +1,377 @@
+//! Egress rules of this node's sandboxes (ADR 0005): what the firewall,
+//! the DNS forwarder and the name checks of `arca-egress` learn from the
+//! node, and the verdict log.
+//!
+//! - Each sandbox's [`EgressPolicy`] is compiled from its network settings
+//!   and loaded into its slot's nft objects ([`Node::apply_egress`]) when
+//!   it gets a slot: at create, resume and fork, before `/init` (and for a
+//!   CRIU restore before the restored processes run). A warm sandbox is
+//!   unrestricted until it is handed out, like a template build.
+//! - `arca-egress` finds sandboxes by source address through
+//!   [`NodeEnforcer`]; sources of the pool without a sandbox (warm
+//!   sandboxes, template builds) get DNS without restriction.
+//! - Addresses DNS admitted are kept in `dns.json` in the sandbox's
+//!   directory, so a node restart puts them back with the rules.
+//! - Verdicts the kernel logs (nflog) and those of the forwarder and the
+//!   name checks go to the sandbox's bounded egress log.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use arca_egress::{Admission, AdmittedAddr, Enforcer, SandboxView};
+use arca_net::SlotEgress;
+use arca_proto::network::{EgressLogEntry, EgressPolicy, Ipv4Net, NetworkSpec};
+use arca_proto::node::{BoxFuture, NodeError, SandboxId};
+use serde::{Deserialize, Serialize};
+
+use crate::{Inner, Instance, Node, lock};
+
+/// Where a sandbox's DNS admissions are kept, in its directory.
+const ADMISSIONS_FILE: &str = "dns.json";
+
+/// The id under which sources of the pool without a sandbox are seen.
+const UNASSIGNED: &str = "unassigned";
+
+/// What the egress listeners ask of the node.
+pub(crate) struct NodeEnforcer {
+    pub(crate) inner: Arc<OnceLock<Weak<Inner>>>,
+    pub(crate) pool: Ipv4Net,
+}
+
+impl NodeEnforcer {
+    fn inner(&self) -> Option<Arc<Inner>> {
+        self.inner.get().and_then(Weak::upgrade)
+    }
+}
+
+impl Enforcer for NodeEnforcer {
+    fn sandbox(&self, source: Ipv4Addr) -> Option<SandboxView> {
+        let inner = self.inner()?;
+        let found = lock(&inner.sandboxes)
+            .values()
+            .find(|inst| inst.network().is_some_and(|(_, ip)| ip == source))
+            .cloned();
+        match found {
+            Some(inst) => Some(SandboxView {
+                id: inst.spec.sandbox_id.clone(),
+                policy: inst.policy(),
+            }),
+            // A warm sandbox or a template build: DNS like the host's.
+            None if self.pool.contains(source) => Some(SandboxView {
+                id: SandboxId::parse(UNASSIGNED).ok()?,
+                policy: Arc::new(EgressPolicy::default()),
+            }),
+            None => None,
+        }
+    }
+
+    fn admit(&self, batch: Vec<Admission>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let inner = self.inner().ok_or("the node is stopping")?;
+            let mut items = Vec::with_capacity(batch.len());
+            let mut ids: Vec<SandboxId> = Vec::new();
+            for a in &batch {
+                let inst = lock(&inner.sandboxes).get(&a.sandbox).cloned();
+                let index = inst.as_ref().and_then(|i| i.slot_index());
+                let Some(index) = index else {
+                    return Err(format!("sandbox {} has no network slot", a.sandbox));
+                };
+                items.push((index, a.addr, a.ttl));
+                if !ids.contains(&a.sandbox) {
+                    ids.push(a.sandbox.clone());
+                }
+            }
+            inner
+                .slots
+                .admit(&items)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            // Kept for a restart, once the forwarder has bound them to
+            // their names (right after this returns); best effort: the
+            // kernel has them now.
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let Some(egress) = inner.egress.get() else {
+                    return;
+                };
+                for id in ids {
+                    let inst = lock(&inner.sandboxes).get(&id).cloned();
+                    if let Some(inst) = inst {
+                        save_admissions(&inst, &egress.admissions(&id));
+                    }
+                }
+            });
+            Ok(())
+        })
+    }
+
+    fn record(&self, sandbox: &SandboxId, entry: EgressLogEntry) {
+        let Some(inner) = self.inner() else { return };
+        let inst = lock(&inner.sandboxes).get(sandbox).cloned();
+        if let Some(inst) = inst {
+            inst.egress_log.record(entry);
+        }
+    }
+}
+
+/// One admission as `dns.json` holds it.
+#[derive(Serialize, Deserialize)]
+struct SavedAdmission {
+    name: String,
+    addr: Ipv4Addr,
+    /// Unix seconds.
+    expires: u64,
+}
+
+fn save_admissions(inst: &Instance, kept: &[AdmittedAddr]) {
+    let saved: Vec<SavedAdmission> = kept
+        .iter()
+        .map(|a| SavedAdmission {
+            name: a.name.clone(),
+            addr: a.addr,
+            expires: a
+                .expires
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+        .collect();
+    let path = inst.dir.join(ADMISSIONS_FILE);
+    let tmp = inst.dir.join(format!("{ADMISSIONS_FILE}.tmp"));
+    let write = serde_json::to_vec(&saved)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = write {
+        tracing::warn!(sandbox_id = %inst.spec.sandbox_id, error = %e, "cannot save DNS admissions");
+    }
+}
+
+/// The unexpired admissions kept in a sandbox's directory.
+pub(crate) fn load_admissions(dir: &std::path::Path) -> Vec<AdmittedAddr> {
+    let Ok(bytes) = std::fs::read(dir.join(ADMISSIONS_FILE)) else {
+        return Vec::new();
+    };
+    let saved: Vec<SavedAdmission> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let now = SystemTime::now();
+    saved
+        .into_iter()
+        .map(|s| AdmittedAddr {
+            name: s.name,
+            addr: s.addr,
+            expires: SystemTime::UNIX_EPOCH + Duration::from_secs(s.expires),
+        })
+        .filter(|a| a.expires > now)
+        .collect()
+}
+
+/// `admitted` as the firewall takes it: addresses whose name the policy
+/// still allows, with the time they have left.
+fn firewall_admissions(
+    policy: &EgressPolicy,
+    admitted: &[AdmittedAddr],
+) -> Vec<(Ipv4Addr, Duration)> {
+    let now = SystemTime::now();
+    let mut out: Vec<(Ipv4Addr, Duration)> = Vec::new();
+    for a in admitted {
+        if !policy.deny_all || (!a.name.is_empty() && !policy.allows_name(&a.name)) {
+            continue;
+        }
+        let Ok(left) = a.expires.duration_since(now) else {
+            continue;
+        };
+        match out.iter_mut().find(|(ip, _)| *ip == a.addr) {
+            Some((_, l)) => *l = (*l).max(left),
+            None => out.push((a.addr, left)),
+        }
+    }
+    out
+}
+
+/// The compiled policy of a sandbox's settings; a stored setting that no
+/// longer compiles (a newer check) denies everything rather than nothing.
+pub(crate) fn compile(id: &SandboxId, network: &NetworkSpec, allow_internet: bool) -> EgressPolicy {
+    EgressPolicy::compile(network, allow_internet).unwrap_or_else(|e| {
+        tracing::error!(sandbox_id = %id, error = %e, "stored network settings do not compile; denying all egress");
+        EgressPolicy::compile(&NetworkSpec::default(), false).unwrap_or_default()
+    })
+}
+
+/// The host's resolvers (`/etc/resolv.conf`, loopback stubs included: the
+/// forwarder runs on the host), port 53.
+pub(crate) fn host_resolvers() -> Vec<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next())?
+        })
+        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_unspecified())
+        .map(|a| SocketAddr::from((a, 53)))
+        .collect()
+}
+
+/// The host's own IPv4 addresses (`ip -4 -o addr show`), which no DNS
+/// answer may admit: the name checks connect from the host.
+pub(crate) fn host_addresses() -> Vec<Ipv4Net> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.find(|t| *t == "inet")?;
+            let addr = w.next()?.split('/').next()?;
+            addr.parse::<Ipv4Addr>().ok()
+        })
+        .map(|addr| Ipv4Net { addr, prefix: 32 })
+        .collect()
+}
+
+impl Node {
+    /// Loads `network` as the egress rules of slot `index` for sandbox
+    /// `id`, keeping DNS admissions of names still allowed. Returns the
+    /// compiled policy.
+    pub(crate) async fn apply_egress(
+        &self,
+        index: u32,
+        id: &SandboxId,
+        network: &NetworkSpec,
+        allow_internet: bool,
+        admitted: &[AdmittedAddr],
+    ) -> Result<Arc<EgressPolicy>, NodeError> {
+        let policy = EgressPolicy::compile(network, allow_internet)
+            .map_err(|e| NodeError::InvalidInput(e.0))?;
+        let egress = SlotEgress {
+            sandbox_id: id.to_string(),
+            admitted: firewall_admissions(&policy, admitted),
+            policy,
+        };
+        self.inner
+            .slots
+            .set_egress(index, &egress)
+            .await
+            .map_err(|e| {
+                NodeError::Internal(format!(
+                    "loading the egress rules of sandbox {id}: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
+        Ok(Arc::new(egress.policy))
+    }
+
+    /// [`NodeService::update_network`](arca_proto::node::NodeService::update_network).
+    pub(crate) async fn update_network_of(
+        &self,
+        id: &SandboxId,
+        network: NetworkSpec,
+        allow_internet: bool,
+    ) -> Result<(), NodeError> {
+        let inst = self.instance(id)?;
+        let _t = inst.transition.lock().await;
+        if !lock(&self.inner.sandboxes).contains_key(id) {
+            return Err(NodeError::SandboxNotFound(id.clone()));
+        }
+        if inst.is_paused() {
+            return Err(NodeError::Conflict(format!(
+                "sandbox {id} is paused; resume it before changing its network rules"
+            )));
+        }
+        let index = inst
+            .slot_index()
+            .ok_or_else(|| NodeError::Conflict(format!("sandbox {id} has no network slot")))?;
+        let admitted = self
+            .inner
+            .egress
+            .get()
+            .map(|e| e.admissions(id))
+            .unwrap_or_default();
+        let policy = self
+            .apply_egress(index, id, &network, allow_internet, &admitted)
+            .await?;
+        inst.set_network(network, allow_internet, policy);
+        inst.save_state();
+        if let Some(e) = self.inner.egress.get() {
+            e.policy_changed(id);
+        }
+        inst.log("info", "network rules replaced");
+        Ok(())
+    }
+
+    /// The slot egress of every adopted sandbox, for the pool's restart.
+    pub(crate) fn adopted_egress(
+        states: &[(std::path::PathBuf, crate::state::StateFile)],
+    ) -> Vec<(u32, SlotEgress)> {
+        states
+            .iter()
+            .filter_map(|(dir, st)| {
+                let spec = st.spec.as_ref()?;
+                let index = st.slot_index?;
+                let policy = compile(&spec.sandbox_id, &spec.network, spec.allow_internet_access);
+                let admitted = firewall_admissions(&policy, &load_admissions(dir));
+                Some((
+                    index,
+                    SlotEgress {
+                        sandbox_id: spec.sandbox_id.to_string(),
+                        policy,
+                        admitted,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Reads the kernel's verdict log into the sandboxes' egress logs
+    /// until the node goes away.
+    pub(crate) fn spawn_nflog(&self, group: u16) {
+        let mut reader = match arca_net::NflogReader::open(group) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(group, error = %e, "cannot read the firewall's verdict log; egress logs will hold DNS and name-check entries only");
+                return;
+            }
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let packets = match reader.next().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the firewall's verdict log");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let Some(inner) = weak.upgrade() else { return };
+                for p in packets {
+                    let mut words = p.prefix.split_whitespace();
+                    let (Some(id), Some(letter)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let Ok(id) = SandboxId::parse(id) else {
+                        continue;
+                    };
+                    let Some(summary) = arca_net::parse_ipv4(&p.payload) else {
+                        continue;
+                    };
+                    let when = p
+                        .timestamp
+                        .map_or_else(chrono::Utc::now, chrono::DateTime::<chrono::Utc>::from);
+                    let Some(entry) = crate::egress_log::entry_from_nflog(letter, &summary, when)
+                    else {
+                        continue;
+                    };
+                    let inst = lock(&inner.sandboxes).get(&id).cloned();
+                    if let Some(inst) = inst {
+                        inst.egress_log.record(entry);
+                    }
+                }
+            }
+        });
+    }
+}
