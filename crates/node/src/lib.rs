@@ -1839,7 +1839,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// The name of a sandbox's directory, which its cgroup shares.
-
 fn dir_name(dir: &Path) -> Result<String, NodeError> {
     dir.file_name()
         .map(|n| n.to_string_lossy().into_owned())
