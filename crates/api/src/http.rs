@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
 use crate::error::{ApiError, error_response};
-use crate::{Api, keys, sandboxes, snapshots, templates};
+use crate::{Api, keys, network, sandboxes, snapshots, templates};
 
 /// Largest request body accepted. E2B bodies are small JSON documents; env
 /// vars and metadata of a create fit many times over.
@@ -46,6 +46,8 @@ pub(crate) fn router(api: Api) -> Router {
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
         .route("/sandboxes/{id}/logs", get(sandboxes::logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(sandboxes::logs_v2))
+        .route("/sandboxes/{id}/network", put(network::update))
+        .route("/sandboxes/{id}/network/logs", get(network::logs))
         .route("/sandboxes/{id}/fork", post(snapshots::fork))
         .route(
             "/sandboxes/{id}/snapshots",

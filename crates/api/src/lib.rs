@@ -42,6 +42,7 @@ mod http;
 mod ids;
 mod keys;
 mod models;
+mod network;
 mod sandboxes;
 mod snapshots;
 mod sync;
@@ -76,6 +77,8 @@ struct Inner {
     builder: Arc<dyn BuildService>,
     /// One permit per template build that may run at once.
     build_slots: Arc<Semaphore>,
+    /// Serializes network updates of one sandbox.
+    sandbox_locks: sync::SandboxLocks,
 }
 
 impl std::fmt::Debug for Api {
@@ -129,6 +132,7 @@ impl Api {
                 node,
                 builder,
                 build_slots,
+                sandbox_locks: sync::SandboxLocks::default(),
             }),
         };
         templates::interrupt_unfinished(&api).await?;
@@ -198,6 +202,10 @@ impl Api {
 
     pub(crate) fn build_slots(&self) -> Arc<Semaphore> {
         Arc::clone(&self.inner.build_slots)
+    }
+
+    pub(crate) fn sandbox_locks(&self) -> &sync::SandboxLocks {
+        &self.inner.sandbox_locks
     }
 }
 

@@ -11,6 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::db::{RecordState, SandboxRecord};
+use crate::network::NetworkConfig;
 
 /// Legacy `clientID`; any constant works, this is the reference's.
 pub(crate) const CLIENT_ID: &str = "6532622b";
@@ -37,6 +38,39 @@ pub(crate) struct NewSandbox {
     pub(crate) allow_internet_access: Option<bool>,
     pub(crate) metadata: Option<BTreeMap<String, String>>,
     pub(crate) env_vars: Option<BTreeMap<String, String>>,
+    /// `SandboxNetworkConfig` (CONTRACT 2.6), checked by
+    /// [`crate::network::NetworkConfig::from_create`].
+    pub(crate) network: Option<NetworkBody>,
+}
+
+/// `SandboxNetworkConfig` as a create request sends it. What this server
+/// refuses (`rules`, `egressProxy`, `httpsPorts`) is read loosely, so the
+/// answer can be a 400 naming the key rather than a parse error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct NetworkBody {
+    pub(crate) allow_out: Option<Vec<String>>,
+    pub(crate) deny_out: Option<Vec<String>>,
+    pub(crate) dns_servers: Option<Vec<String>>,
+    pub(crate) rules: Option<serde_json::Value>,
+    pub(crate) egress_proxy: Option<serde_json::Value>,
+    pub(crate) allow_public_traffic: Option<bool>,
+    pub(crate) mask_request_host: Option<String>,
+    pub(crate) https_ports: Option<serde_json::Value>,
+}
+
+/// `SandboxNetworkUpdateConfig` (`PUT /sandboxes/{id}/network`): the whole
+/// egress configuration; an omitted key is cleared.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct NetworkUpdate {
+    pub(crate) allow_out: Option<Vec<String>>,
+    pub(crate) deny_out: Option<Vec<String>>,
+    pub(crate) dns_servers: Option<Vec<String>>,
+    pub(crate) rules: Option<serde_json::Value>,
+    pub(crate) egress_proxy: Option<serde_json::Value>,
+    #[serde(rename = "allow_internet_access")]
+    pub(crate) allow_internet_access: Option<bool>,
 }
 
 /// `{"enabled": bool}`.
@@ -90,6 +124,9 @@ pub(crate) struct SandboxBody {
     pub(crate) envd_access_token: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) alias: Option<String>,
+    /// Nullable in the contract: `null` unless `allowPublicTraffic` was
+    /// false at create.
+    pub(crate) traffic_access_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) domain: Option<String>,
 }
@@ -103,6 +140,7 @@ impl SandboxBody {
             envd_version: r.envd_version.clone(),
             envd_access_token: r.envd_access_token.clone(),
             alias: r.alias.clone(),
+            traffic_access_token: r.traffic_access_token.clone(),
             domain: domain.map(str::to_string),
         }
     }
@@ -153,6 +191,9 @@ pub(crate) struct SandboxDetail {
     allow_internet_access: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     domain: Option<String>,
+    /// The effective network settings, keys set only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network: Option<NetworkConfig>,
     lifecycle: Lifecycle,
     /// `full` (memory kept) or `filesystem` once paused; absent while
     /// running.
@@ -184,6 +225,7 @@ impl SandboxDetail {
             envd_access_token: r.envd_access_token.clone(),
             allow_internet_access: r.allow_internet_access,
             domain: domain.map(str::to_string),
+            network: r.network.clone(),
             lifecycle: Lifecycle {
                 auto_resume: r.auto_resume,
                 on_timeout: if r.auto_pause { "pause" } else { "kill" },

@@ -23,6 +23,7 @@ use crate::models::{
     SandboxBody, SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2,
     SandboxMetric, TimeoutRequest,
 };
+use crate::network::{NetworkConfig, ingress_spec, traffic_token_for};
 use crate::templates::refs::{self, TemplateRef};
 use crate::templates::resources;
 
@@ -58,6 +59,7 @@ struct CreateRequest {
     allow_internet_access: Option<bool>,
     metadata: BTreeMap<String, String>,
     env_vars: BTreeMap<String, String>,
+    network: Option<NetworkConfig>,
 }
 
 impl CreateRequest {
@@ -85,14 +87,7 @@ impl CreateRequest {
                 "autoResume needs autoPause: only a paused sandbox can resume".into(),
             ));
         }
-        // Refuse what this server cannot honour yet rather than ignore it: a
-        // sandbox asked to be offline must not get the network, and one
-        // asked to pause at its end must not be killed instead.
-        if body.allow_internet_access == Some(false) {
-            return Err(ApiError::BadRequest(
-                "allow_internet_access: false is not supported yet by this Arca server (egress rules come with network policy); omit it or pass true".into(),
-            ));
-        }
+        let network = NetworkConfig::from_create(body.network, body.allow_internet_access)?;
         Ok(CreateRequest {
             template: TemplateRef::parse(&body.template_id, "templateID")?,
             timeout_secs,
@@ -102,6 +97,7 @@ impl CreateRequest {
             allow_internet_access: body.allow_internet_access,
             metadata: body.metadata.unwrap_or_default(),
             env_vars: body.env_vars.unwrap_or_default(),
+            network,
         })
     }
 }
@@ -198,8 +194,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// Runs a create to completion even if the client goes away: dropping it
-/// half-way could leave a sandbox on the node without a running record.
+/// Runs a create (or another change both the node and the record must
+/// see) to completion even if the client goes away: dropping it half-way
+/// could leave a sandbox on the node without a running record, or a record
+/// that says otherwise than the node.
 pub(crate) async fn in_task<F, T>(fut: F) -> Result<T, ApiError>
 where
     F: Future<Output = Result<T, ApiError>> + Send + 'static,
@@ -207,7 +205,7 @@ where
 {
     tokio::spawn(fut.instrument(tracing::Span::current()))
         .await
-        .map_err(|e| ApiError::Internal(format!("sandbox create task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("sandbox task failed: {e}")))?
 }
 
 async fn idempotent_create(
@@ -297,6 +295,8 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
         auto_pause_memory: req.auto_pause_memory,
         auto_resume: req.auto_resume,
         build_id: Some(found.build.id.clone()),
+        traffic_access_token: traffic_token_for(req.network.as_ref()),
+        network: req.network,
     };
     tracing::Span::current().record("sandbox_id", rec.id.as_str());
     api.db().insert_sandbox(&rec).await?;
@@ -343,8 +343,12 @@ pub(crate) fn spec_for(
             PauseMode::Filesystem
         },
         allow_internet_access: rec.allow_internet_access.unwrap_or(true),
-        network: Default::default(),
-        ingress: Default::default(),
+        network: rec
+            .network
+            .as_ref()
+            .map(|n| n.egress.clone())
+            .unwrap_or_default(),
+        ingress: ingress_spec(rec.network.as_ref(), rec.traffic_access_token.as_deref()),
     }
 }
 

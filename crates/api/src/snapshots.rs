@@ -29,6 +29,7 @@ use crate::ids;
 use crate::models::{
     ErrorBody, ForkRequest, ForkResult, SandboxBody, SnapshotInfo, SnapshotRequest,
 };
+use crate::network::TRAFFIC_TOKEN_BYTES;
 use crate::sandboxes::{
     ENVD_TOKEN_BYTES, check_timeout, deadline, find, in_task, mark_started, node_failure, now,
     spec_for, undo_create,
@@ -119,6 +120,13 @@ async fn fork_all(
             auto_pause_memory: source.auto_pause_memory,
             auto_resume: source.auto_resume,
             build_id: source.build_id.clone(),
+            // Egress and ingress settings as the source's; a private
+            // sandbox's forks each get a token of their own.
+            network: source.network.clone(),
+            traffic_access_token: source
+                .traffic_access_token
+                .as_ref()
+                .map(|_| ids::random_hex(TRAFFIC_TOKEN_BYTES)),
         };
         if let Err(e) = api.db().insert_sandbox(&rec).await {
             for r in &recs {

@@ -8,9 +8,12 @@
 //!   event channel lagged (events were dropped), the records are compared
 //!   with the node's list again; nothing is killed then, since a create may
 //!   be in flight.
+//!
+//! [`SandboxLocks`] serializes api-side changes of one sandbox whose
+//! records must end in the order the node applied them.
 
-use std::collections::HashSet;
-use std::sync::Weak;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use arca_proto::node::{SandboxEvent, SandboxId};
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -144,4 +147,84 @@ pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiv
             }
         }
     });
+}
+
+/// One async lock per sandbox id, made on first use and dropped with its
+/// last holder or waiter.
+#[derive(Debug, Default)]
+pub(crate) struct SandboxLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds a sandbox's lock until dropped.
+#[derive(Debug)]
+pub(crate) struct SandboxGuard<'a> {
+    locks: &'a SandboxLocks,
+    id: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl SandboxLocks {
+    /// Waits for the lock of sandbox `id`.
+    pub(crate) async fn lock(&self, id: &str) -> SandboxGuard<'_> {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(map.entry(id.to_string()).or_default())
+        };
+        let guard = lock.lock_owned().await;
+        SandboxGuard {
+            locks: self,
+            id: id.to_string(),
+            guard: Some(guard),
+        }
+    }
+
+    /// Sandboxes with a lock entry (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Drop for SandboxGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .locks
+            .locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Released under the map's lock: nobody can clone the entry between
+        // the release and the count below.
+        self.guard.take();
+        if map.get(&self.id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sandbox_locks_exclude_per_id_and_clean_up() {
+        let locks = Arc::new(SandboxLocks::default());
+        let a = locks.lock("a").await;
+        // Another id is not held up.
+        drop(locks.lock("b").await);
+        let waiter = {
+            let locks = Arc::clone(&locks);
+            tokio::spawn(async move {
+                let _g = locks.lock("a").await;
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        waiter.await.unwrap();
+        assert_eq!(locks.len(), 0);
+    }
 }

@@ -573,19 +573,6 @@ async fn lifecycle_combinations_are_checked() {
             .await
             .assert_error(400);
     }
-    // What the node cannot honour yet is refused, not ignored.
-    let v = s
-        .call(
-            "POST",
-            "/v2/sandboxes",
-            Some(json!({"templateID": "base", "allow_internet_access": false})),
-        )
-        .await
-        .assert_error(400);
-    assert!(
-        v["message"].as_str().unwrap().contains("not supported yet"),
-        "{v}"
-    );
     // autoPauseMemory: false makes the pause at the deadline filesystem-only.
     let r = s
         .call(

@@ -2,7 +2,9 @@
 //! against the api with a fake node: create, get_info, list with paging,
 //! set_timeout, metrics and kill parse and behave as the SDK expects; and
 //! both SDKs' `Template` builder against the template registry with a fake
-//! builder; forks and snapshots (create, start from, list, delete).
+//! builder; forks and snapshots (create, start from, list, delete); network
+//! settings (create with `network` and `allow_internet_access`, `get_info`,
+//! `update_network`, traffic access tokens, the 400s and 409).
 //!
 //! Needs the virtualenvs that `scripts/setup.sh` makes under
 //! `.cache/venv/`; without them the test is skipped, unless
@@ -95,6 +97,41 @@ async fn run_snapshots(version: &str) {
     assert_eq!(forks.iter().map(|(_, specs)| specs.len()).sum::<usize>(), 3);
     assert_eq!(s.node.snapshots.lock().unwrap().len(), 2);
     assert!(s.node.ids().is_empty());
+}
+
+async fn run_network(version: &str) {
+    let Some(s) = run_script(version, "tests/sdk/network.py", "sdk network ok").await else {
+        return;
+    };
+    // Two updates reached the node (the refused and the paused one did not).
+    let updates = s.node.network_updates.lock().unwrap().clone();
+    assert_eq!(updates.len(), 2, "{updates:?}");
+    assert_eq!(updates[0].1.allow_out, ["1.2.3.4", "new.test"]);
+    assert!(updates[0].2);
+    assert!(updates[1].1.is_empty() && !updates[1].2);
+    // The first create carried its settings and a traffic token to the node.
+    let first = s.node.specs.lock().unwrap()[0].clone();
+    assert!(!first.allow_internet_access);
+    assert_eq!(first.network.deny_out, ["0.0.0.0/0"]);
+    assert_eq!(
+        first.ingress.traffic_access_token.as_ref().map(String::len),
+        Some(64)
+    );
+    assert_eq!(
+        first.ingress.mask_request_host.as_deref(),
+        Some("${PORT}-masked.test")
+    );
+    assert!(s.node.ids().is_empty());
+}
+
+#[tokio::test]
+async fn python_sdk_2_63_network() {
+    run_network("2.63.0").await;
+}
+
+#[tokio::test]
+async fn python_sdk_2_45_network() {
+    run_network("2.45.1").await;
 }
 
 #[tokio::test]

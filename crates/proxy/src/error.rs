@@ -46,6 +46,15 @@ pub(crate) enum ProxyError {
         /// Sandbox addressed.
         sandbox_id: String,
     },
+    /// A user port of a sandbox created with `allowPublicTraffic: false`,
+    /// asked without its traffic access token (or with another one).
+    #[error(
+        "The sandbox's ports are private: send its traffic access token in the e2b-traffic-access-token header"
+    )]
+    TrafficTokenRequired {
+        /// Sandbox addressed.
+        sandbox_id: String,
+    },
     /// No running sandbox with this id.
     #[error("The sandbox was not found")]
     SandboxNotFound {
@@ -101,7 +110,9 @@ impl ProxyError {
             | ProxyError::NoRouting
             | ProxyError::Ambiguous(_)
             | ProxyError::InvalidExpiration(_) => StatusCode::BAD_REQUEST,
-            ProxyError::OrchestratorOnly { .. } => StatusCode::FORBIDDEN,
+            ProxyError::OrchestratorOnly { .. } | ProxyError::TrafficTokenRequired { .. } => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::NoSignatureMatch
             | ProxyError::SandboxNotFound { .. }
             | ProxyError::PortNotOpen { .. }
@@ -121,7 +132,8 @@ impl ProxyError {
         };
         let encoded = match self {
             ProxyError::SandboxNotFound { sandbox_id }
-            | ProxyError::OrchestratorOnly { sandbox_id } => {
+            | ProxyError::OrchestratorOnly { sandbox_id }
+            | ProxyError::TrafficTokenRequired { sandbox_id } => {
                 serde_json::to_vec(&sandbox(sandbox_id.as_str(), None))
             }
             ProxyError::PortNotOpen { sandbox_id, port }
@@ -177,6 +189,14 @@ mod tests {
         assert_eq!(
             body(&e),
             r#"{"sandboxId":"abc","message":"The sandbox is running but port is not open","port":8080,"code":502}"#
+        );
+        let e = ProxyError::TrafficTokenRequired {
+            sandbox_id: "abc".into(),
+        };
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            body(&e),
+            r#"{"sandboxId":"abc","message":"The sandbox's ports are private: send its traffic access token in the e2b-traffic-access-token header","code":403}"#
         );
         let e = ProxyError::MissingRoutingHeader;
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);

@@ -10,6 +10,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use subtle::ConstantTimeEq as _;
 
 use crate::BoxError;
 use crate::abort::{Abort, ClientConn, Sandboxes};
@@ -31,6 +32,11 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
     "proxy-authorization",
 ];
+
+/// Header with the traffic access token of a private sandbox (CONTRACT 2.6).
+const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+/// The port placeholder of `maskRequestHost`.
+const PORT_PLACEHOLDER: &str = "${PORT}";
 
 /// Last time (`log_allowed`) a failed connect was logged.
 static CONNECT_WARNED: AtomicU64 = AtomicU64::new(0);
@@ -64,6 +70,25 @@ pub(crate) async fn handle(
         .route
         .clone()
         .or_else(|| shared.routes.route(&target.sandbox_id));
+    // User ports of a private sandbox need its traffic token, checked
+    // before anything can wake a paused one (ADR 0005 section 5).
+    if target.port != route::ENVD_PORT {
+        let paused;
+        let expected = match &route {
+            Some(r) => r.ingress.traffic_access_token.as_deref(),
+            None => {
+                paused = shared.routes.ingress(&target.sandbox_id);
+                paused
+                    .as_ref()
+                    .and_then(|i| i.traffic_access_token.as_deref())
+            }
+        };
+        if !traffic_token_ok(expected, req.headers()) {
+            return Ok(reply(ProxyError::TrafficTokenRequired {
+                sandbox_id: target.sandbox_id,
+            }));
+        }
+    }
     // A sandbox paused at its deadline with auto-resume wakes up for this
     // request, which waits the milliseconds that takes.
     // The SDKs' `/health` probe after a cut stream must learn the sandbox is
@@ -108,6 +133,17 @@ fn reply(err: ProxyError) -> Response<ProxyBody> {
     err.into_response()
 }
 
+/// Whether a request may reach a user port whose sandbox requires the
+/// traffic token `expected` (none: public). Compared in constant time.
+fn traffic_token_ok(expected: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(expected) = expected else {
+        return true;
+    };
+    headers
+        .get(TRAFFIC_TOKEN_HEADER)
+        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(expected.as_bytes())))
+}
+
 /// Forwards to the sandbox and wraps the answer.
 async fn forward(
     shared: &Shared,
@@ -119,7 +155,7 @@ async fn forward(
     let version = req.version();
     let upgrade = upgrade_protocol(req.headers());
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(req, upgrade);
+    let upstream_req = upstream_request(req, upgrade, target.port, route);
 
     let (sandbox_id, port) = (target.sandbox_id.as_str(), target.port);
     let pooled = shared.pool.take(sandbox_id, port);
@@ -225,17 +261,32 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// The request as sent upstream: HTTP/1.1, origin-form URI, `Host` kept
-/// (or made from the h2 authority), hop-by-hop headers dropped. Everything
-/// else, `E2b-Sandbox-*` included, passes unchanged; envd ignores those.
-fn upstream_request(req: Request<Incoming>, upgrade: Option<HeaderValue>) -> Request<ProxyBody> {
+/// (or made from the h2 authority; on user ports replaced by the sandbox's
+/// `maskRequestHost`), hop-by-hop headers and the traffic token dropped.
+/// Everything else, `E2b-Sandbox-*` included, passes unchanged; envd
+/// ignores those.
+fn upstream_request(
+    req: Request<Incoming>,
+    upgrade: Option<HeaderValue>,
+    port: u16,
+    route: &Route,
+) -> Request<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    let masked = (port != route::ENVD_PORT)
+        .then_some(route.ingress.mask_request_host.as_deref())
+        .flatten()
+        .and_then(|mask| masked_host(mask, port));
+    let host = masked.or_else(|| {
+        parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
     });
     strip_hop_by_hop(&mut parts.headers);
+    // The token is for the edge; the sandbox never sees it.
+    parts.headers.remove(TRAFFIC_TOKEN_HEADER);
     // hyper answers `100 Continue` to the client itself when the body is
     // first read; the sandbox gets the body without waiting.
     parts.headers.remove(EXPECT);
@@ -254,6 +305,12 @@ fn upstream_request(req: Request<Incoming>, upgrade: Option<HeaderValue>) -> Req
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     parts.version = Version::HTTP_11;
     Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+/// `maskRequestHost` with `${PORT}` replaced by `port`, if that is a valid
+/// header value (the api checks masks, so it is).
+fn masked_host(mask: &str, port: u16) -> Option<HeaderValue> {
+    HeaderValue::from_str(&mask.replace(PORT_PLACEHOLDER, &port.to_string())).ok()
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -315,6 +372,30 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["e2b-sandbox-id", "content-length"]);
+    }
+
+    #[test]
+    fn traffic_tokens_must_match_exactly() {
+        let mut h = HeaderMap::new();
+        assert!(traffic_token_ok(None, &h));
+        assert!(!traffic_token_ok(Some("tok"), &h));
+        h.insert(TRAFFIC_TOKEN_HEADER, HeaderValue::from_static("tok2"));
+        assert!(!traffic_token_ok(Some("tok"), &h));
+        h.insert(TRAFFIC_TOKEN_HEADER, HeaderValue::from_static("TOK"));
+        assert!(!traffic_token_ok(Some("tok"), &h));
+        h.insert(TRAFFIC_TOKEN_HEADER, HeaderValue::from_static("tok"));
+        assert!(traffic_token_ok(Some("tok"), &h));
+        assert!(traffic_token_ok(None, &h));
+    }
+
+    #[test]
+    fn masks_replace_every_port_placeholder() {
+        assert_eq!(
+            masked_host("${PORT}-a.test:${PORT}", 8080).unwrap(),
+            "8080-a.test:8080"
+        );
+        assert_eq!(masked_host("fixed.test", 1).unwrap(), "fixed.test");
+        assert!(masked_host("bad\nhost", 1).is_none());
     }
 
     #[test]

@@ -21,6 +21,12 @@
 //! `/init` is refused. When a sandbox ends, everything in flight for it is
 //! reset, not ended cleanly, so the SDKs report the sandbox's end.
 //!
+//! Ingress settings (ADR 0005 section 5): every port but envd's of a
+//! sandbox created with `allowPublicTraffic: false` needs its token in
+//! `e2b-traffic-access-token` (an E2B-shaped 403 otherwise, decided before
+//! a paused sandbox would be woken); the header never reaches the sandbox.
+//! `maskRequestHost` replaces the Host sent to those ports.
+//!
 //! Dialing into a namespace needs `CAP_SYS_ADMIN` (the node runs as root).
 //!
 //! ```no_run

@@ -21,6 +21,7 @@ use sqlx::{AnyPool, Row as _};
 
 use crate::error::ApiError;
 use crate::keys::KeyInfo;
+use crate::network::NetworkConfig;
 
 /// The schema migrations, embedded so the binary needs no files at run time.
 /// Append only: an applied migration must never change (sqlx checks sums).
@@ -39,6 +40,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "snapshots",
         include_str!("../../migrations/0003_snapshots.sql"),
+    ),
+    (
+        4,
+        "network",
+        include_str!("../../migrations/0004_network.sql"),
     ),
 ];
 
@@ -135,6 +141,10 @@ pub(crate) struct SandboxRecord {
     /// The template build it started from (`None`: started before the api
     /// recorded it).
     pub(crate) build_id: Option<String>,
+    /// Network settings as given (`None`: none, no restriction).
+    pub(crate) network: Option<NetworkConfig>,
+    /// Token user ports require (`allowPublicTraffic: false`).
+    pub(crate) traffic_access_token: Option<String>,
 }
 
 /// Sort direction of a listing, by `startedAt` then id.
@@ -191,7 +201,7 @@ enum Arg {
 const SANDBOX_COLUMNS: &str = "s.id, s.team_id, s.template_id, s.alias, s.state, s.metadata, \
      s.envd_access_token, s.envd_version, s.started_at, s.end_at, s.cpu_count, s.memory_mb, \
      s.disk_size_mb, s.allow_internet_access, s.auto_pause, s.auto_pause_memory, s.auto_resume, \
-     s.build_id";
+     s.build_id, s.network, s.traffic_access_token";
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -336,14 +346,15 @@ impl Db {
     pub(crate) async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), ApiError> {
         let metadata = serde_json::to_string(&s.metadata)
             .map_err(|e| ApiError::Internal(format!("encoding metadata: {e}")))?;
+        let network = s.network.as_ref().map(encode_network).transpose()?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sandboxes (id, team_id, template_id, alias, state, metadata, \
              envd_access_token, envd_version, started_at, end_at, cpu_count, memory_mb, \
              disk_size_mb, allow_internet_access, auto_pause, auto_pause_memory, auto_resume, \
-             build_id) \
+             build_id, network, traffic_access_token) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18)",
+             $18, $19, $20)",
         )
         .bind(s.id.as_str())
         .bind(s.team_id.as_str())
@@ -363,6 +374,8 @@ impl Db {
         .bind(i64::from(s.auto_pause_memory))
         .bind(i64::from(s.auto_resume))
         .bind(s.build_id.as_deref())
+        .bind(network)
+        .bind(s.traffic_access_token.as_deref())
         .execute(&mut *tx)
         .await?;
         for (k, v) in &s.metadata {
@@ -431,6 +444,25 @@ impl Db {
             .bind(micros(end_at))
             .execute(&self.pool)
             .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Replaces a record's network settings and `allow_internet_access`
+    /// flag; `false` if it is gone.
+    pub(crate) async fn set_network(
+        &self,
+        id: &SandboxId,
+        network: &NetworkConfig,
+        allow_internet_access: Option<bool>,
+    ) -> Result<bool, ApiError> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET network = $2, allow_internet_access = $3 WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(encode_network(network)?)
+        .bind(allow_internet_access.map(i64::from))
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -687,7 +719,19 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord, sqlx::Error> {
         auto_pause_memory: r.try_get::<i64, _>(15)? != 0,
         auto_resume: r.try_get::<i64, _>(16)? != 0,
         build_id: r.try_get(17)?,
+        network: r
+            .try_get::<Option<String>, _>(18)?
+            .map(|n| {
+                serde_json::from_str(&n)
+                    .map_err(|e| decode_error(format!("sandbox {id} network: {e}")))
+            })
+            .transpose()?,
+        traffic_access_token: r.try_get(19)?,
     })
+}
+
+fn encode_network(n: &NetworkConfig) -> Result<String, ApiError> {
+    serde_json::to_string(n).map_err(|e| ApiError::Internal(format!("encoding network: {e}")))
 }
 
 fn decode_error(msg: String) -> sqlx::Error {
@@ -736,6 +780,8 @@ mod tests {
             auto_pause_memory: true,
             auto_resume: false,
             build_id: Some("b1".into()),
+            network: None,
+            traffic_access_token: None,
         }
     }
 
@@ -783,5 +829,49 @@ mod tests {
 
         assert!(db.delete_sandbox("iaaa").await.unwrap());
         assert!(!db.delete_sandbox("iaaa").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn network_settings_round_trip_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&format!("sqlite:{}/arca.db", dir.path().display()))
+            .await
+            .unwrap();
+        db.bootstrap(("t", "default"), ("k", "h", "m"), Utc::now())
+            .await
+            .unwrap();
+        let mut rec = record("inet", "t", 1_000_000, &[]);
+        rec.allow_internet_access = Some(false);
+        rec.network = Some(NetworkConfig {
+            egress: arca_proto::network::NetworkSpec {
+                allow_out: vec!["a.test".into()],
+                deny_out: vec!["0.0.0.0/0".into()],
+                dns_servers: vec![],
+            },
+            allow_public_traffic: Some(false),
+            mask_request_host: Some("${PORT}-m.test".into()),
+        });
+        rec.traffic_access_token = Some("tok".into());
+        db.insert_sandbox(&rec).await.unwrap();
+        assert_eq!(db.get_sandbox("t", &rec.id).await.unwrap().unwrap(), rec);
+
+        let mut replaced = rec.network.clone().unwrap();
+        replaced.egress = arca_proto::network::NetworkSpec::default();
+        assert!(db.set_network(&rec.id, &replaced, None).await.unwrap());
+        let got = db.get_sandbox("t", &rec.id).await.unwrap().unwrap();
+        assert_eq!(got.network, Some(replaced));
+        assert_eq!(got.allow_internet_access, None);
+        assert_eq!(got.traffic_access_token.as_deref(), Some("tok"));
+        let gone = SandboxId::parse("igone").unwrap();
+        assert!(
+            !db.set_network(&gone, &NetworkConfig::default(), None)
+                .await
+                .unwrap()
+        );
+        // Records from before migration 4 read as having no settings.
+        let plain = record("iold", "t", 2_000_000, &[]);
+        db.insert_sandbox(&plain).await.unwrap();
+        let got = db.get_sandbox("t", &plain.id).await.unwrap().unwrap();
+        assert_eq!((got.network, got.traffic_access_token), (None, None));
     }
 }

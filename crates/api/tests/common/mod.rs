@@ -12,6 +12,7 @@ use arca_proto::build::{
     BuildFailure, BuildLog, BuildLogLevel, BuildLogSink, BuildResult, BuildService, BuildSource,
     BuildSpec,
 };
+use arca_proto::network::{EgressLogEntry, NetworkSpec};
 use arca_proto::node::{
     BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, PauseMode, SandboxEvent,
     SandboxId, SandboxSpec, SandboxState, SandboxStatus,
@@ -41,6 +42,12 @@ pub struct FakeNode {
     /// Every snapshot it registered: `(source, template_id, build_id)`.
     pub snapshots: Mutex<Vec<(SandboxId, String, String)>>,
     fail_next_snapshot: Mutex<Option<NodeError>>,
+    /// Every `update_network` call: id, egress spec, allow_internet_access.
+    pub network_updates: Mutex<Vec<(SandboxId, NetworkSpec, bool)>>,
+    fail_next_network_update: Mutex<Option<NodeError>>,
+    /// What `network_logs` answers per sandbox (a known sandbox without an
+    /// entry has an empty log).
+    pub egress_logs: Mutex<BTreeMap<SandboxId, Vec<EgressLogEntry>>>,
 }
 
 impl FakeNode {
@@ -56,7 +63,35 @@ impl FakeNode {
             fail_next_fork: Mutex::new(None),
             snapshots: Mutex::new(Vec::new()),
             fail_next_snapshot: Mutex::new(None),
+            network_updates: Mutex::new(Vec::new()),
+            fail_next_network_update: Mutex::new(None),
+            egress_logs: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The next `update_network` fails with `err`.
+    pub fn fail_next_network_update(&self, err: NodeError) {
+        *self.fail_next_network_update.lock().unwrap() = Some(err);
+    }
+
+    /// Sets the egress log of a sandbox.
+    pub fn set_egress_log(&self, id: &str, entries: Vec<EgressLogEntry>) {
+        self.egress_logs
+            .lock()
+            .unwrap()
+            .insert(SandboxId::parse(id).unwrap(), entries);
+    }
+
+    /// The last spec `create` got for sandbox `id`.
+    pub fn spec(&self, id: &str) -> SandboxSpec {
+        self.specs
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|s| s.sandbox_id.as_str() == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no create of {id} reached the node"))
     }
 
     /// In the next `fork` call, the fork at `index` fails with `err`.
@@ -340,6 +375,54 @@ impl NodeService for FakeNode {
                 out.push(Ok(s));
             }
             Ok(out)
+        })
+    }
+
+    fn update_network<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        network: NetworkSpec,
+        allow_internet_access: bool,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            if let Some(e) = self.fail_next_network_update.lock().unwrap().take() {
+                return Err(e);
+            }
+            let state = self
+                .sandboxes
+                .lock()
+                .unwrap()
+                .get(id)
+                .map(|s| s.state)
+                .ok_or_else(|| NodeError::SandboxNotFound(id.clone()))?;
+            if state == SandboxState::Paused {
+                return Err(NodeError::Conflict(format!(
+                    "sandbox {id} is paused; resume it to change its network rules"
+                )));
+            }
+            self.network_updates
+                .lock()
+                .unwrap()
+                .push((id.clone(), network, allow_internet_access));
+            Ok(())
+        })
+    }
+
+    fn network_logs<'a>(
+        &'a self,
+        id: &'a SandboxId,
+    ) -> BoxFuture<'a, Result<Vec<EgressLogEntry>, NodeError>> {
+        Box::pin(async move {
+            if !self.sandboxes.lock().unwrap().contains_key(id) {
+                return Err(NodeError::SandboxNotFound(id.clone()));
+            }
+            Ok(self
+                .egress_logs
+                .lock()
+                .unwrap()
+                .get(id)
+                .cloned()
+                .unwrap_or_default())
         })
     }
 

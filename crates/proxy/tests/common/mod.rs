@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arca_proto::node::{Route, RouteSource, SandboxId};
+use arca_proto::network::IngressSpec;
+use arca_proto::node::{BoxFuture, Route, RouteSource, SandboxId};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -124,7 +125,11 @@ fn run(args: &[&str]) {
 #[derive(Default)]
 pub struct FakeRouteSource {
     routes: Mutex<HashMap<String, Route>>,
+    /// Paused sandboxes: no route, but ingress settings and a wake-up.
+    paused: Mutex<HashMap<String, Route>>,
     ended: Mutex<Option<broadcast::Sender<SandboxId>>>,
+    /// Ids `wake` was called with.
+    pub wakes: Mutex<Vec<String>>,
 }
 
 impl FakeRouteSource {
@@ -144,6 +149,20 @@ impl FakeRouteSource {
         self.routes.lock().unwrap().insert(id.to_string(), route);
     }
 
+    /// Sets the ingress settings of a running sandbox.
+    pub fn set_ingress(&self, id: &str, ingress: IngressSpec) {
+        self.routes.lock().unwrap().get_mut(id).unwrap().ingress = ingress;
+    }
+
+    /// Pauses a sandbox: its route goes (and its traffic is cut, as a node
+    /// does), a `wake` brings it back.
+    pub fn pause(&self, id: &str) {
+        let route = self.routes.lock().unwrap().remove(id).unwrap();
+        self.paused.lock().unwrap().insert(id.to_string(), route);
+        let tx = self.ended.lock().unwrap();
+        let _ = tx.as_ref().unwrap().send(SandboxId::parse(id).unwrap());
+    }
+
     /// Removes the route, then announces the end, as a node does.
     pub fn end(&self, id: &str) {
         self.routes.lock().unwrap().remove(id);
@@ -161,6 +180,29 @@ impl RouteSource for FakeRouteSource {
     }
     fn ended(&self) -> broadcast::Receiver<SandboxId> {
         self.ended.lock().unwrap().as_ref().unwrap().subscribe()
+    }
+    fn wake<'a>(&'a self, sandbox_id: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            self.wakes.lock().unwrap().push(sandbox_id.to_string());
+            let Some(route) = self.paused.lock().unwrap().remove(sandbox_id) else {
+                return false;
+            };
+            self.routes
+                .lock()
+                .unwrap()
+                .insert(sandbox_id.to_string(), route);
+            true
+        })
+    }
+    fn ingress(&self, sandbox_id: &str) -> Option<IngressSpec> {
+        let running = self.route(sandbox_id).map(|r| r.ingress);
+        running.or_else(|| {
+            self.paused
+                .lock()
+                .unwrap()
+                .get(sandbox_id)
+                .map(|r| r.ingress.clone())
+        })
     }
 }
 
@@ -312,10 +354,20 @@ async fn answer(name: &str, ctl: &Arc<Ctl>, mut req: Request<Incoming>) -> Respo
                 .body(full(""))
                 .unwrap()
         }
-        _ => Response::builder()
-            .header("x-seen-sandbox-id", seen)
-            .body(full(format!("{name} {} {pq}", req.method())))
-            .unwrap(),
+        _ => {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default()
+            };
+            Response::builder()
+                .header("x-seen-sandbox-id", seen)
+                .header("x-seen-host", header("host"))
+                .header("x-seen-traffic-token", header("e2b-traffic-access-token"))
+                .body(full(format!("{name} {} {pq}", req.method())))
+                .unwrap()
+        }
     }
 }
 
