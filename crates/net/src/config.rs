@@ -69,7 +69,8 @@ pub struct EgressHooks {
     /// nflog group of the verdict log.
     pub nflog_group: u16,
     /// Networks no sandbox reaches whatever its rules (operator setting;
-    /// default the link-local range with cloud metadata services).
+    /// default the link-local range, where most clouds' metadata services
+    /// are, and Alibaba Cloud's metadata address).
     pub node_deny: Vec<String>,
 }
 
@@ -80,7 +81,7 @@ impl Default for EgressHooks {
             tls_port: 15443,
             http_port: 15080,
             nflog_group: 8710,
-            node_deny: vec!["169.254.0.0/16".to_owned()],
+            node_deny: vec!["169.254.0.0/16".to_owned(), "100.100.100.200".to_owned()],
         }
     }
 }

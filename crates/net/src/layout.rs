@@ -73,6 +73,7 @@ impl Layout {
                 entry: entry.clone(),
             })?);
         }
+        node_deny.sort();
         Ok(Self {
             egress: config.egress.clone(),
             node_deny,
@@ -117,6 +118,12 @@ impl Layout {
 
     pub(crate) fn host_ifname(&self, index: u32) -> String {
         format!("{}{index}h", self.prefix)
+    }
+
+    /// The slot whose sandbox address is `ip`, if any.
+    pub(crate) fn index_of_sandbox_ip(&self, ip: Ipv4Addr) -> Option<u32> {
+        let offset = u32::from(ip).checked_sub(self.network)?;
+        (offset % 4 == 2 && offset / 4 < self.slots).then_some(offset / 4)
     }
 
     /// Host and sandbox address of slot `index`, `None` past the cidr's end.

@@ -8,14 +8,17 @@
 //!   (DNS forwarder, TLS and HTTP name checks) reached through this table's
 //!   own redirects. Those services listen on every address, so other
 //!   interfaces than `lo` cannot reach their ports at all.
+//! - `antispoof` (filter, before everything else at `prerouting`): nothing
+//!   with a spoofed source (a reverse-path check: the route back to the
+//!   source must be the veth it came in on, so a sandbox can use neither
+//!   another slot's address nor one outside the cidr, which would leave
+//!   unmasqueraded). The node's DNS forwarder and name checks tell
+//!   sandboxes apart by source address, so this comes before any of them.
 //! - `prerouting` (nat): DNS to an address of the cidr (every sandbox's
 //!   resolver is its gateway, and a sandbox restored on another slot keeps
 //!   its old one) goes to the node's forwarder; then the sandbox's own
 //!   nat chain, if it has rules (`egress_nat` map).
-//! - `forward`: no traffic between two sandboxes; nothing with a spoofed
-//!   source (a reverse-path check: the route back to the source must be the
-//!   veth it came in on, so a sandbox can use neither another slot's address
-//!   nor one outside the cidr, which would leave unmasqueraded); no IPv6
+//! - `forward`: no traffic between two sandboxes; no IPv6
 //!   (slots have none); nothing into the operator's `node_deny` networks;
 //!   then the sandbox's own egress chain (`egress` map); into a sandbox only
 //!   replies (nothing from outside may open a connection to it; the node's
@@ -113,6 +116,10 @@ table inet {table} {{
 \t\tiifname != \"lo\" udp dport {dns} drop
 \t\tiifname != \"lo\" tcp dport {tcp_ports} drop
 \t}}
+\tchain antispoof {{
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tiifname {veths} fib saddr . iif oif missing drop
+\t}}
 \tchain prerouting {{
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tiifname {veths} iifname vmap @egress_nat
@@ -122,7 +129,6 @@ table inet {table} {{
 \tchain forward {{
 \t\ttype filter hook forward priority filter; policy accept;
 \t\tiifname {veths} oifname {veths} drop
-\t\tiifname {veths} fib saddr . iif oif missing drop
 \t\tiifname {veths} meta nfproto ipv6 drop
 \t\tiifname {veths} ip daddr @node_deny reject with icmpx admin-prohibited
 \t\tiifname {veths} iifname vmap @egress
@@ -360,7 +366,7 @@ delete table inet arcat_x
 table inet arcat_x {
 	set node_deny {
 		type ipv4_addr; flags interval; auto-merge;
-		elements = { 169.254.0.0/16 }
+		elements = { 100.100.100.200, 169.254.0.0/16 }
 	}
 	map egress {
 		type ifname : verdict;
@@ -377,6 +383,10 @@ table inet arcat_x {
 		iifname != "lo" udp dport 15353 drop
 		iifname != "lo" tcp dport { 15353, 15443, 15080 } drop
 	}
+	chain antispoof {
+		type filter hook prerouting priority raw; policy accept;
+		iifname "arcatx*" fib saddr . iif oif missing drop
+	}
 	chain prerouting {
 		type nat hook prerouting priority dstnat; policy accept;
 		iifname "arcatx*" iifname vmap @egress_nat
@@ -386,7 +396,6 @@ table inet arcat_x {
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		iifname "arcatx*" oifname "arcatx*" drop
-		iifname "arcatx*" fib saddr . iif oif missing drop
 		iifname "arcatx*" meta nfproto ipv6 drop
 		iifname "arcatx*" ip daddr @node_deny reject with icmpx admin-prohibited
 		iifname "arcatx*" iifname vmap @egress

@@ -30,6 +30,7 @@ use crate::error::{NetError, chain};
 use crate::layout::Layout;
 use crate::nft::SlotEgress;
 use crate::{nft, ops};
+use arca_proto::network::EgressPolicy;
 
 /// The sysctl turned on by [`SlotPool::new`].
 const IP_FORWARD: &str = "net.ipv4.ip_forward";
@@ -112,6 +113,10 @@ struct State {
     adopted: BTreeSet<u32>,
     /// Slots being created for the warm queue.
     preparing: usize,
+    /// Egress rules loaded per slot (sandbox id, policy): what the kernel
+    /// enforces, set before a load commits and dropped only once a
+    /// release removed them.
+    egress: std::collections::HashMap<u32, (String, Arc<EgressPolicy>)>,
 }
 
 impl State {
@@ -219,6 +224,10 @@ impl SlotPool {
             }
         }
 
+        let loaded = egress
+            .iter()
+            .map(|(i, e)| (*i, (e.sandbox_id.clone(), Arc::new(e.policy.clone()))))
+            .collect();
         let inner = Arc::new(Inner {
             warm_target: config.warm_slots,
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -228,6 +237,7 @@ impl SlotPool {
                 taken,
                 in_use: adopt.clone(),
                 adopted: adopt,
+                egress: loaded,
                 ..State::default()
             }),
             tasks: watch::Sender::new(0),
@@ -379,16 +389,36 @@ impl SlotPool {
             }
             .into());
         }
-        self.inner
+        // Known before the kernel has it: whoever asks by address (the
+        // node's DNS forwarder) never sees fewer restrictions than apply.
+        let view = (egress.sandbox_id.clone(), Arc::new(egress.policy.clone()));
+        let before = self.inner.state().egress.insert(index, view);
+        let result = self
+            .inner
             .runner
             .run(&nft::script(nft::slot_script(layout, index, egress)))
-            .await
-            .map(drop)
-            .map_err(|source| NetError::Egress {
+            .await;
+        if let Err(source) = result {
+            let mut st = self.inner.state();
+            match before {
+                Some(old) => st.egress.insert(index, old),
+                None => st.egress.remove(&index),
+            };
+            return Err(NetError::Egress {
                 action: "install",
                 index,
                 source,
-            })
+            });
+        }
+        Ok(())
+    }
+
+    /// The sandbox whose slot has address `ip` and the egress rules loaded
+    /// for it; `None` for an address with no rules loaded (a warm slot, a
+    /// template build, or none of the pool's).
+    pub fn egress_of(&self, ip: Ipv4Addr) -> Option<(String, Arc<EgressPolicy>)> {
+        let index = self.inner.layout.index_of_sandbox_ip(ip)?;
+        self.inner.state().egress.get(&index).cloned()
     }
 
     /// Puts addresses into slots' DNS admission sets (slot, address, time
@@ -589,6 +619,7 @@ impl Inner {
             tracing::error!(index, error = %chain(&e), "egress rules of a released network slot not removed; its index is quarantined until restart");
             return;
         }
+        self.state().egress.remove(&index);
         if let Err(e) = ops::delete_slot(&*self.runner, &self.layout, index).await {
             tracing::error!(index, error = %chain(&e), "released network slot not deleted; its index is quarantined until restart");
             return;

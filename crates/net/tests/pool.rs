@@ -611,9 +611,15 @@ async fn egress_rules_allow_deny_replace_redirect_and_leave_with_the_slot() {
     drop(web.accept().unwrap());
 
     // Deny all: TCP refused at once; UDP gets an ICMP error.
+    assert_eq!(pool.egress_of(a.sandbox_ip), None);
     pool.set_egress(a.index, &egress("sbx1", &[], &["0.0.0.0/0"]))
         .await
         .unwrap();
+    let (id, policy) = pool
+        .egress_of(a.sandbox_ip)
+        .expect("rules known by address");
+    assert!(id == "sbx1" && policy.deny_all);
+    assert_eq!(pool.egress_of(a.host_ip), None, "only the sandbox address");
     assert!(refused_from(&a.netns_path, web_addr));
     let udp_err = in_netns(&a.netns_path, || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -699,6 +705,33 @@ async fn egress_rules_allow_deny_replace_redirect_and_leave_with_the_slot() {
         let (n, from) = dns.recv_from(&mut [0; 16]).unwrap();
         assert_eq!((n, from.ip()), (5, IpAddr::V4(a.sandbox_ip)), "DNS to {to}");
     }
+    // A query from a forged source (another slot's address) never reaches
+    // the forwarder, which tells sandboxes apart by source address.
+    let forged = Ipv4Addr::new(10, 99, env.octet, 6);
+    ip(&[
+        "-n",
+        &a.netns_name,
+        "addr",
+        "add",
+        &format!("{forged}/32"),
+        "dev",
+        "eth0",
+    ]);
+    in_netns(&a.netns_path, || {
+        let s = UdpSocket::bind(sock(forged, 0)).unwrap();
+        s.send_to(b"forged", sock(a.host_ip, 53)).unwrap();
+    });
+    let got = dns.recv_from(&mut [0; 16]);
+    assert!(got.is_err(), "a forged query got through: {got:?}");
+    ip(&[
+        "-n",
+        &a.netns_name,
+        "addr",
+        "del",
+        &format!("{forged}/32"),
+        "dev",
+        "eth0",
+    ]);
     // The services' ports are not reachable directly.
     let err = connect_from(&a.netns_path, sock(a.host_ip, config.egress.tls_port)).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "direct: {err}");
@@ -716,6 +749,10 @@ async fn egress_rules_allow_deny_replace_redirect_and_leave_with_the_slot() {
     assert!(
         listing.contains(&format!("chain e{}", a.index)),
         "{listing}"
+    );
+    assert!(
+        pool.egress_of(a.sandbox_ip).is_some(),
+        "adopted rules known by address"
     );
     assert!(
         refused_from(&a.netns_path, web_addr),
@@ -738,6 +775,7 @@ async fn egress_rules_allow_deny_replace_redirect_and_leave_with_the_slot() {
         "map element left: {listing}"
     );
     let b = pool.acquire().await.unwrap();
+    assert_eq!(pool.egress_of(b.sandbox_ip), None);
     connect_from(&b.netns_path, web_addr).expect("the next owner is unrestricted");
     pool.release(b);
     pool.destroy().await.unwrap();

@@ -674,6 +674,7 @@ impl Builder<'_> {
             // layer afterwards.
             let image = writer.scratch_path("disk.img");
             let plan = BootPlan {
+                egress: None,
                 resume: None,
                 lowers,
                 upper: Upper::DiskAt {
@@ -1090,6 +1091,7 @@ impl Builder<'_> {
             std::fs::create_dir_all(d).map_err(|e| fail(label, e.to_string()))?;
         }
         let plan = BootPlan {
+            egress: None,
             resume: None,
             lowers: self.lowers(&source.layers)?,
             upper: Upper::Dir { upper, work },
@@ -1138,6 +1140,7 @@ impl Builder<'_> {
             .map_err(|e| fail(step, e.to_string()))?;
         self.pin(&build.layers);
         let plan = BootPlan {
+            egress: None,
             resume: None,
             lowers,
             upper: Upper::Disk(self.spec.disk_size_mb.max(512)),

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use arca_egress::{Admission, AdmittedAddr, Enforcer, SandboxView};
 use arca_net::SlotEgress;
 use arca_proto::network::{EgressLogEntry, EgressPolicy, Ipv4Net, NetworkSpec};
-use arca_proto::node::{BoxFuture, NodeError, SandboxId};
+use arca_proto::node::{BoxFuture, NodeError, SandboxId, SandboxSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::{Inner, Instance, Node, lock};
@@ -48,14 +48,13 @@ impl NodeEnforcer {
 impl Enforcer for NodeEnforcer {
     fn sandbox(&self, source: Ipv4Addr) -> Option<SandboxView> {
         let inner = self.inner()?;
-        let found = lock(&inner.sandboxes)
-            .values()
-            .find(|inst| inst.network().is_some_and(|(_, ip)| ip == source))
-            .cloned();
-        match found {
-            Some(inst) => Some(SandboxView {
-                id: inst.spec.sandbox_id.clone(),
-                policy: inst.policy(),
+        // What the kernel enforces for that address: known from before the
+        // rules are loaded until after they are removed, so a sandbox being
+        // created, restored or ended is never seen without its rules.
+        match inner.slots.egress_of(source) {
+            Some((id, policy)) => Some(SandboxView {
+                id: SandboxId::parse(&id).ok()?,
+                policy,
             }),
             // A warm sandbox or a template build: DNS like the host's.
             None if self.pool.contains(source) => Some(SandboxView {
@@ -139,7 +138,9 @@ fn save_admissions(inst: &Instance, kept: &[AdmittedAddr]) {
         })
         .collect();
     let path = inst.dir.join(ADMISSIONS_FILE);
-    let tmp = inst.dir.join(format!("{ADMISSIONS_FILE}.tmp"));
+    let tmp = inst
+        .dir
+        .join(format!("{ADMISSIONS_FILE}.{}", crate::random_suffix()));
     let write = serde_json::to_vec(&saved)
         .map_err(std::io::Error::other)
         .and_then(|bytes| std::fs::write(&tmp, bytes))
@@ -247,6 +248,24 @@ impl Node {
     ) -> Result<Arc<EgressPolicy>, NodeError> {
         let policy = EgressPolicy::compile(network, allow_internet)
             .map_err(|e| NodeError::InvalidInput(e.0))?;
+        // The forwarder asks these from the host: none may be the host's
+        // own sandboxes or a network the operator keeps sandboxes from.
+        let net = &self.inner.config.net;
+        let pool = Ipv4Net::parse(&net.cidr).ok();
+        for server in &policy.dns_servers {
+            let denied = pool.iter().any(|p| p.contains(*server))
+                || net
+                    .egress
+                    .node_deny
+                    .iter()
+                    .filter_map(|d| Ipv4Net::parse(d).ok())
+                    .any(|d| d.contains(*server));
+            if denied {
+                return Err(NodeError::InvalidInput(format!(
+                    "network.dnsServers: {server} is a sandbox address or a network this node keeps sandboxes from"
+                )));
+            }
+        }
         let egress = SlotEgress {
             sandbox_id: id.to_string(),
             admitted: firewall_admissions(&policy, admitted),
@@ -263,6 +282,30 @@ impl Node {
                 ))
             })?;
         Ok(Arc::new(egress.policy))
+    }
+
+    /// Loads the egress rules of `spec` (with the DNS admissions its
+    /// sandbox still has) into slot `index`.
+    pub(crate) async fn load_egress(
+        &self,
+        index: u32,
+        spec: &SandboxSpec,
+    ) -> Result<(), NodeError> {
+        let admitted = self
+            .inner
+            .egress
+            .get()
+            .map(|e| e.admissions(&spec.sandbox_id))
+            .unwrap_or_default();
+        self.apply_egress(
+            index,
+            &spec.sandbox_id,
+            &spec.network,
+            spec.allow_internet_access,
+            &admitted,
+        )
+        .await
+        .map(drop)
     }
 
     /// [`NodeService::update_network`](arca_proto::node::NodeService::update_network).
@@ -294,8 +337,35 @@ impl Node {
         let policy = self
             .apply_egress(index, id, &network, allow_internet, &admitted)
             .await?;
+        // Addresses DNS admitted while the new rules were loading went
+        // with the old set: put them back if their names stay allowed.
+        if let Some(e) = self.inner.egress.get() {
+            let late: Vec<AdmittedAddr> = e
+                .admissions(id)
+                .into_iter()
+                .filter(|a| !admitted.iter().any(|b| b.addr == a.addr))
+                .collect();
+            let items: Vec<(u32, Ipv4Addr, Duration)> = firewall_admissions(&policy, &late)
+                .into_iter()
+                .map(|(ip, left)| (index, ip, left))
+                .collect();
+            if let Err(err) = self.inner.slots.admit(&items).await {
+                tracing::warn!(sandbox_id = %id, error = %crate::error_chain(&err), "re-admitting addresses after a rule change");
+            }
+        }
+        let (old_network, old_allow) = lock(&inst.network).clone();
+        let old_policy = inst.policy();
         inst.set_network(network, allow_internet, policy);
-        inst.save_state();
+        if !inst.save_state() {
+            // A restart would load the old rules: keep the old ones now.
+            inst.set_network(old_network.clone(), old_allow, old_policy);
+            let _ = self
+                .apply_egress(index, id, &old_network, old_allow, &admitted)
+                .await;
+            return Err(NodeError::Internal(format!(
+                "sandbox {id}: cannot save its new network rules; the old ones stay"
+            )));
+        }
         if let Some(e) = self.inner.egress.get() {
             e.policy_changed(id);
         }

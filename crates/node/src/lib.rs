@@ -1106,6 +1106,7 @@ impl Node {
             mb: spec.disk_size_mb,
             image,
         };
+        plan.egress = Some(spec.clone());
         plan.resume = Some(StateFile::load(&inst.dir).map_err(|e| {
             NodeError::Internal(format!(
                 "reading the state of sandbox {}: {e}",
@@ -1157,7 +1158,8 @@ impl Node {
             let booted = match warm {
                 Some(b) => b,
                 None => {
-                    let plan = self.sandbox_plan(build, spec.disk_size_mb)?;
+                    let mut plan = self.sandbox_plan(build, spec.disk_size_mb)?;
+                    plan.egress = Some(spec.clone());
                     self.boot(id.to_string(), plan).await?
                 }
             };
@@ -1181,6 +1183,7 @@ impl Node {
             .lower_dirs(&build)
             .map_err(|e| NodeError::Internal(e.to_string()))?;
         Ok(BootPlan {
+            egress: None,
             resume: None,
             lowers,
             upper: Upper::Disk(disk_mb),
@@ -1243,10 +1246,15 @@ impl Node {
             .map_err(|e| NodeError::Capacity(format!("no network slot: {e}")))?;
         let sandbox_ip = slot.sandbox_ip;
         let slot_host_ip = slot.host_ip;
+        let index = slot.index;
         st.slot_index = Some(slot.index);
         b.slot = Some(slot);
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
+        if let Some(spec) = &plan.egress {
+            self.load_egress(index, spec).await?;
+            b.egress_for = Some(spec.sandbox_id.clone());
+        }
 
         let t_slot = t0.elapsed();
         let cgroup = inner
@@ -1413,20 +1421,11 @@ impl Node {
             Some(s) => (s.sandbox_ip, s.netns_path.clone(), s.index),
             None => return Err(NodeError::Internal("booted without a slot".into())),
         };
-        // Its egress rules before anything of the sandbox's own runs.
-        let admitted = inner
-            .egress
-            .get()
-            .map(|e| e.admissions(&spec.sandbox_id))
-            .unwrap_or_default();
-        self.apply_egress(
-            index,
-            &spec.sandbox_id,
-            &spec.network,
-            spec.allow_internet_access,
-            &admitted,
-        )
-        .await?;
+        // Its egress rules before anything of the sandbox's own runs
+        // (a boot for this sandbox has loaded them already).
+        if b.egress_for.as_ref() != Some(&spec.sandbox_id) {
+            self.load_egress(index, spec).await?;
+        }
         let renamed = b.instance_id != spec.sandbox_id.as_str() || b.envd_token.is_some();
         if renamed {
             // A warm sandbox booted under another name: it takes the id now.
@@ -1618,6 +1617,10 @@ struct BootPlan {
     limits: Option<Limits>,
     /// The template build whose start and ready commands run at boot.
     template: Option<Arc<TemplateBuild>>,
+    /// The egress rules of the sandbox this boot is for, when it is known
+    /// (not for warm sandboxes and builds): loaded as soon as the slot is
+    /// taken, before anything on the sandbox's disk runs.
+    egress: Option<SandboxSpec>,
 }
 
 /// The writable layer of a sandbox.
@@ -1668,6 +1671,8 @@ struct Booted {
     envd_token: Option<String>,
     /// The template build it runs, for sandboxes.
     template: Option<Arc<TemplateBuild>>,
+    /// Whose egress rules its slot has (loaded at boot).
+    egress_for: Option<SandboxId>,
     node: Node,
     instance_id: String,
     dir: PathBuf,
@@ -1690,6 +1695,7 @@ impl Booted {
             keep_dir: false,
             envd_token: None,
             template,
+            egress_for: None,
             node: node.clone(),
             instance_id,
             dir,

@@ -211,6 +211,7 @@ impl Node {
                     mb: spec.disk_size_mb,
                     image,
                 };
+                plan.egress = Some(spec.clone());
                 let booted = self.boot(spec.sandbox_id.to_string(), plan).await?;
                 self.activate(booted, spec).await
             }
@@ -514,20 +515,8 @@ impl Node {
         let index = slot.index;
         b.slot = Some(slot);
         st.save(&dir).map_err(|e| internal("state file", &e))?;
-        let admitted = self
-            .inner
-            .egress
-            .get()
-            .map(|e| e.admissions(&spec.sandbox_id))
-            .unwrap_or_default();
-        self.apply_egress(
-            index,
-            &spec.sandbox_id,
-            &spec.network,
-            spec.allow_internet_access,
-            &admitted,
-        )
-        .await?;
+        self.load_egress(index, spec).await?;
+        b.egress_for = Some(spec.sandbox_id.clone());
         let cgroup = self
             .inner
             .layout

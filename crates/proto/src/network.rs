@@ -307,6 +307,17 @@ impl EgressPolicy {
             let ip: Ipv4Addr = s.trim().parse().map_err(|_| {
                 NetworkSpecError(format!("network.dnsServers: '{s}' is not an IPv4 address"))
             })?;
+            // The node asks these from the host itself.
+            if ip.is_loopback()
+                || ip.octets()[0] == 0
+                || ip.is_link_local()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+            {
+                return err(format!(
+                    "network.dnsServers: {ip} is a loopback, link-local, multicast or reserved address; name a DNS server on the network"
+                ));
+            }
             policy.dns_servers.push(ip);
         }
         policy.domains.dedup();
@@ -471,6 +482,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("dns.google"));
+        for host_side in ["127.0.0.53", "169.254.169.254", "0.1.2.3", "224.0.0.251"] {
+            let e = EgressPolicy::compile(
+                &NetworkSpec {
+                    dns_servers: vec![host_side.into()],
+                    ..NetworkSpec::default()
+                },
+                true,
+            )
+            .unwrap_err();
+            assert!(e.0.contains(host_side), "{e}");
+        }
     }
 
     #[test]

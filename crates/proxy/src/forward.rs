@@ -102,6 +102,14 @@ pub(crate) async fn handle(
             sandbox_id: target.sandbox_id,
         }));
     };
+    // Again against the route actually used (the one found after a wake).
+    if target.port != route::ENVD_PORT
+        && !traffic_token_ok(route.ingress.traffic_access_token.as_deref(), req.headers())
+    {
+        return Ok(reply(ProxyError::TrafficTokenRequired {
+            sandbox_id: target.sandbox_id,
+        }));
+    }
     let (token, fresh) = shared.sandboxes.token(&target.sandbox_id);
     // A new token may have been made just after the sandbox's end was
     // handled (nothing would ever cancel it): check it still runs.
