@@ -105,6 +105,8 @@ class Arca:
     cidr: str = field(default_factory=free_cidr)
     api_port: int = field(default_factory=free_port)
     proxy_port: int = field(default_factory=free_port)
+    # The firewall's verdict log group (one reader per group on a host).
+    nflog_group: int = field(default_factory=lambda: random.randint(20000, 60000))
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
     # More `arca up` flags for the next start (a test that needs other settings restarts;
@@ -135,6 +137,9 @@ class Arca:
             "--net-prefix", self.prefix,
             "--sandbox-cidr", self.cidr,
             "--warm-slots", str(WARM_SLOTS),
+            # Free ports and a group of its own: another Arca may run on this host.
+            "--egress-ports", "0,0,0",
+            "--nflog-group", str(self.nflog_group),
             "--warm-pool", str(WARM_POOL),
             # Template tests pull from a registry the test starts on 127.0.0.1.
             "--insecure-registry", "127.0.0.1",

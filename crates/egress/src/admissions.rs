@@ -8,8 +8,18 @@
 //! address was resolved for this exact name"); the element timeout lets
 //! the forwarder skip a commit for an address that stays admitted long
 //! enough anyway (ADR 0005 section 2), and caps the TTLs told to clients.
+//!
+//! Each sandbox holds at most [`MAX_ADMITTED_ADDRS_PER_SANDBOX`] addresses
+//! and [`MAX_ADMITTED_NAMES_PER_SANDBOX`] (name, address) bindings,
+//! counting those of answers still being committed. An answer that would
+//! go over is refused (see [`AdmissionTable::plan`]); nothing admitted is
+//! evicted early, since the firewall would keep the element until its
+//! timeout anyway. Expired entries go on every plan and every sweep.
+//!
+//! [`MAX_ADMITTED_ADDRS_PER_SANDBOX`]: crate::MAX_ADMITTED_ADDRS_PER_SANDBOX
+//! [`MAX_ADMITTED_NAMES_PER_SANDBOX`]: crate::MAX_ADMITTED_NAMES_PER_SANDBOX
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,7 +27,15 @@ use std::time::{Duration, Instant, SystemTime};
 use arca_proto::node::SandboxId;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::{MAX_ADMITTED_ADDRS_PER_SANDBOX, MAX_ADMITTED_NAMES_PER_SANDBOX};
 use crate::enforcer::{Admission, AdmittedAddr, Enforcer};
+
+/// Log reason: the sandbox has [`MAX_ADMITTED_ADDRS_PER_SANDBOX`]
+/// addresses admitted.
+pub(crate) const RULE_TOO_MANY_ADDRS: &str = "too many admitted addresses";
+/// Log reason: the sandbox has [`MAX_ADMITTED_NAMES_PER_SANDBOX`]
+/// (name, address) bindings.
+pub(crate) const RULE_TOO_MANY_NAMES: &str = "too many admitted names";
 
 /// One admitted address of one sandbox.
 #[derive(Debug, Default)]
@@ -35,22 +53,113 @@ impl Entry {
         let n = self.names.get(name)?;
         Some((*n).min(self.element_expires?))
     }
+
+    /// Takes `until` as the element's timeout if it is later.
+    fn extend_element(&mut self, until: Instant) {
+        self.element_expires = Some(self.element_expires.map_or(until, |t| t.max(until)));
+    }
+
+    /// Binds `name` until `until` (or later, if it already is).
+    fn bind(&mut self, name: &str, until: Instant) {
+        match self.names.get_mut(name) {
+            Some(t) => *t = (*t).max(until),
+            None => {
+                self.names.insert(name.to_string(), until);
+            }
+        }
+    }
 }
 
-/// What to do for the addresses of one answer.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Plan {
-    /// Addresses to commit with the new timeout.
+/// The admissions of one sandbox.
+#[derive(Debug, Default)]
+struct Admitted {
+    addrs: HashMap<Ipv4Addr, Entry>,
+    /// New addresses of answers being committed ([`Plan`]s alive).
+    pending_addrs: usize,
+    /// New bindings of answers being committed.
+    pending_names: usize,
+}
+
+impl Admitted {
+    /// How many (name, address) bindings there are.
+    fn bindings(&self) -> usize {
+        self.addrs.values().map(|e| e.names.len()).sum()
+    }
+
+    /// Nothing admitted and nothing on its way.
+    fn is_idle(&self) -> bool {
+        self.addrs.is_empty() && self.pending_addrs == 0 && self.pending_names == 0
+    }
+}
+
+/// What to do for the addresses of one answer. Holds their share of the
+/// sandbox's limits until [`AdmissionTable::bind`] takes it or it is
+/// dropped (the commit failed).
+#[derive(Debug)]
+pub(crate) struct Plan<'a> {
+    /// The addresses that fit the limits, in the answer's order.
+    pub(crate) admit: Vec<Ipv4Addr>,
+    /// The addresses that do not, with the log reason.
+    pub(crate) refused: Vec<(Ipv4Addr, &'static str)>,
+    /// Addresses (of `admit`) to commit with the new timeout.
     pub(crate) commit: Vec<Ipv4Addr>,
     /// Longest TTL the client may be told: the new timeout, or less when an
     /// address stays admitted for less than that (it was skipped).
     pub(crate) cap: Duration,
+    reservation: Reservation<'a>,
+}
+
+/// New addresses and bindings counted against a sandbox's limits before
+/// they are in the table.
+#[derive(Debug)]
+struct Reservation<'a> {
+    table: &'a AdmissionTable,
+    sandbox: SandboxId,
+    addrs: usize,
+    names: usize,
+}
+
+impl Reservation<'_> {
+    /// Gives the reservation back (idempotent).
+    fn release(&mut self, table: &mut HashMap<SandboxId, Admitted>) {
+        if let Some(a) = table.get_mut(&self.sandbox) {
+            a.pending_addrs = a.pending_addrs.saturating_sub(self.addrs);
+            a.pending_names = a.pending_names.saturating_sub(self.names);
+            if a.is_idle() {
+                table.remove(&self.sandbox);
+            }
+        }
+        self.addrs = 0;
+        self.names = 0;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.addrs > 0 || self.names > 0 {
+            let table = self.table;
+            self.release(&mut table.lock());
+        }
+    }
 }
 
 /// Per sandbox, per address: element timeout and bound names.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct AdmissionTable {
-    inner: Mutex<HashMap<SandboxId, HashMap<Ipv4Addr, Entry>>>,
+    inner: Mutex<HashMap<SandboxId, Admitted>>,
+    /// See [`MAX_ADMITTED_ADDRS_PER_SANDBOX`].
+    max_addrs: usize,
+    /// See [`MAX_ADMITTED_NAMES_PER_SANDBOX`].
+    max_names: usize,
+}
+
+impl Default for AdmissionTable {
+    fn default() -> Self {
+        AdmissionTable::new(
+            MAX_ADMITTED_ADDRS_PER_SANDBOX,
+            MAX_ADMITTED_NAMES_PER_SANDBOX,
+        )
+    }
 }
 
 /// Lowercase, no trailing dot: the form names are stored and compared in.
@@ -59,29 +168,81 @@ pub(crate) fn normalize(name: &str) -> String {
 }
 
 impl AdmissionTable {
-    fn lock(&self) -> MutexGuard<'_, HashMap<SandboxId, HashMap<Ipv4Addr, Entry>>> {
+    /// A table holding at most `max_addrs` addresses and `max_names`
+    /// bindings per sandbox.
+    pub(crate) fn new(max_addrs: usize, max_names: usize) -> AdmissionTable {
+        AdmissionTable {
+            inner: Mutex::default(),
+            max_addrs,
+            max_names,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SandboxId, Admitted>> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Decides which of `addrs` need a commit for a new timeout `ttl`: those
-    /// not admitted, or admitted for at most half of `ttl` more.
+    /// Decides what to do with `addrs`, the answer for `name` with new
+    /// timeout `ttl`, after dropping what expired by `now`.
+    ///
+    /// Addresses that would take the sandbox over its address or binding
+    /// limit (counting answers still being committed) are refused; the
+    /// others are reserved until [`AdmissionTable::bind`]. Of those, the
+    /// ones to commit are those not admitted, or admitted for at most half
+    /// of `ttl` more.
     pub(crate) fn plan(
         &self,
         sandbox: &SandboxId,
+        name: &str,
         addrs: &[Ipv4Addr],
         ttl: Duration,
         now: Instant,
-    ) -> Plan {
-        let table = self.lock();
-        let entries = table.get(sandbox);
+    ) -> Plan<'_> {
+        let name = normalize(name);
+        let mut table = self.lock();
+        let admitted = table.entry(sandbox.clone()).or_default();
+        prune(&mut admitted.addrs, now);
+        let mut addrs_used = admitted.addrs.len() + admitted.pending_addrs;
+        let mut names_used = admitted.bindings() + admitted.pending_names;
         let mut plan = Plan {
+            admit: Vec::new(),
+            refused: Vec::new(),
             commit: Vec::new(),
             cap: ttl,
+            reservation: Reservation {
+                table: self,
+                sandbox: sandbox.clone(),
+                addrs: 0,
+                names: 0,
+            },
         };
+        let mut seen = HashSet::new();
         for addr in addrs {
-            let remaining = entries
-                .and_then(|e| e.get(addr))
+            if !seen.insert(*addr) {
+                continue;
+            }
+            let entry = admitted.addrs.get(addr);
+            let new_addr = entry.is_none();
+            let new_name = entry.is_none_or(|e| !e.names.contains_key(&name));
+            if new_addr && addrs_used >= self.max_addrs {
+                plan.refused.push((*addr, RULE_TOO_MANY_ADDRS));
+                continue;
+            }
+            if new_name && names_used >= self.max_names {
+                plan.refused.push((*addr, RULE_TOO_MANY_NAMES));
+                continue;
+            }
+            if new_addr {
+                addrs_used += 1;
+                plan.reservation.addrs += 1;
+            }
+            if new_name {
+                names_used += 1;
+                plan.reservation.names += 1;
+            }
+            plan.admit.push(*addr);
+            let remaining = entry
                 .and_then(|e| e.element_expires)
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or_default();
@@ -93,32 +254,40 @@ impl AdmissionTable {
                 plan.commit.push(*addr);
             }
         }
+        admitted.pending_addrs += plan.reservation.addrs;
+        admitted.pending_names += plan.reservation.names;
+        if admitted.is_idle() {
+            table.remove(sandbox);
+        }
         plan
     }
 
-    /// Records that `name` resolved to `addrs` for `ttl` from `at`, of
-    /// which `committed` were just committed with timeout `ttl`.
+    /// Records that `name` resolved to `plan.admit` for `ttl` from `at`,
+    /// of which `plan.commit` were just committed with timeout `ttl`, and
+    /// gives back the plan's reservation.
     pub(crate) fn bind(
         &self,
         sandbox: &SandboxId,
         name: &str,
-        addrs: &[Ipv4Addr],
-        committed: &[Ipv4Addr],
+        mut plan: Plan<'_>,
         ttl: Duration,
         at: Instant,
     ) {
         let name = normalize(name);
         let until = at + ttl;
         let mut table = self.lock();
-        let entries = table.entry(sandbox.clone()).or_default();
-        prune(entries, at);
-        for addr in addrs {
-            let entry = entries.entry(*addr).or_default();
-            if committed.contains(addr) {
-                entry.element_expires = Some(entry.element_expires.map_or(until, |t| t.max(until)));
+        let admitted = table.entry(sandbox.clone()).or_default();
+        prune(&mut admitted.addrs, at);
+        for addr in &plan.admit {
+            let entry = admitted.addrs.entry(*addr).or_default();
+            if plan.commit.contains(addr) {
+                entry.extend_element(until);
             }
-            let n = entry.names.entry(name.clone()).or_insert(until);
-            *n = (*n).max(until);
+            entry.bind(&name, until);
+        }
+        plan.reservation.release(&mut table);
+        if table.get(sandbox).is_some_and(Admitted::is_idle) {
+            table.remove(sandbox);
         }
     }
 
@@ -129,7 +298,7 @@ impl AdmissionTable {
         let name = normalize(name);
         self.lock()
             .get(sandbox)
-            .and_then(|e| e.get(&addr))
+            .and_then(|a| a.addrs.get(&addr))
             .and_then(|e| e.valid_until(&name))
             .is_some_and(|t| t > now)
     }
@@ -142,7 +311,7 @@ impl AdmissionTable {
         let mut out: Vec<AdmittedAddr> = table
             .get(sandbox)
             .into_iter()
-            .flatten()
+            .flat_map(|a| &a.addrs)
             .flat_map(|(addr, entry)| {
                 entry.names.keys().filter_map(move |name| {
                     let until = entry.valid_until(name)?;
@@ -159,12 +328,18 @@ impl AdmissionTable {
     }
 
     /// Takes back saved admissions: the node has put the elements back into
-    /// the firewall with their remaining timeout. Past ones are ignored.
-    pub(crate) fn restore(&self, sandbox: &SandboxId, entries: Vec<AdmittedAddr>) {
+    /// the firewall with their remaining timeout. Past ones are ignored;
+    /// over the limits, those closest to their end are (they would be the
+    /// first to go anyway).
+    pub(crate) fn restore(&self, sandbox: &SandboxId, mut entries: Vec<AdmittedAddr>) {
         let now = Instant::now();
         let wall = SystemTime::now();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.expires));
         let mut table = self.lock();
-        let map = table.entry(sandbox.clone()).or_default();
+        let admitted = table.entry(sandbox.clone()).or_default();
+        prune(&mut admitted.addrs, now);
+        let mut addrs_used = admitted.addrs.len() + admitted.pending_addrs;
+        let mut names_used = admitted.bindings() + admitted.pending_names;
         for e in entries {
             let Ok(left) = e.expires.duration_since(wall) else {
                 continue;
@@ -172,13 +347,23 @@ impl AdmissionTable {
             if left.is_zero() {
                 continue;
             }
+            let name = normalize(&e.name);
+            let existing = admitted.addrs.get(&e.addr);
+            let new_addr = existing.is_none();
+            let new_name = existing.is_none_or(|x| !x.names.contains_key(&name));
+            if (new_addr && addrs_used >= self.max_addrs)
+                || (new_name && names_used >= self.max_names)
+            {
+                continue;
+            }
+            addrs_used += usize::from(new_addr);
+            names_used += usize::from(new_name);
             let until = now + left;
-            let entry = map.entry(e.addr).or_default();
-            entry.element_expires = Some(entry.element_expires.map_or(until, |t| t.max(until)));
-            let n = entry.names.entry(normalize(&e.name)).or_insert(until);
-            *n = (*n).max(until);
+            let entry = admitted.addrs.entry(e.addr).or_default();
+            entry.extend_element(until);
+            entry.bind(&name, until);
         }
-        if map.is_empty() {
+        if admitted.is_idle() {
             table.remove(sandbox);
         }
     }
@@ -187,17 +372,17 @@ impl AdmissionTable {
     /// names are dropped too. Returns how many bindings went.
     pub(crate) fn retain_names(&self, sandbox: &SandboxId, keep: impl Fn(&str) -> bool) -> usize {
         let mut table = self.lock();
-        let Some(entries) = table.get_mut(sandbox) else {
+        let Some(admitted) = table.get_mut(sandbox) else {
             return 0;
         };
         let mut dropped = 0;
-        entries.retain(|_, e| {
+        admitted.addrs.retain(|_, e| {
             let before = e.names.len();
             e.names.retain(|n, _| keep(n));
             dropped += before - e.names.len();
             !e.names.is_empty()
         });
-        if entries.is_empty() {
+        if admitted.is_idle() {
             table.remove(sandbox);
         }
         dropped
@@ -211,10 +396,18 @@ impl AdmissionTable {
     /// Drops everything expired, in all sandboxes.
     pub(crate) fn sweep(&self, now: Instant) {
         let mut table = self.lock();
-        table.retain(|_, entries| {
-            prune(entries, now);
-            !entries.is_empty()
+        table.retain(|_, admitted| {
+            prune(&mut admitted.addrs, now);
+            !admitted.is_idle()
         });
+    }
+
+    /// How many addresses and bindings a sandbox has in the table.
+    #[cfg(test)]
+    pub(crate) fn counts(&self, sandbox: &SandboxId) -> (usize, usize) {
+        self.lock()
+            .get(sandbox)
+            .map_or((0, 0), |a| (a.addrs.len(), a.bindings()))
     }
 }
 
@@ -336,15 +529,28 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Plans and binds an answer as the forwarder does, all committed.
+    fn admit(
+        t: &AdmissionTable,
+        s: &SandboxId,
+        name: &str,
+        addrs: &[Ipv4Addr],
+        ttl: Duration,
+        at: Instant,
+    ) {
+        let plan = t.plan(s, name, addrs, ttl, at);
+        t.bind(s, name, plan, ttl, at);
+    }
+
     #[test]
     fn binds_names_to_addresses_exactly() {
         let t = AdmissionTable::default();
         let now = Instant::now();
         let a = [ip("192.0.2.1"), ip("192.0.2.2")];
-        t.bind(
+        admit(
+            &t,
             &id("s1"),
             "Allowed.Test.",
-            &a,
             &a,
             Duration::from_secs(60),
             now,
@@ -368,21 +574,124 @@ mod tests {
         let now = Instant::now();
         let x = ip("198.51.100.7");
         let ttl = Duration::from_secs(600);
-        assert_eq!(t.plan(&s, &[x], ttl, now).commit, vec![x]);
-        t.bind(&s, "a.test", &[x], &[x], ttl, now);
+        let p = t.plan(&s, "a.test", &[x], ttl, now);
+        assert_eq!(p.commit, vec![x]);
+        t.bind(&s, "a.test", p, ttl, now);
         // 400 s later, 200 s remain: not over half of 600, commit again.
         let later = now + Duration::from_secs(400);
-        assert_eq!(t.plan(&s, &[x], ttl, later).commit, vec![x]);
+        assert_eq!(t.plan(&s, "a.test", &[x], ttl, later).commit, vec![x]);
         // 100 s later, 500 s remain: skip, and tell clients at most 500 s.
         let soon = now + Duration::from_secs(100);
-        let p = t.plan(&s, &[x], ttl, soon);
+        let p = t.plan(&s, "b.test", &[x], ttl, soon);
         assert!(p.commit.is_empty());
+        assert_eq!(p.admit, vec![x]);
         assert_eq!(p.cap, Duration::from_secs(500));
         // A skipped address still binds the new name, up to the element.
-        t.bind(&s, "b.test", &[x], &[], ttl, soon);
+        t.bind(&s, "b.test", p, ttl, soon);
         assert!(t.is_admitted(&s, x, "b.test"));
         let b = t.list(&s).into_iter().find(|e| e.name == "b.test").unwrap();
         assert!(b.expires <= SystemTime::now() + Duration::from_secs(600));
+    }
+
+    #[test]
+    fn refuses_addresses_and_names_over_the_limits() {
+        let t = AdmissionTable::new(3, 5);
+        let s = id("s1");
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let ips: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(192, 0, 2, i)).collect();
+        // Two of the five new addresses fit after the first.
+        admit(&t, &s, "a.test", &ips[..1], ttl, now);
+        let p = t.plan(&s, "b.test", &ips, ttl, now);
+        assert_eq!(
+            p.admit,
+            ips[..3].to_vec(),
+            "known address first, then two new"
+        );
+        assert_eq!(
+            p.refused,
+            vec![(ips[3], RULE_TOO_MANY_ADDRS), (ips[4], RULE_TOO_MANY_ADDRS)]
+        );
+        // While that answer is being committed its share is reserved.
+        let q = t.plan(&s, "c.test", &ips[3..], ttl, now);
+        assert!(q.admit.is_empty());
+        drop(q);
+        t.bind(&s, "b.test", p, ttl, now);
+        assert_eq!(t.counts(&s), (3, 4));
+        // Known addresses still take new names, up to the binding limit.
+        let p = t.plan(&s, "c.test", &ips[..3], ttl, now);
+        assert_eq!(p.admit, vec![ips[0]]);
+        assert_eq!(
+            p.refused,
+            vec![(ips[1], RULE_TOO_MANY_NAMES), (ips[2], RULE_TOO_MANY_NAMES)]
+        );
+        t.bind(&s, "c.test", p, ttl, now);
+        assert_eq!(t.counts(&s), (3, 5));
+        // Renewing what is there needs no room.
+        let p = t.plan(&s, "b.test", &ips[..3], ttl, now + Duration::from_secs(40));
+        assert_eq!((p.admit.len(), p.refused.len()), (3, 0));
+        assert_eq!(p.commit.len(), 3);
+        drop(p);
+        // Other sandboxes have their own limits.
+        assert_eq!(t.plan(&id("s2"), "a.test", &ips, ttl, now).admit.len(), 3);
+        // A failed commit (plan dropped) gives its reservation back.
+        assert_eq!(t.plan(&id("s2"), "a.test", &ips, ttl, now).admit.len(), 3);
+        assert_eq!(t.counts(&id("s2")), (0, 0));
+        // Expired admissions make room again.
+        let later = now + Duration::from_secs(61);
+        let p = t.plan(&s, "d.test", &ips[3..], ttl, later);
+        assert_eq!(p.admit, ips[3..].to_vec());
+        t.bind(&s, "d.test", p, ttl, later);
+        assert_eq!(t.counts(&s), (2, 2));
+    }
+
+    #[test]
+    fn sweeps_expired_admissions() {
+        let t = AdmissionTable::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        for i in 0..100u8 {
+            admit(
+                &t,
+                &id("s1"),
+                &format!("n{i}.test"),
+                &[Ipv4Addr::new(192, 0, 2, i)],
+                ttl,
+                now,
+            );
+        }
+        admit(&t, &id("s2"), "x.test", &[ip("192.0.2.1")], ttl * 2, now);
+        assert_eq!(t.counts(&id("s1")), (100, 100));
+        t.sweep(now + Duration::from_secs(30));
+        assert_eq!(t.counts(&id("s1")), (100, 100));
+        t.sweep(now + ttl);
+        assert_eq!(t.counts(&id("s1")), (0, 0));
+        assert!(!t.lock().contains_key(&id("s1")), "empty sandboxes go");
+        assert_eq!(t.counts(&id("s2")), (1, 1));
+    }
+
+    #[test]
+    fn restores_the_latest_entries_up_to_the_limits() {
+        let t = AdmissionTable::new(2, 3);
+        let s = id("s1");
+        let at = |secs| SystemTime::now() + Duration::from_secs(secs);
+        let e = |name: &str, addr: &str, expires| AdmittedAddr {
+            name: name.into(),
+            addr: ip(addr),
+            expires,
+        };
+        t.restore(
+            &s,
+            vec![
+                e("a.test", "192.0.2.1", at(100)),
+                e("soon.test", "192.0.2.9", at(50)),
+                e("b.test", "192.0.2.2", at(300)),
+                e("c.test", "192.0.2.2", at(200)),
+                e("d.test", "192.0.2.2", at(60)),
+            ],
+        );
+        let names: Vec<String> = t.list(&s).into_iter().map(|e| e.name).collect();
+        assert_eq!(names, vec!["a.test", "b.test", "c.test"]);
     }
 
     #[test]
@@ -418,10 +727,10 @@ mod tests {
         t.sweep(Instant::now() + Duration::from_secs(120));
         assert!(t.list(&s).is_empty());
         t.restore(&s, t.list(&s));
-        t.bind(
+        admit(
+            &t,
             &s,
             "c.test",
-            &[ip("192.0.2.3")],
             &[ip("192.0.2.3")],
             Duration::from_secs(60),
             Instant::now(),

@@ -13,6 +13,10 @@ pub(crate) const RULE_NOT_ALLOWED: &str = "not in allowOut";
 /// Log reason: the destination was never an answer for that name.
 pub(crate) const RULE_NOT_RESOLVED: &str = "address not resolved for this name";
 
+/// Log reason: the destination is forbidden (`EgressConfig::is_forbidden`)
+/// or an address of this host when the proxy was about to dial it.
+pub(crate) const RULE_OFF_LIMITS: &str = "destination is this host or forbidden";
+
 /// Why a connection or request was let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Basis {

@@ -39,6 +39,21 @@ pub const MAX_ADMISSION_SECS: u64 = 3600;
 /// Most CNAME links followed from the queried name.
 pub const MAX_CNAME_LINKS: usize = 8;
 
+/// Most addresses admitted for one sandbox at a time (the entries of its
+/// `x<i>` set and of the forwarder's table). A wildcard entry whose zone
+/// the sandbox controls could otherwise add a new address with every
+/// query, each for up to an hour. At the limit, answers bringing further
+/// addresses are refused rather than older admissions evicted: the
+/// firewall keeps an evicted element until its timeout anyway, so evicting
+/// would not bound the kernel set, and it would break connections to
+/// addresses the client was told about. Space frees up as admissions
+/// expire.
+pub const MAX_ADMITTED_ADDRS_PER_SANDBOX: usize = 1024;
+/// Most (name, address) bindings of one sandbox at a time: the same attack
+/// with many names pointing at one address grows the table, not the set.
+/// Handled like [`MAX_ADMITTED_ADDRS_PER_SANDBOX`].
+pub const MAX_ADMITTED_NAMES_PER_SANDBOX: usize = 4096;
+
 /// Where the listeners bind and where DNS goes when a sandbox names no
 /// resolver. The defaults match ADR 0005; the node adds the resolvers and
 /// the forbidden networks.
@@ -62,6 +77,14 @@ pub struct EgressConfig {
     /// passes its `node_deny` set, the sandbox pool and the host's own
     /// addresses (DNS rebinding, ADR 0005 section 2).
     pub forbidden: Vec<Ipv4Net>,
+    /// Refuse TLS ClientHellos that carry the `encrypted_client_hello`
+    /// extension (0xfe0d). With ECH the listener sees and checks only the
+    /// outer (public) name, never the name the client really asks for.
+    /// Off by default: browsers built on BoringSSL (Chrome and others)
+    /// send a "GREASE" ECH extension on every connection when they know
+    /// no ECH key, which cannot be told apart from real ECH, so turning
+    /// this on refuses those clients everywhere.
+    pub refuse_ech: bool,
 }
 
 impl Default for EgressConfig {
@@ -73,6 +96,7 @@ impl Default for EgressConfig {
             bind: Ipv4Addr::UNSPECIFIED,
             host_resolvers: Vec::new(),
             forbidden: Vec::new(),
+            refuse_ech: false,
         }
     }
 }
@@ -109,6 +133,44 @@ impl EgressConfig {
     }
 }
 
+/// Whether `addr` is an address of this host right now: binding a UDP
+/// socket to it succeeds only for local (and broadcast) addresses, which
+/// covers addresses added after start (a new bridge or NIC) and `local`
+/// routes. Errors other than "not available" (out of descriptors, say)
+/// count as local, so the caller refuses.
+///
+/// With `net.ipv4.ip_nonlocal_bind` on, any bind succeeds; then (read once
+/// per start) the interfaces' addresses and broadcast addresses decide.
+pub(crate) fn host_addr_check() -> Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync> {
+    let nonlocal_bind = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
+        .is_ok_and(|s| s.trim() != "0");
+    if nonlocal_bind {
+        Arc::new(is_interface_addr)
+    } else {
+        Arc::new(is_bindable)
+    }
+}
+
+/// See [`host_addr_check`].
+pub(crate) fn is_bindable(addr: Ipv4Addr) -> bool {
+    match std::net::UdpSocket::bind(SocketAddrV4::new(addr, 0)) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::AddrNotAvailable,
+    }
+}
+
+/// Whether `addr` is an address or broadcast address of an interface;
+/// `true` when the interfaces cannot be listed.
+fn is_interface_addr(addr: Ipv4Addr) -> bool {
+    let Ok(ifaces) = nix::ifaddrs::getifaddrs() else {
+        return true;
+    };
+    let v4 = |a: Option<nix::sys::socket::SockaddrStorage>| a?.as_sockaddr_in().map(|s| s.ip());
+    ifaces
+        .into_iter()
+        .any(|i| v4(i.address) == Some(addr) || v4(i.broadcast) == Some(addr))
+}
+
 /// Finds where a redirected connection was going.
 pub(crate) type OriginalDst = Arc<dyn Fn(&TcpStream) -> io::Result<SocketAddrV4> + Send + Sync>;
 
@@ -132,6 +194,8 @@ pub(crate) struct Tuning {
     pub(crate) original_dst: OriginalDst,
     /// Where the host-side connection for an original destination goes.
     pub(crate) dial: Dial,
+    /// Whether an address belongs to this host now ([`host_addr_check`]).
+    pub(crate) is_host_addr: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
     /// Port of the servers in a policy's `dnsServers`.
     pub(crate) upstream_port: u16,
     /// Wait for one upstream UDP or TCP exchange.
@@ -154,6 +218,10 @@ pub(crate) struct Tuning {
     pub(crate) max_dns_conns_per_sandbox: usize,
     /// See [`MAX_DNS_CONNS`].
     pub(crate) max_dns_conns: usize,
+    /// See [`MAX_ADMITTED_ADDRS_PER_SANDBOX`].
+    pub(crate) max_admitted_addrs: usize,
+    /// See [`MAX_ADMITTED_NAMES_PER_SANDBOX`].
+    pub(crate) max_admitted_names: usize,
 }
 
 impl Default for Tuning {
@@ -161,6 +229,7 @@ impl Default for Tuning {
         Tuning {
             original_dst: Arc::new(so_original_dst),
             dial: Arc::new(|dst| dst),
+            is_host_addr: host_addr_check(),
             upstream_port: 53,
             upstream_timeout: Duration::from_secs(2),
             hello_timeout: Duration::from_secs(5),
@@ -172,6 +241,8 @@ impl Default for Tuning {
             max_queries: MAX_QUERIES,
             max_dns_conns_per_sandbox: MAX_DNS_CONNS_PER_SANDBOX,
             max_dns_conns: MAX_DNS_CONNS,
+            max_admitted_addrs: MAX_ADMITTED_ADDRS_PER_SANDBOX,
+            max_admitted_names: MAX_ADMITTED_NAMES_PER_SANDBOX,
         }
     }
 }
@@ -198,5 +269,26 @@ mod tests {
         assert!(!c.is_forbidden("223.255.255.255".parse().unwrap()));
         c.forbidden.push(Ipv4Net::parse("10.11.0.0/16").unwrap());
         assert!(c.is_forbidden("10.11.0.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn knows_this_hosts_addresses() {
+        let chosen = host_addr_check();
+        let checks: [&dyn Fn(Ipv4Addr) -> bool; 3] = [&is_bindable, &is_interface_addr, &*chosen];
+        for check in checks {
+            assert!(check(Ipv4Addr::LOCALHOST));
+            // TEST-NET-3 (RFC 5737): documentation only, on no host.
+            assert!(!check(Ipv4Addr::new(203, 0, 113, 77)));
+        }
+        // Whatever address this host would use to reach the outside (if it
+        // has a route at all: connecting a UDP socket sends nothing).
+        let probe = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let local = probe
+            .connect((Ipv4Addr::new(198, 51, 100, 1), 9))
+            .and_then(|()| probe.local_addr());
+        if let Ok(std::net::SocketAddr::V4(local)) = local {
+            assert!(is_bindable(*local.ip()), "{local}");
+            assert!(is_interface_addr(*local.ip()), "{local}");
+        }
     }
 }

@@ -6,9 +6,12 @@
 //! a time, opened on the first allowed request (and again if the server
 //! closed it). A refused request gets a 403 with `Connection: close`, so
 //! the connection ends with it; CONNECT is always refused (it would make
-//! the listener a general-purpose proxy). Upgrades (websocket and others)
-//! are checked like any request and then become a raw tunnel between the
-//! two upgraded connections.
+//! the listener a general-purpose proxy). The only upgrade let through is
+//! a websocket one (`Upgrade: websocket`, nothing else in the header): it
+//! is checked like any request and then becomes a raw tunnel between the
+//! two upgraded connections. Any other upgrade is refused, `h2c` above all:
+//! after it, HTTP/2 streams could carry any `:authority` through the
+//! tunnel, which no one checks. `HTTP2-Settings` headers are dropped.
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -20,7 +23,7 @@ use std::time::Duration;
 use arca_proto::network::Verdict;
 use arca_proto::node::SandboxId;
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderMap, UPGRADE};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -33,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::Shared;
-use crate::check::{entry, judge};
+use crate::check::{RULE_OFF_LIMITS, entry, judge};
 use crate::conns::{ConnGuard, Grant};
 use crate::reset;
 
@@ -42,6 +45,13 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Log reason: an `Upgrade` header other than a lone `websocket`.
+const RULE_UPGRADE: &str = "upgrade other than websocket";
+
+/// The h2c upgrade's settings header (RFC 7540 section 3.2.1), dropped
+/// from every request.
+const HTTP2_SETTINGS: &str = "http2-settings";
 
 /// One client connection.
 struct Client {
@@ -164,6 +174,23 @@ fn normalize(host: &str) -> String {
     host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
+/// Whether `headers` name exactly one protocol in `Upgrade`, `websocket`
+/// (any case), and no `Upgrade` header is unreadable. `None` when there
+/// is no `Upgrade` header at all.
+fn upgrade_is_websocket(headers: &HeaderMap) -> Option<bool> {
+    let values = headers.get_all(UPGRADE);
+    let mut values = values.iter().peekable();
+    values.peek()?;
+    let mut tokens = Vec::new();
+    for v in values {
+        let Ok(text) = v.to_str() else {
+            return Some(false);
+        };
+        tokens.extend(text.split(',').map(str::trim).filter(|t| !t.is_empty()));
+    }
+    Some(matches!(tokens.as_slice(), [t] if t.eq_ignore_ascii_case("websocket")))
+}
+
 /// Whether a request asks to switch protocols.
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(UPGRADE)
@@ -234,6 +261,21 @@ impl Client {
             self.log(host.as_deref(), Verdict::Denied, "CONNECT");
             return forbidden("CONNECT");
         }
+        // Whether or not `Connection` says "upgrade": a server might switch
+        // anyway.
+        if upgrade_is_websocket(req.headers()) == Some(false) {
+            self.log(host.as_deref(), Verdict::Denied, RULE_UPGRADE);
+            return forbidden(RULE_UPGRADE);
+        }
+        req.headers_mut().remove(HTTP2_SETTINGS);
+        // Whatever DNS admitted, never dial this host or a forbidden
+        // network: the address may have become the host's since it was
+        // admitted. Checked on every request, before it may open (or use)
+        // the upstream connection.
+        if shared.off_limits(dst) {
+            self.log(host.as_deref(), Verdict::Denied, RULE_OFF_LIMITS);
+            return forbidden(RULE_OFF_LIMITS);
+        }
         let judgement = judge(&view.policy, dst, host.as_deref(), "no Host", |n| {
             shared.admissions.is_admitted(&self.sandbox, dst, n)
         });
@@ -267,7 +309,9 @@ impl Client {
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+            // Only a websocket the client asked for becomes a tunnel.
+            let websocket = upgrade_is_websocket(resp.headers()) == Some(true);
+            let Some(client_upgrade) = client_upgrade.filter(|_| websocket) else {
                 *slot = None;
                 return bad_gateway();
             };
@@ -362,6 +406,39 @@ mod tests {
         assert!(request_host(&req("/", &["a.test", "b.test"])).is_err());
         assert!(request_host(&req("/", &["user@a.test"])).is_err());
         assert!(request_host(&req("/", &["a test"])).is_err());
+    }
+
+    #[test]
+    fn lets_only_websocket_upgrades_through() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(UPGRADE, http::HeaderValue::from_str(v).unwrap());
+            }
+            upgrade_is_websocket(&h)
+        };
+        assert_eq!(with(&[]), None);
+        for ok in [&["websocket"][..], &["WebSocket"], &[" websocket , "]] {
+            assert_eq!(with(ok), Some(true), "{ok:?}");
+        }
+        for bad in [
+            &["h2c"][..],
+            &["websocket, h2c"],
+            &["h2c, websocket"],
+            &["websocket", "h2c"],
+            &["websocket", "websocket"],
+            &["websocket/13"],
+            &["TLS/1.2"],
+            &[""],
+        ] {
+            assert_eq!(with(bad), Some(false), "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            UPGRADE,
+            http::HeaderValue::from_bytes(b"websocket\xff").unwrap(),
+        );
+        assert_eq!(upgrade_is_websocket(&h), Some(false));
     }
 
     #[test]

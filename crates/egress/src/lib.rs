@@ -13,13 +13,20 @@
 //!   long as the answer's TTL (clamped to 60 s .. 1 h), and only then does
 //!   the reply go back, so the first connection does not race the commit.
 //!   Answers pointing into loopback, link-local, the sandbox pool or the
-//!   host are dropped (DNS rebinding).
+//!   host are dropped (DNS rebinding); "the host" is checked per answer
+//!   (can a UDP socket bind the address right now?), so addresses a new
+//!   bridge or NIC got after start count too.
 //! - **A TLS listener** and **an HTTP listener**. In deny-all mode the
 //!   firewall redirects connections to admitted addresses on ports 443 and
 //!   80 here. A connection goes on only if the name it uses (SNI, or the
 //!   Host of every HTTP request) is allowed **and** its destination was
 //!   admitted for that very name, so a shared CDN address admitted for
-//!   `allowed.test` does not carry `denied.test`.
+//!   `allowed.test` does not carry `denied.test`. Right before dialling,
+//!   the destination is checked again against the forbidden networks and
+//!   this host's current addresses (refused: reset or 403, logged as
+//!   "destination is this host or forbidden"), whatever was admitted.
+//!   HTTP upgrades other than a lone `Upgrade: websocket` (`h2c` above
+//!   all, whose HTTP/2 streams could carry any `:authority`) get a 403.
 //!
 //! The listeners are reached only through nft `redirect` from sandbox
 //! veths (the node's input rules drop anything else), find the sandbox by
@@ -29,17 +36,52 @@
 //! log. The node provides sandbox lookup, the firewall commit and the log
 //! through [`Enforcer`].
 //!
-//! What this does not do, by design: it never terminates TLS (with ECH
-//! only the outer name is seen and checked); it admits nothing for AAAA,
-//! SVCB or HTTPS records, nor for names found any other way (`/etc/hosts`,
-//! DNS-over-HTTPS), since only this forwarder's A answers reach the
-//! firewall set; and domain entries open ports 80 and 443 only, which are
-//! the only ports the firewall redirects here.
+//! What this does not do, by design: it never terminates TLS; it admits
+//! nothing for AAAA, SVCB or HTTPS records, nor for names found any other
+//! way (`/etc/hosts`, DNS-over-HTTPS), since only this forwarder's A
+//! answers reach the firewall set; and domain entries open ports 80 and
+//! 443 only, which are the only ports the firewall redirects here.
+//!
+//! # What a name check cannot see: ECH and domain fronting
+//!
+//! Because TLS is not terminated, the TLS check sees only the ClientHello's
+//! SNI, and what it guarantees is "this connection goes to an address
+//! admitted for an allowed name, and names that name in clear". It does
+//! **not** guarantee which site the client talks to inside TLS:
+//!
+//! - **Domain fronting.** A client may put an allowed name in the SNI and
+//!   another one in the HTTP `Host` header inside the encrypted stream. A
+//!   server that hosts both (a CDN or shared front end serving the allowed
+//!   name from the same address) may well serve the other one. So allowing
+//!   a name served by a shared CDN can open every site fronted by the same
+//!   CDN addresses, as far as that CDN lets fronting happen. An `allowOut`
+//!   CIDR rule covering CDN addresses is no different: it lets through
+//!   anything those addresses serve.
+//! - **ECH** (Encrypted Client Hello). With ECH the real server name is
+//!   encrypted and the SNI holds only the outer, public name (often the
+//!   CDN's). The listener checks that outer name; if it is allowed and was
+//!   resolved to the destination, the connection passes, whatever the inner
+//!   name. The forwarder returns empty HTTPS/SVCB answers, so clients get
+//!   no ECH keys through it, but a client can have them from elsewhere.
+//!   [`EgressConfig::refuse_ech`] refuses every ClientHello carrying the
+//!   ECH extension; it is off by default because browsers built on
+//!   BoringSSL send a look-alike "GREASE" ECH extension on every
+//!   connection, which would be refused too.
+//!
+//! Plain HTTP has no such gap: the `Host` of every request is checked.
 //!
 //! Limits: 256 proxied connections per sandbox and 8000 per node (over
 //! that, resets); 64 DNS queries in flight per sandbox and 1024 per node
 //! (over that, dropped: the client retries). Admissions last the answer's
-//! smallest TTL, clamped to 60 s .. 1 h.
+//! smallest TTL, clamped to 60 s .. 1 h. A sandbox holds at most
+//! [`MAX_ADMITTED_ADDRS_PER_SANDBOX`] admitted addresses and
+//! [`MAX_ADMITTED_NAMES_PER_SANDBOX`] (name, address) bindings (a wildcard
+//! entry over a zone the sandbox controls could otherwise grow them
+//! without bound): A records over that are left out of the answer, which
+//! is SERVFAIL when none is left, logged as "too many admitted addresses"
+//! (or "names"). Nothing admitted is evicted to make room, since the
+//! firewall keeps an element until its timeout anyway; expired admissions
+//! are dropped every 30 s and whenever the sandbox's next answer comes.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -89,8 +131,9 @@ use tokio_util::sync::CancellationToken;
 pub use arca_proto::network::Ipv4Net;
 pub use config::{
     DEFAULT_DNS_PORT, DEFAULT_HTTP_PORT, DEFAULT_TLS_PORT, EgressConfig, MAX_ADMISSION_SECS,
-    MAX_CNAME_LINKS, MAX_CONNS, MAX_CONNS_PER_SANDBOX, MAX_DNS_CONNS, MAX_DNS_CONNS_PER_SANDBOX,
-    MAX_QUERIES, MAX_QUERIES_PER_SANDBOX, MIN_ADMISSION_SECS,
+    MAX_ADMITTED_ADDRS_PER_SANDBOX, MAX_ADMITTED_NAMES_PER_SANDBOX, MAX_CNAME_LINKS, MAX_CONNS,
+    MAX_CONNS_PER_SANDBOX, MAX_DNS_CONNS, MAX_DNS_CONNS_PER_SANDBOX, MAX_QUERIES,
+    MAX_QUERIES_PER_SANDBOX, MIN_ADMISSION_SECS,
 };
 pub use enforcer::{Admission, AdmittedAddr, Enforcer, SandboxView};
 
@@ -164,6 +207,14 @@ impl Shared {
         self.enforcer.record(sandbox, entry);
     }
 
+    /// Whether `addr` may never be admitted or dialled: a forbidden network
+    /// or, right now, an address of this host. Checked again at every dial
+    /// and every answer, since addresses admitted earlier (or restored)
+    /// may have become the host's since (a new bridge or NIC).
+    pub(crate) fn off_limits(&self, addr: Ipv4Addr) -> bool {
+        self.config.is_forbidden(addr) || (self.tuning.is_host_addr)(addr)
+    }
+
     /// Where a sandbox's queries go.
     pub(crate) fn upstreams(&self, policy: &EgressPolicy) -> Vec<SocketAddr> {
         dns::forwarder::upstreams_for(
@@ -216,10 +267,10 @@ impl Egress {
             conns: ConnTracker::new(tuning.max_conns_per_sandbox, tuning.max_conns),
             queries: Quota::new(tuning.max_queries_per_sandbox, tuning.max_queries),
             dns_conns: Quota::new(tuning.max_dns_conns_per_sandbox, tuning.max_dns_conns),
+            admissions: AdmissionTable::new(tuning.max_admitted_addrs, tuning.max_admitted_names),
             config,
             tuning,
             enforcer,
-            admissions: AdmissionTable::default(),
             admitter,
             sources: Mutex::default(),
             shutdown: CancellationToken::new(),
@@ -272,13 +323,13 @@ impl Egress {
     }
 
     /// Takes back admissions saved before a node restart (the node has put
-    /// the addresses back into the firewall). Expired entries and
-    /// addresses no answer may admit are ignored.
+    /// the addresses back into the firewall). Expired entries, addresses
+    /// no answer may admit and, over the per-sandbox limits, the entries
+    /// closest to their end are ignored.
     pub fn restore(&self, sandbox: &SandboxId, entries: Vec<AdmittedAddr>) {
-        let config = &self.shared.config;
         let entries = entries
             .into_iter()
-            .filter(|e| !config.is_forbidden(e.addr))
+            .filter(|e| !self.shared.off_limits(e.addr))
             .collect();
         self.shared.admissions.restore(sandbox, entries);
     }

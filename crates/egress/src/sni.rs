@@ -8,7 +8,9 @@
 //! ClientHello is [`Hello::Invalid`]; so are a second `server_name`
 //! extension or a second host name, which different servers could read
 //! differently. With ECH only the outer (public) name is visible, and that
-//! is what gets checked.
+//! is what gets checked; the parser reports whether the
+//! `encrypted_client_hello` extension is there, for
+//! `EgressConfig::refuse_ech`.
 
 /// Largest ClientHello accepted, and the most the listener buffers
 /// (ADR 0005 section 3).
@@ -21,15 +23,23 @@ const HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
 /// Extension number of `server_name`.
 const SERVER_NAME: u16 = 0;
+/// Extension number of `encrypted_client_hello` (draft-ietf-tls-esni).
+const ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
 
 /// What the bytes received so far hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Hello {
     /// A prefix of a plausible ClientHello: read more.
     Incomplete,
-    /// A whole ClientHello, with its host name (lowercase, no trailing
-    /// dot) if it has one.
-    Complete(Option<String>),
+    /// A whole ClientHello.
+    Complete {
+        /// Its host name (lowercase, no trailing dot), if it has one; with
+        /// ECH, the outer one.
+        name: Option<String>,
+        /// Whether it carries an `encrypted_client_hello` extension (real
+        /// ECH or GREASE: they look the same).
+        ech: bool,
+    },
     /// Not a ClientHello this listener accepts; the reason is for logs.
     Invalid(&'static str),
 }
@@ -53,7 +63,7 @@ pub(crate) fn parse(buf: &[u8]) -> Hello {
             }
             if handshake.len() >= 4 + len {
                 return match body(&handshake[4..4 + len]) {
-                    Ok(name) => Hello::Complete(name),
+                    Ok((name, ech)) => Hello::Complete { name, ech },
                     Err(why) => Hello::Invalid(why),
                 };
             }
@@ -117,8 +127,8 @@ impl<'a> Reader<'a> {
 }
 
 /// The ClientHello body (RFC 8446 section 4.1.2; TLS 1.2's is the same
-/// shape).
-fn body(hello: &[u8]) -> Result<Option<String>, &'static str> {
+/// shape): its host name, and whether it has the ECH extension.
+fn body(hello: &[u8]) -> Result<(Option<String>, bool), &'static str> {
     let mut r = Reader { buf: hello };
     r.take(2)?; // legacy_version
     r.take(32)?; // random
@@ -134,7 +144,7 @@ fn body(hello: &[u8]) -> Result<Option<String>, &'static str> {
     }
     if r.buf.is_empty() {
         // SSLv3-style hello without extensions: no name.
-        return Ok(None);
+        return Ok((None, false));
     }
     let extensions = r.vec16()?;
     if !r.buf.is_empty() {
@@ -143,9 +153,13 @@ fn body(hello: &[u8]) -> Result<Option<String>, &'static str> {
     let mut exts = Reader { buf: extensions };
     let mut name = None;
     let mut seen = false;
+    let mut ech = false;
     while !exts.buf.is_empty() {
         let kind = exts.u16()?;
         let data = exts.vec16()?;
+        if kind == ENCRYPTED_CLIENT_HELLO {
+            ech = true;
+        }
         if kind != SERVER_NAME {
             continue;
         }
@@ -155,7 +169,7 @@ fn body(hello: &[u8]) -> Result<Option<String>, &'static str> {
         seen = true;
         name = server_name(data)?;
     }
-    Ok(name)
+    Ok((name, ech))
 }
 
 /// The `server_name` extension: a list of (type, name); type 0 is a DNS
@@ -233,12 +247,26 @@ pub(crate) mod tests {
         out
     }
 
+    /// A complete hello without ECH, named `name`.
+    fn named(name: &str) -> Hello {
+        Hello::Complete {
+            name: Some(name.into()),
+            ech: false,
+        }
+    }
+
     #[test]
     fn reads_the_name_of_a_real_client_hello() {
         let hello = client_hello("Allowed.Test");
-        assert_eq!(parse(&hello), Hello::Complete(Some("allowed.test".into())));
+        assert_eq!(parse(&hello), named("allowed.test"));
         // rustls sends no SNI for IP addresses.
-        assert_eq!(parse(&client_hello("198.18.0.2")), Hello::Complete(None));
+        assert_eq!(
+            parse(&client_hello("198.18.0.2")),
+            Hello::Complete {
+                name: None,
+                ech: false
+            }
+        );
     }
 
     #[test]
@@ -254,11 +282,7 @@ pub(crate) mod tests {
         let hello = client_hello("b.c.wild.test");
         for size in [1, 7, 100, 512] {
             let split = split_records(&hello, size);
-            assert_eq!(
-                parse(&split),
-                Hello::Complete(Some("b.c.wild.test".into())),
-                "{size}"
-            );
+            assert_eq!(parse(&split), named("b.c.wild.test"), "{size}");
             // Prefixes ending inside the records stay incomplete.
             assert_eq!(parse(&split[..split.len() - 1]), Hello::Incomplete);
         }
@@ -329,10 +353,7 @@ pub(crate) mod tests {
     #[test]
     fn refuses_ambiguous_or_malformed_names() {
         let one = sni_ext(&[b"ok.test."]);
-        assert_eq!(
-            parse(&hello_with_extensions(&one)),
-            Hello::Complete(Some("ok.test".into()))
-        );
+        assert_eq!(parse(&hello_with_extensions(&one)), named("ok.test"));
         let two = sni_ext(&[b"ok.test", b"evil.test"]);
         assert!(matches!(
             parse(&hello_with_extensions(&two)),
@@ -354,6 +375,40 @@ pub(crate) mod tests {
             let h = hello_with_extensions(&sni_ext(&[bad]));
             assert!(matches!(parse(&h), Hello::Invalid(_)), "{bad:?}");
         }
-        assert_eq!(parse(&hello_with_extensions(&[])), Hello::Complete(None));
+        assert_eq!(
+            parse(&hello_with_extensions(&[])),
+            Hello::Complete {
+                name: None,
+                ech: false
+            }
+        );
+    }
+
+    /// An `encrypted_client_hello` extension (outer, with made-up
+    /// contents: GREASE looks like this too).
+    pub(crate) fn ech_ext() -> Vec<u8> {
+        let data = [0u8, 0, 1, 0, 1, 7, 0, 2, 0xaa, 0xbb, 0, 1, 0xcc];
+        let mut ext = ENCRYPTED_CLIENT_HELLO.to_be_bytes().to_vec();
+        ext.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+        ext.extend_from_slice(&data);
+        ext
+    }
+
+    /// A hello for `name` with an ECH extension.
+    pub(crate) fn ech_hello(name: &str) -> Vec<u8> {
+        let mut exts = sni_ext(&[name.as_bytes()]);
+        exts.extend_from_slice(&ech_ext());
+        hello_with_extensions(&exts)
+    }
+
+    #[test]
+    fn notices_ech() {
+        assert_eq!(
+            parse(&ech_hello("public.test")),
+            Hello::Complete {
+                name: Some("public.test".into()),
+                ech: true
+            }
+        );
     }
 }

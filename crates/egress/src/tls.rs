@@ -5,6 +5,12 @@
 //! 16 KiB, within 5 s), decides, and on success replays the bytes to a new
 //! connection from the host to the original destination and copies both
 //! ways. Refusals are resets, so clients fail at once instead of waiting.
+//!
+//! Only the ClientHello's SNI is checked. With ECH that is the outer
+//! (public) name, and the real one is encrypted; and nothing stops a
+//! client from naming an allowed host in the SNI and another one in the
+//! HTTP Host header inside TLS (domain fronting), which a server shared by
+//! both names (a CDN) will serve. See the crate docs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,16 +22,20 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::Shared;
-use crate::check::{entry, judge};
+use crate::check::{RULE_OFF_LIMITS, entry, judge};
 use crate::conns::Grant;
 use crate::reset;
 use crate::sni::{self, Hello, MAX_HELLO};
 
+/// Log reason: the hello has the ECH extension and the node refuses ECH.
+const RULE_ECH: &str = "encrypted ClientHello";
+
 /// What reading the first flight gave.
 #[derive(Debug, PartialEq, Eq)]
 enum FirstFlight {
-    /// A whole ClientHello: the bytes read and its name.
-    Hello(Vec<u8>, Option<String>),
+    /// A whole ClientHello: the bytes read, its name, whether it has the
+    /// ECH extension.
+    Hello(Vec<u8>, Option<String>, bool),
     /// Something to refuse, with the reason for the log.
     Refused(&'static str),
     /// The client closed without sending anything.
@@ -48,7 +58,7 @@ async fn read_hello(stream: &mut TcpStream, limit: Duration) -> FirstFlight {
         };
         buf.extend_from_slice(&chunk[..n]);
         match sni::parse(&buf) {
-            Hello::Complete(name) => return FirstFlight::Hello(buf, name),
+            Hello::Complete { name, ech } => return FirstFlight::Hello(buf, name, ech),
             Hello::Invalid(why) => return FirstFlight::Refused(why),
             Hello::Incomplete if buf.len() >= MAX_HELLO => {
                 return FirstFlight::Refused("ClientHello over 16 KiB");
@@ -88,8 +98,8 @@ pub(crate) async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: Arc<
         f = read_hello(&mut stream, shared.tuning.hello_timeout) => f,
         () = token.cancelled() => return reset(stream),
     };
-    let (hello, name) = match first {
-        FirstFlight::Hello(bytes, name) => (bytes, name),
+    let (hello, name, ech) = match first {
+        FirstFlight::Hello(bytes, name, ech) => (bytes, name, ech),
         FirstFlight::Refused(why) => {
             log(None, Verdict::Denied, why);
             return reset(stream);
@@ -100,6 +110,16 @@ pub(crate) async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: Arc<
     let Some(view) = shared.sandbox(*peer.ip()).filter(|v| v.id == view.id) else {
         return reset(stream);
     };
+    if ech && shared.config.refuse_ech {
+        log(name.as_deref(), Verdict::Denied, RULE_ECH);
+        return reset(stream);
+    }
+    // Whatever DNS admitted, never dial this host or a forbidden network:
+    // the address may have become the host's since it was admitted.
+    if shared.off_limits(*dst.ip()) {
+        log(name.as_deref(), Verdict::Denied, RULE_OFF_LIMITS);
+        return reset(stream);
+    }
     let judgement = judge(&view.policy, *dst.ip(), name.as_deref(), "no SNI", |n| {
         shared.admissions.is_admitted(&view.id, *dst.ip(), n)
     });

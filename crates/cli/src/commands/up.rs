@@ -46,6 +46,21 @@ pub(crate) struct Args {
     /// Network slots kept ready ahead of demand.
     #[arg(long, default_value_t = 8)]
     warm_slots: usize,
+    /// A network no sandbox may reach whatever its rules (repeat the flag).
+    /// Given at all, it replaces the default: 169.254.0.0/16 and
+    /// 100.100.100.200 (cloud metadata services). Add your LAN to keep
+    /// sandboxes off it.
+    #[arg(long = "deny-net", value_name = "CIDR")]
+    deny_net: Vec<String>,
+    /// Ports of the node's DNS forwarder, TLS and HTTP name checks
+    /// (DNS,TLS,HTTP; 0 picks a free port), which sandbox traffic reaches
+    /// only through the firewall's redirects (docs/network.md).
+    #[arg(long, value_name = "DNS,TLS,HTTP", value_delimiter = ',', default_values_t = [15353u16, 15443, 15080])]
+    egress_ports: Vec<u16>,
+    /// nflog group the firewall logs sandbox connection verdicts to (one
+    /// reader per group on a host: instances side by side need their own).
+    #[arg(long, default_value_t = 8710)]
+    nflog_group: u16,
     /// Booted sandboxes kept ready per template in use, so a create only
     /// configures one (0 turns the warm pool off).
     #[arg(long, default_value_t = 2)]
@@ -235,12 +250,27 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
 
     ensure_base(&home).await?;
 
+    let [dns_port, tls_port, http_port] = args.egress_ports[..] else {
+        anyhow::bail!(
+            "--egress-ports takes three ports, DNS,TLS,HTTP (for example 15353,15443,15080; 0 picks a free one)"
+        );
+    };
     let net = arca_net::NetConfig {
         cidr: args.sandbox_cidr.clone(),
         warm_slots: args.warm_slots,
         name_prefix: args.net_prefix.clone(),
         nft_table: args.net_prefix.clone(),
-        egress: Default::default(),
+        egress: arca_net::EgressHooks {
+            dns_port,
+            tls_port,
+            http_port,
+            nflog_group: args.nflog_group,
+            node_deny: if args.deny_net.is_empty() {
+                arca_net::EgressHooks::default().node_deny
+            } else {
+                args.deny_net.clone()
+            },
+        },
     };
     let node = arca_node::Node::start(arca_node::NodeConfig {
         home: home.clone(),

@@ -8,7 +8,9 @@
 //!   EDNS record only, so nothing else the sandbox put in it travels) and
 //!   forwarded. For A (and CNAME) queries the answer is cut down to the
 //!   CNAME chain from the queried name and the A records at its end, minus
-//!   forbidden addresses (DNS rebinding); those addresses are admitted for
+//!   forbidden addresses and addresses of this host at that moment (DNS
+//!   rebinding), and minus addresses over the sandbox's admission limits
+//!   (SERVFAIL when none is left); those addresses are admitted for
 //!   the queried name before the reply leaves, and every TTL in the reply
 //!   is capped to how long the admission lasts. AAAA, SVCB and HTTPS get
 //!   an empty NOERROR from here (slots have no IPv6, and SVCB/HTTPS could
@@ -16,6 +18,7 @@
 //!   and relayed without the upstream's additional records; they admit
 //!   nothing.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -198,7 +201,9 @@ async fn respond(
         let Some(ip) = r.a_addr().filter(|_| r.name.eq_ignore_case(&end)) else {
             continue;
         };
-        if shared.config.is_forbidden(ip) {
+        // Checked per answer: an address may have become the host's since
+        // start (a new bridge or NIC).
+        if shared.off_limits(ip) {
             refused.push(ip);
             continue;
         }
@@ -209,9 +214,33 @@ async fn respond(
     }
     let ttl = admission_ttl(links.iter().chain(&a_records));
     let mut cap = ttl;
+    let mut over_limit: Vec<&'static str> = Vec::new();
     if !addrs.is_empty() {
         let at = Instant::now();
-        let plan = shared.admissions.plan(&view.id, &addrs, ttl, at);
+        let plan = shared.admissions.plan(&view.id, &name, &addrs, ttl, at);
+        if !plan.refused.is_empty() {
+            // Refused rather than admitted by evicting others (see
+            // MAX_ADMITTED_ADDRS_PER_SANDBOX): the client does not get
+            // these addresses at all.
+            for (_, rule) in &plan.refused {
+                if !over_limit.contains(rule) {
+                    over_limit.push(rule);
+                }
+            }
+            let fits: HashSet<Ipv4Addr> = plan.admit.iter().copied().collect();
+            a_records.retain(|r| r.a_addr().is_some_and(|ip| fits.contains(&ip)));
+            if shared.may_warn() {
+                tracing::warn!(sandbox_id = %view.id, name = %name, refused = plan.refused.len(), "sandbox reached its admission limit; refusing DNS answers");
+            } else {
+                tracing::debug!(sandbox_id = %view.id, name = %name, refused = plan.refused.len(), "sandbox reached its admission limit; refusing DNS answers");
+            }
+        }
+        if plan.admit.is_empty() {
+            for rule in over_limit {
+                log(Verdict::Denied, rule);
+            }
+            return Reply::Built(Message::response_to(q, rcode::SERVFAIL));
+        }
         if !plan.commit.is_empty() {
             let batch = plan
                 .commit
@@ -232,12 +261,13 @@ async fn respond(
                 return Reply::Built(Message::response_to(q, rcode::SERVFAIL));
             }
         }
-        shared
-            .admissions
-            .bind(&view.id, &name, &addrs, &plan.commit, ttl, at);
         cap = plan.cap;
+        shared.admissions.bind(&view.id, &name, plan, ttl, at);
     }
     log(Verdict::Allowed, RULE_ALLOW_OUT);
+    for rule in over_limit {
+        log(Verdict::Denied, rule);
+    }
     for ip in refused {
         log(
             Verdict::Denied,

@@ -59,10 +59,14 @@ pub(crate) async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Nothing in this loop waits per datagram before the quota check:
+        // the lookup is synchronous (`Enforcer::sandbox` must not block) and
+        // a refusal is sent without waiting (dropped if the socket's buffer
+        // is full), so a flood from one source cannot stall the others.
         let query = &buf[..len];
         let Some(view) = shared.sandbox(*source.ip()) else {
             if let Some(refused) = refusal(query) {
-                let _ = socket.send_to(&refused, SocketAddr::V4(source)).await;
+                let _ = socket.try_send_to(&refused, SocketAddr::V4(source));
             }
             continue;
         };

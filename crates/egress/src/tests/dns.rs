@@ -417,3 +417,106 @@ async fn malformed_queries_get_formerr() {
     assert_eq!(h.ask(&q).await.rcode(), rcode::FORMERR);
     assert_eq!(h.upstream.queries(), 0);
 }
+
+#[tokio::test]
+async fn answers_that_are_the_hosts_addresses_now_are_dropped() {
+    let h = Harness::start(deny_all(&["allowed.test"])).await;
+    let new_nic = Ipv4Addr::new(198, 18, 0, 5);
+    h.upstream.set(
+        "allowed.test",
+        rtype::A,
+        vec![
+            a("allowed.test", 300, [198, 18, 0, 2]),
+            a("allowed.test", 300, [198, 18, 0, 5]),
+        ],
+    );
+    let r = h.ask(&query(1, "allowed.test", rtype::A)).await;
+    assert_eq!(addrs(&r).len(), 2);
+    // The host got 198.18.0.5 after start: it is no longer admitted.
+    h.make_host_addr(new_nic);
+    h.egress.forget(&sandbox_id());
+    let r = h.ask(&query(2, "allowed.test", rtype::A)).await;
+    assert_eq!(addrs(&r), vec![REMOTE]);
+    let admitted: Vec<Ipv4Addr> = h
+        .egress
+        .admissions(&sandbox_id())
+        .into_iter()
+        .map(|e| e.addr)
+        .collect();
+    assert_eq!(admitted, vec![REMOTE]);
+    assert!(h.enforcer.logged(
+        "dns",
+        Verdict::Denied,
+        "answer 198.18.0.5 is a forbidden address"
+    ));
+    // Nor does a restore bring it back.
+    h.egress.restore(
+        &sandbox_id(),
+        vec![crate::AdmittedAddr {
+            name: "allowed.test".into(),
+            addr: new_nic,
+            expires: std::time::SystemTime::now() + Duration::from_secs(60),
+        }],
+    );
+    assert_eq!(h.egress.admissions(&sandbox_id()).len(), 1);
+}
+
+#[tokio::test]
+async fn answers_over_the_admission_limits_are_refused() {
+    let h = Harness::start_with(deny_all(&["*.wild.test"]), |_, t, _| {
+        t.max_admitted_addrs = 3;
+        t.max_admitted_names = 5;
+    })
+    .await;
+    let set = |name: &str, last: &[u8]| {
+        let records = last
+            .iter()
+            .map(|i| a(name, 300, [198, 18, 2, *i]))
+            .collect();
+        h.upstream.set(name, rtype::A, records);
+    };
+    set("n1.wild.test", &[1, 2]);
+    set("n2.wild.test", &[3, 4]);
+    set("n3.wild.test", &[5]);
+    set("n4.wild.test", &[1, 2, 3]);
+    set("n5.wild.test", &[1, 2]);
+    let ip = |i| Ipv4Addr::new(198, 18, 2, i);
+
+    let r = h.ask(&query(1, "n1.wild.test", rtype::A)).await;
+    assert_eq!(addrs(&r), vec![ip(1), ip(2)]);
+    // One of the two new addresses fits.
+    let r = h.ask(&query(2, "n2.wild.test", rtype::A)).await;
+    assert_eq!(r.rcode(), rcode::NOERROR);
+    assert_eq!(addrs(&r), vec![ip(3)]);
+    assert!(h.enforcer.logged("dns", Verdict::Allowed, "allowOut"));
+    assert!(
+        h.enforcer
+            .logged("dns", Verdict::Denied, "too many admitted addresses")
+    );
+    // None does: SERVFAIL, nothing committed.
+    let commits = h.enforcer.admit_calls().len();
+    let r = h.ask(&query(3, "n3.wild.test", rtype::A)).await;
+    assert_eq!(r.rcode(), rcode::SERVFAIL);
+    assert!(r.answers.is_empty());
+    assert_eq!(h.enforcer.admit_calls().len(), commits);
+    // Known addresses take new names until the binding limit (3 + 2 = 5).
+    let r = h.ask(&query(4, "n4.wild.test", rtype::A)).await;
+    assert_eq!(addrs(&r), vec![ip(1), ip(2)]);
+    assert!(
+        h.enforcer
+            .logged("dns", Verdict::Denied, "too many admitted names")
+    );
+    let r = h.ask(&query(5, "n5.wild.test", rtype::A)).await;
+    assert_eq!(r.rcode(), rcode::SERVFAIL);
+    assert_eq!(h.egress.admissions(&sandbox_id()).len(), 5);
+    // Names already bound are renewed as before.
+    let r = h.ask(&query(6, "n1.wild.test", rtype::A)).await;
+    assert_eq!(addrs(&r), vec![ip(1), ip(2)]);
+    // Expired admissions make room.
+    h.egress
+        .shared
+        .admissions
+        .sweep(std::time::Instant::now() + Duration::from_secs(301));
+    let r = h.ask(&query(7, "n3.wild.test", rtype::A)).await;
+    assert_eq!(addrs(&r), vec![ip(5)]);
+}

@@ -22,7 +22,7 @@ use crate::dns::wire::rtype;
 use crate::dns::wire::tests::{a, query};
 
 async fn backend_handler(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.headers().contains_key(UPGRADE) {
+    if let Some(protocol) = req.headers().get(UPGRADE).cloned() {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -33,7 +33,7 @@ async fn backend_handler(mut req: Request<Incoming>) -> Result<Response<Full<Byt
         let resp = Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(CONNECTION, "upgrade")
-            .header(UPGRADE, "echo")
+            .header(UPGRADE, protocol)
             .body(Full::default())
             .unwrap();
         return Ok(resp);
@@ -44,8 +44,14 @@ async fn backend_handler(mut req: Request<Incoming>) -> Result<Response<Full<Byt
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    // Tells whether the h2c settings header got through.
+    let settings = if req.headers().contains_key("http2-settings") {
+        " http2-settings"
+    } else {
+        ""
+    };
     Ok(Response::new(Full::new(Bytes::from(format!(
-        "host={host}"
+        "host={host}{settings}"
     )))))
 }
 
@@ -206,11 +212,15 @@ async fn connect_is_refused() {
 }
 
 fn upgrade(host: &str) -> Request<Full<Bytes>> {
+    upgrade_to(host, "websocket")
+}
+
+fn upgrade_to(host: &str, protocol: &str) -> Request<Full<Bytes>> {
     Request::builder()
         .uri("/ws")
         .header(HOST, host)
         .header(CONNECTION, "Upgrade")
-        .header(UPGRADE, "echo")
+        .header(UPGRADE, protocol)
         .body(Full::default())
         .unwrap()
 }
@@ -282,4 +292,114 @@ async fn unknown_sources_are_reset() {
         .await
         .unwrap();
     assert!(matches!(r, Ok(0) | Err(_)));
+}
+
+#[tokio::test]
+async fn upgrades_other_than_websocket_are_refused() {
+    let (h, upstream_conns) = resolved().await;
+    let h2c = || {
+        Request::builder()
+            .uri("/")
+            .header(HOST, "allowed.test")
+            .header(CONNECTION, "Upgrade, HTTP2-Settings")
+            .header(UPGRADE, "h2c")
+            .header("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")
+    };
+    let without_connection = Request::builder()
+        .uri("/")
+        .header(HOST, "allowed.test")
+        .header(UPGRADE, "h2c")
+        .body(Full::default())
+        .unwrap();
+    for req in [
+        h2c().body(Full::default()).unwrap(),
+        upgrade_to("allowed.test", "websocket, h2c"),
+        upgrade_to("allowed.test", "H2C"),
+        upgrade_to("allowed.test", "echo"),
+        without_connection,
+    ] {
+        let mut c = client(&h).await;
+        let (status, headers, body) = send(&mut c, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(headers[CONNECTION], "close");
+        assert!(body.contains("upgrade other than websocket"), "{body}");
+        assert!(
+            c.ready().await.is_err(),
+            "connection still open after a 403"
+        );
+    }
+    assert_eq!(upstream_conns.load(Ordering::SeqCst), 0);
+    let denied = h.enforcer.entries("http");
+    assert_eq!(denied.len(), 5);
+    assert!(denied.iter().all(|e| e.verdict == Verdict::Denied
+        && e.rule == "upgrade other than websocket"
+        && e.name.as_deref() == Some("allowed.test")));
+
+    // A plain request's HTTP2-Settings header does not reach the server.
+    let mut c = client(&h).await;
+    let req = Request::builder()
+        .uri("/")
+        .header(HOST, "allowed.test")
+        .header("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")
+        .body(Full::default())
+        .unwrap();
+    let (status, _, body) = send(&mut c, req).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "host=allowed.test")
+    );
+}
+
+#[tokio::test]
+async fn destinations_that_became_the_hosts_are_refused_at_dial_time() {
+    let (h, upstream_conns) = resolved().await;
+    let mut c = client(&h).await;
+    let (status, _, _) = send(&mut c, get("allowed.test")).await;
+    assert_eq!(status, StatusCode::OK);
+    // The admitted address is now one of this host's (a new NIC, say):
+    // even the kept-alive connection's next request is refused.
+    h.make_host_addr(REMOTE);
+    let (status, headers, body) = send(&mut c, get("allowed.test")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[CONNECTION], "close");
+    assert!(
+        body.contains("destination is this host or forbidden"),
+        "{body}"
+    );
+    let mut c = client(&h).await;
+    let (status, _, _) = send(&mut c, get("allowed.test")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(upstream_conns.load(Ordering::SeqCst), 1);
+    assert!(h.enforcer.logged(
+        "http",
+        Verdict::Denied,
+        "destination is this host or forbidden"
+    ));
+
+    // Loopback, even if something put it into the admissions.
+    let (h, _) = resolved().await;
+    let (backend_addr, direct_conns) = backend().await;
+    let SocketAddr::V4(backend_addr) = backend_addr else {
+        unreachable!()
+    };
+    let ttl = Duration::from_secs(60);
+    let now = std::time::Instant::now();
+    let admissions = &h.egress.shared.admissions;
+    let plan = admissions.plan(
+        &sandbox_id(),
+        "allowed.test",
+        &[*backend_addr.ip()],
+        ttl,
+        now,
+    );
+    admissions.bind(&sandbox_id(), "allowed.test", plan, ttl, now);
+    *h.original.lock().unwrap() = backend_addr;
+    let mut c = client(&h).await;
+    let (status, _, body) = send(&mut c, get("allowed.test")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        body.contains("destination is this host or forbidden"),
+        "{body}"
+    );
+    assert_eq!(direct_conns.load(Ordering::SeqCst), 0);
 }

@@ -7,7 +7,7 @@ mod dns;
 mod http;
 mod tls;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -228,6 +228,9 @@ pub(crate) struct Harness {
     pub(crate) original: Arc<Mutex<SocketAddrV4>>,
     /// Where dialling an original destination really goes.
     pub(crate) routes: Arc<Mutex<HashMap<SocketAddrV4, SocketAddrV4>>>,
+    /// Addresses taken as this host's on top of the real ones (as if a
+    /// NIC got them after start).
+    pub(crate) host_addrs: Arc<Mutex<HashSet<Ipv4Addr>>>,
 }
 
 impl Harness {
@@ -252,7 +255,9 @@ impl Harness {
             bind: Ipv4Addr::LOCALHOST,
             host_resolvers: vec![upstream.addr],
             forbidden: vec![arca_proto::network::Ipv4Net::parse("10.99.0.0/16").unwrap()],
+            refuse_ech: false,
         };
+        let host_addrs: Arc<Mutex<HashSet<Ipv4Addr>>> = Arc::default();
         let mut tuning = Tuning {
             original_dst: {
                 let original = original.clone();
@@ -261,6 +266,11 @@ impl Harness {
             dial: {
                 let routes = routes.clone();
                 Arc::new(move |dst| routes.lock().unwrap().get(&dst).copied().unwrap_or(dst))
+            },
+            is_host_addr: {
+                let host_addrs = host_addrs.clone();
+                let real = crate::config::host_addr_check();
+                Arc::new(move |addr| host_addrs.lock().unwrap().contains(&addr) || real(addr))
             },
             upstream_timeout: Duration::from_millis(500),
             ..Tuning::default()
@@ -275,6 +285,7 @@ impl Harness {
             upstream,
             original,
             routes,
+            host_addrs,
         }
     }
 
@@ -311,6 +322,11 @@ impl Harness {
             .expect("no DNS reply within 5 s")
             .unwrap();
         Message::parse(&buf[..n]).unwrap()
+    }
+
+    /// Pretends `addr` became an address of this host.
+    pub(crate) fn make_host_addr(&self, addr: Ipv4Addr) {
+        self.host_addrs.lock().unwrap().insert(addr);
     }
 
     /// Asks the forwarder over UDP as the sandbox.

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use super::*;
 use crate::dns::wire::rtype;
 use crate::dns::wire::tests::{a, query};
-use crate::sni::tests::client_hello;
+use crate::sni::tests::{client_hello, ech_hello};
 
 /// A harness whose sandbox resolved `allowed.test` and `a.wild.test` to
 /// [`REMOTE`], which is really an echo server.
@@ -269,4 +269,68 @@ async fn shutdown_stops_listeners_and_closes_connections() {
     assert!(matches!(r, Ok(0) | Err(_)));
     assert!(TcpStream::connect(h.tls_addr()).await.is_err());
     assert!(TcpStream::connect(h.dns_addr()).await.is_err());
+}
+
+#[tokio::test]
+async fn destinations_that_became_the_hosts_are_reset_at_dial_time() {
+    let h = resolved().await;
+    let hello = client_hello("allowed.test");
+    assert_eq!(exchange(&h, &hello).await.unwrap(), hello);
+    // The admitted address is now one of this host's (a new NIC, say).
+    h.make_host_addr(REMOTE);
+    assert_reset(exchange(&h, &hello).await);
+    assert!(h.enforcer.logged(
+        "tls",
+        Verdict::Denied,
+        "destination is this host or forbidden"
+    ));
+
+    // Loopback, even if something put it into the admissions: the echo
+    // server would answer if it were dialled.
+    let h = resolved().await;
+    let SocketAddr::V4(echo) = echo_server().await else {
+        unreachable!()
+    };
+    let ttl = Duration::from_secs(60);
+    let now = std::time::Instant::now();
+    let admissions = &h.egress.shared.admissions;
+    let plan = admissions.plan(&sandbox_id(), "allowed.test", &[*echo.ip()], ttl, now);
+    assert_eq!(plan.admit, vec![*echo.ip()]);
+    admissions.bind(&sandbox_id(), "allowed.test", plan, ttl, now);
+    *h.original.lock().unwrap() = echo;
+    assert_reset(exchange(&h, &hello).await);
+    let denied = h
+        .enforcer
+        .entries("tls")
+        .into_iter()
+        .find(|e| e.verdict == Verdict::Denied)
+        .unwrap();
+    assert_eq!(denied.rule, "destination is this host or forbidden");
+    assert_eq!(denied.destination, "127.0.0.1");
+}
+
+#[tokio::test]
+async fn ech_hellos_pass_unless_refused() {
+    let h = resolved().await;
+    let hello = ech_hello("allowed.test");
+    assert_eq!(exchange(&h, &hello).await.unwrap(), hello);
+
+    let h = Harness::start_with(deny_all(&["allowed.test"]), |c, _, _| {
+        c.refuse_ech = true;
+    })
+    .await;
+    h.upstream.set(
+        "allowed.test",
+        rtype::A,
+        vec![a("allowed.test", 300, [198, 18, 0, 2])],
+    );
+    h.ask(&query(1, "allowed.test", rtype::A)).await;
+    h.route(SocketAddrV4::new(REMOTE, 443), echo_server().await);
+    assert_reset(exchange(&h, &hello).await);
+    assert!(
+        h.enforcer
+            .logged("tls", Verdict::Denied, "encrypted ClientHello")
+    );
+    let plain = client_hello("allowed.test");
+    assert_eq!(exchange(&h, &plain).await.unwrap(), plain);
 }
