@@ -659,6 +659,63 @@ def test_domains_allow_only_named_http_and_tls(arca, remote, make):
     ), net
 
 
+# --- 3b. forged sources -------------------------------------------------------------------------
+
+SPOOF = r"""
+import json, socket, struct, sys
+source, gateway, name = sys.argv[1], sys.argv[2], sys.argv[3]
+q = struct.pack(">HHHHHH", 0x5151, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+out = {}
+# IP_FREEBIND (15) binds an address the sandbox does not have; IP_TRANSPARENT (19) also lets it
+# send from one (it needs CAP_NET_ADMIN over the netns).
+for label, opt in (("freebind", 15), ("transparent", 19)):
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, opt, 1)
+        s.bind((source, 0))
+        for _ in range(3):
+            s.sendto(q, (gateway, 53))
+        out[label] = "sent"
+    except OSError as e:
+        out[label] = f"errno {e.errno}"
+print(json.dumps(out))
+"""
+
+
+def test_a_forged_source_address_cannot_borrow_another_sandboxes_dns(arca, remote, make):
+    """The node's DNS forwarder tells sandboxes apart by source address. A deny-all sandbox that
+    sends queries from another sandbox's address must not get them forwarded under that
+    sandbox's open policy. Two layers stop it: the kernel will not send from an address the
+    sandbox lacks without CAP_NET_ADMIN (which it does not have), and the host firewall drops
+    forged sources before NAT, so before the forwarder (ADR 0005, as built)."""
+    locked = make({"deny_out": ["0.0.0.0/0"]})
+    open_ = make({})
+    dns_guard(arca, remote, locked)
+    dns_guard(arca, remote, open_)
+    _, victim_ip = sh(open_, "hostname -I")
+    victim_ip = victim_ip.split()[0]
+    _, conf = sh(locked, "cat /etc/resolv.conf")
+    gateway = re.findall(r"^\s*nameserver\s+(\S+)", conf, re.M)[0]
+    tag = os.urandom(4).hex()
+    # Control: the open sandbox's own lookups do reach the remote's DNS.
+    sh(open_, f"getent hosts ctl-{tag}.nope.test || true")
+    deadline = time.monotonic() + 10
+    while remote.query_count(f"ctl-{tag}.nope.test") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert remote.query_count(f"ctl-{tag}.nope.test") >= 1, remote.seen()
+    locked.files.write("/tmp/spoof.py", SPOOF)
+    rc, out = sh(locked, f"python3 /tmp/spoof.py {victim_ip} {gateway} spoof-{tag}.nope.test")
+    assert rc == 0, out
+    print("forged-source attempts:", out.strip())  # the kernel may refuse to send them at all
+    time.sleep(2)
+    assert remote.query_count(f"spoof-{tag}.nope.test") == 0, "a forged query was forwarded"
+    # The forger's own query for the same kind of name is answered by the node alone.
+    rc, _ = sh(locked, f"getent hosts own-{tag}.nope.test")
+    assert rc != 0
+    assert remote.query_count(f"own-{tag}.nope.test") == 0, remote.seen()
+
+
 # --- 4. what gets a 400 ------------------------------------------------------------------------
 
 BAD_NETWORKS = [
