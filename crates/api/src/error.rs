@@ -162,17 +162,7 @@ impl ApiError {
     }
 }
 
-/// `err` and its sources joined with `": "`.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+pub(crate) use arca_proto::error_chain as chain;
 
 /// The E2B error body with `status` as both HTTP status and `code`.
 pub(crate) fn error_response(

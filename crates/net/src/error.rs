@@ -1,7 +1,5 @@
 //! What can go wrong while the pool drives the kernel.
 
-use std::error::Error;
-
 use crate::cmd::CmdError;
 use crate::config::ConfigError;
 
@@ -107,17 +105,7 @@ pub enum NetError {
     },
 }
 
-/// `err` and its sources joined with `: `, for logs.
-pub(crate) fn chain(err: &dyn Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+pub(crate) use arca_proto::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

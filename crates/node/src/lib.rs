@@ -1832,17 +1832,7 @@ async fn detached<T: Send + 'static>(
         .map_err(|e| NodeError::Internal(format!("a sandbox task failed: {e}")))?
 }
 
-/// `err` and its sources joined with `: `.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+use arca_proto::error_chain;
 
 /// The name of a sandbox's directory, which its cgroup shares.
 fn dir_name(dir: &Path) -> Result<String, NodeError> {

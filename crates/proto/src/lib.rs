@@ -30,6 +30,24 @@ pub mod network;
 pub mod node;
 mod timestamp;
 
+/// `err` and its sources joined with `": "`, for logs and error bodies.
+///
+/// ```
+/// let inner = std::io::Error::other("disk full");
+/// let outer = std::io::Error::new(std::io::ErrorKind::Other, inner);
+/// assert_eq!(arca_proto::error_chain(&outer), "disk full: disk full");
+/// ```
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
 /// Messages of the `process.Process` service (CONTRACT 3.3).
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod process {
