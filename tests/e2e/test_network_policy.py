@@ -14,6 +14,7 @@ gets a short timeout and must end well before it. Successes get generous time (a
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
@@ -574,6 +575,29 @@ def test_cidr_allow_and_deny_and_allow_wins(arca, remote, make):
     assert (net["allowOut"], net["denyOut"]) == ([ip3], [remote.cidr]), net
     info = only3.get_info()
     assert info.network is not None and info.network.get("allow_out") == [f"{ip3}/32"], info.network
+
+
+def test_rules_follow_forks_and_resumes_on_files(arca, remote, make):
+    """A fork gets its source's rules (the api copies them) and a sandbox resumed from a
+    filesystem-only pause boots again with its rules loaded before anything of it runs: `.3`
+    stays reachable and `.2` refused in every one of them."""
+    ip2, ip3 = remote.ip2, remote.ip3
+    src = make(network={"allow_out": [ip3], "deny_out": ["0.0.0.0/0"]})
+    probes = {"tcp2": tcp(ip2, 7, ok=False), "tcp3": tcp(ip3, 7, ok=True)}
+    expect(probe(src, probes), ok=["tcp3"], refused=["tcp2"], what="source")
+    (fork,) = src.fork(count=1, timeout=120)
+    try:
+        assert detail(arca, fork)["network"]["allowOut"] == [ip3]
+        fork.files.write("/tmp/np_probe.py", PROBE)
+        expect(probe(fork, probes), ok=["tcp3"], refused=["tcp2"], what="fork")
+    finally:
+        Sandbox.kill(fork.sandbox_id)
+    paused = src.pause(mode="filesystem") if "mode" in inspect.signature(src.pause).parameters \
+        else src.pause(keep_memory=False)
+    assert paused is not False
+    back = Sandbox.connect(src.sandbox_id)
+    back.files.write("/tmp/np_probe.py", PROBE)
+    expect(probe(back, probes), ok=["tcp3"], refused=["tcp2"], what="resumed on its files")
 
 
 # --- 3. domains --------------------------------------------------------------------------------
