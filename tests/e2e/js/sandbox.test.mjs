@@ -178,3 +178,53 @@ describe('inside a sandbox', () => {
     await w.stop()
   })
 })
+
+// Network settings (issue 6) through the JS SDK's own options. Nothing here resolves a name or
+// sends a packet out of a sandbox: the remote-host tests in test_network_policy.py do that.
+describe('network settings', () => {
+  test('allowInternetAccess, traffic token, Host mask, updateNetwork, egress log', async () => {
+    const s = await create({
+      allowInternetAccess: false,
+      network: { allowPublicTraffic: false, maskRequestHost: '${PORT}-js.test' },
+    })
+    assert.match(s.trafficAccessToken ?? '', /^[0-9a-f]{16,}$/)
+    let info = await s.getInfo()
+    assert.equal(info.allowInternetAccess, false)
+    assert.equal(info.network?.allowPublicTraffic, false)
+    assert.equal(info.network?.maskRequestHost, '${PORT}-js.test')
+
+    const server = [
+      'import http.server',
+      'class H(http.server.BaseHTTPRequestHandler):',
+      '    def do_GET(self):',
+      '        b = self.headers.get("Host", "").encode()',
+      '        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)',
+      'http.server.HTTPServer(("0.0.0.0", 8000), H).serve_forever()',
+    ].join('\n')
+    await s.files.write('/tmp/host_echo.py', server)
+    await s.commands.run('python3 /tmp/host_echo.py', { background: true })
+    const viaProxy = (headers) =>
+      fetch(process.env.E2B_SANDBOX_URL + '/', {
+        headers: { 'E2b-Sandbox-Id': s.sandboxId, 'E2b-Sandbox-Port': '8000', ...headers },
+      })
+    await waitUntil(async () => (await viaProxy({ 'e2b-traffic-access-token': s.trafficAccessToken })).status === 200, 'the server')
+    const denied = await viaProxy({})
+    assert.equal(denied.status, 403)
+    assert.equal((await denied.json()).code, 403)
+    assert.equal((await viaProxy({ 'e2b-traffic-access-token': 'wrong' })).status, 403)
+    const ok = await viaProxy({ 'e2b-traffic-access-token': s.trafficAccessToken })
+    assert.equal(await ok.text(), '8000-js.test')
+
+    await s.updateNetwork({ denyOut: ['0.0.0.0/0'], allowOut: ['198.18.0.0/15'] })
+    info = await s.getInfo()
+    assert.deepEqual(info.network?.allowOut, ['198.18.0.0/15'])
+    assert.deepEqual(info.network?.denyOut, ['0.0.0.0/0'])
+    await assert.rejects(s.updateNetwork({ allowOut: ['example.test'] }), (e) => /0\.0\.0\.0\/0/.test(e.message))
+
+    const r = await fetch(`${process.env.E2B_API_URL}/sandboxes/${s.sandboxId}/network/logs`, {
+      headers: { 'X-API-KEY': process.env.E2B_API_KEY },
+    })
+    assert.equal(r.status, 200)
+    assert.ok(Array.isArray((await r.json()).entries))
+  })
+})
