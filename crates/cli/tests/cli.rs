@@ -2,36 +2,11 @@
 //! the commands that need no running server (doctor, keys).
 #![allow(clippy::unwrap_used, clippy::tests_outside_test_module, missing_docs)]
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn arca(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_arca"));
-    c.args(args);
-    for v in [
-        "ARCA_HOME",
-        "E2B_API_URL",
-        "E2B_API_KEY",
-        "E2B_SANDBOX_URL",
-        "ARCA_LOG",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn run(c: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = c.output().unwrap();
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8(stdout).unwrap(),
-        String::from_utf8(stderr).unwrap(),
-    )
-}
+use common::{arca, run};
 
 /// A port nothing listens on.
 fn closed_port() -> u16 {

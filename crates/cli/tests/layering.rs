@@ -11,12 +11,15 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("proto", &[][..]),
         ("envd", &["proto"][..]),
         ("runtime", &[][..]),
-        ("net", &[][..]),
+        // ADR 0005: net compiles the egress policy arca-proto defines;
+        // egress (the node's DNS forwarder and name checks) is new.
+        ("net", &["proto"][..]),
+        ("egress", &["proto"][..]),
         ("image", &[][..]),
         ("template", &["image"][..]),
         (
             "node",
-            &["runtime", "net", "image", "template", "proto"][..],
+            &["runtime", "net", "egress", "image", "template", "proto"][..],
         ),
         ("proxy", &["proto"][..]),
         ("api", &["proto"][..]),

@@ -3,13 +3,16 @@
 //! not found, and the key from `$ARCA_HOME/api_key`.
 #![allow(clippy::unwrap_used, clippy::tests_outside_test_module, missing_docs)]
 
+mod common;
+
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::run;
 use serde_json::{Value, json};
 
 const KEY: &str = "e2b_0123456789abcdef";
@@ -102,28 +105,11 @@ fn answer(stub: &Stub, mut conn: TcpStream) {
     );
 }
 
+/// `arca args` against the stub at `url`, with its key.
 fn arca(url: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_arca"));
-    c.args(args)
-        .env("E2B_API_URL", url)
-        .env("E2B_API_KEY", KEY)
-        .env_remove("ARCA_HOME")
-        .env_remove("E2B_SANDBOX_URL")
-        .env_remove("ARCA_LOG");
+    let mut c = common::arca(args);
+    c.env("E2B_API_URL", url).env("E2B_API_KEY", KEY);
     c
-}
-
-fn run(c: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = c.output().unwrap();
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8(stdout).unwrap(),
-        String::from_utf8(stderr).unwrap(),
-    )
 }
 
 fn sample() -> Vec<Value> {

@@ -2,7 +2,8 @@
 //!
 //! - the REST control plane (CONTRACT 2.3): [`Client::create`],
 //!   [`Client::list`], [`Client::get`], [`Client::kill`],
-//!   [`Client::set_timeout`], [`Client::logs`], [`Client::metrics`];
+//!   [`Client::set_timeout`], [`Client::logs`], [`Client::metrics`], and
+//!   Arca's own [`Client::network_logs`] (a sandbox's egress log);
 //! - envd inside a sandbox, reached through the proxy with the routing
 //!   headers `E2b-Sandbox-Id` / `E2b-Sandbox-Port` (CONTRACT 1.6):
 //!   [`Client::run`] (a command through `/bin/bash -l -c`, as the official
@@ -42,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
@@ -55,6 +57,7 @@ pub use crate::models::{LogEntry, LogLine, Metric, Sandbox, SandboxInfo, Sandbox
 pub use crate::templates::{
     BuildLogEntry, BuildReason, BuildStatus, TemplateBuildRef, TemplateInfo,
 };
+pub use arca_proto::network::{EgressLogEntry, Verdict};
 
 /// Default control-plane URL (`arca up`'s API).
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:3000";
@@ -292,6 +295,38 @@ impl Client {
         )?;
         let (_, body) = self.call(req, &[StatusCode::OK]).await?;
         parse(&self.api_url, &body)
+    }
+
+    /// A sandbox's egress log (Arca's own
+    /// `GET /sandboxes/{id}/network/logs`, ADR 0005): oldest first, from
+    /// `start` on (inclusive, sent with nanosecond precision), at most
+    /// `limit` entries (the server's default, 1000, when `None`; it allows
+    /// at most 2000).
+    pub async fn network_logs(
+        &self,
+        id: &str,
+        start: Option<DateTime<Utc>>,
+        limit: Option<usize>,
+    ) -> Result<Vec<EgressLogEntry>, SdkError> {
+        let mut query = Vec::new();
+        if let Some(l) = limit {
+            query.push(format!("limit={l}"));
+        }
+        if let Some(s) = start {
+            query.push(format!(
+                "start={}",
+                encode(&s.to_rfc3339_opts(SecondsFormat::Nanos, true))
+            ));
+        }
+        let mut path = format!("/sandboxes/{}/network/logs", encode(id));
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&query.join("&"));
+        }
+        let req = self.rest_request(Method::GET, &path, None)?;
+        let (_, body) = self.call(req, &[StatusCode::OK]).await?;
+        let logs: models::NetworkLogs = parse(&self.api_url, &body)?;
+        Ok(logs.entries)
     }
 
     // ---- plumbing ----------------------------------------------------------

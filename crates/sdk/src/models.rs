@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use arca_proto::network::EgressLogEntry;
 use serde::{Deserialize, Serialize};
 
 /// A sandbox to talk to: what create answers, enough to reach its envd.
@@ -173,6 +174,12 @@ pub struct Metric {
     /// Disk limit, bytes.
     #[serde(default)]
     pub disk_total: u64,
+}
+
+/// Answer of `GET /sandboxes/{id}/network/logs`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct NetworkLogs {
+    pub(crate) entries: Vec<EgressLogEntry>,
 }
 
 /// A file written by [`Client::write_file`](crate::Client::write_file).

@@ -8,19 +8,22 @@ use std::time::Duration;
 
 use arca_proto::connect::{self, Codec, EnvelopeDecoder, FLAG_END_STREAM, end_stream_payload};
 use arca_proto::process::{ProcessEvent, StartRequest, StartResponse, process_event};
-use arca_sdk::{Client, Output, RunOptions, SdkError};
+use arca_sdk::{Client, EgressLogEntry, Output, RunOptions, SdkError, Verdict};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 #[derive(Default)]
 struct Fake {
     files: Mutex<BTreeMap<String, Vec<u8>>>,
     creates: Mutex<Vec<Value>>,
+    /// Request targets of the egress log, as sent (still encoded).
+    network_log_requests: Mutex<Vec<String>>,
 }
 
 type St = State<Arc<Fake>>;
@@ -99,6 +102,26 @@ async fn kill(Path(id): Path<String>) -> Response {
 async fn logs(Path(_): Path<String>) -> Response {
     axum::Json(json!({"logs": [{"timestamp": "t", "line": "booted"}], "logEntries": []}))
         .into_response()
+}
+
+async fn network_logs(State(f): St, uri: Uri, h: HeaderMap) -> Response {
+    if !authed(&h) {
+        return e2b_error(401, "invalid API key");
+    }
+    f.network_log_requests
+        .lock()
+        .unwrap()
+        .push(uri.path_and_query().unwrap().to_string());
+    if uri.path() != "/sandboxes/i%2Fsb/network/logs" {
+        return e2b_error(404, "sandbox not found");
+    }
+    axum::Json(json!({"entries": [
+        {"timestamp": "2026-01-01T10:00:00.100Z", "protocol": "tcp", "destination": "198.18.0.2",
+         "port": 443, "name": "a.test", "verdict": "denied", "rule": "denyOut", "count": 3},
+        {"timestamp": "2026-01-01T10:00:01Z", "protocol": "icmp", "destination": "198.18.0.3",
+         "verdict": "allowed", "rule": "default", "count": 1, "somethingNew": true}
+    ]}))
+    .into_response()
 }
 
 fn envd_ok(h: &HeaderMap) -> Option<Response> {
@@ -203,6 +226,7 @@ async fn serve() -> (String, Arc<Fake>) {
         .route("/v2/sandboxes", post(create).get(list))
         .route("/sandboxes/{id}", get(sandbox).delete(kill))
         .route("/sandboxes/{id}/logs", get(logs))
+        .route("/sandboxes/{id}/network/logs", get(network_logs))
         .route("/process.Process/Start", post(start))
         .route("/files", get(files_get).post(files_post))
         .with_state(Arc::clone(&fake));
@@ -247,6 +271,42 @@ async fn rest_calls_round_trip() {
     assert!(e.is_not_found(), "{e}");
     let bad = Client::new(&url, "e2b_bad", &url);
     let e = bad.list().await.unwrap_err();
+    assert_eq!(e.status(), Some(401));
+}
+
+#[tokio::test]
+async fn the_egress_log_is_asked_from_a_time_on_and_parsed() {
+    let (url, fake) = serve().await;
+    let c = Client::new(&url, "e2b_good", &url);
+    let entries: Vec<EgressLogEntry> = c.network_logs("i/sb", None, None).await.unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        (entries[0].verdict, entries[0].port, entries[0].count),
+        (Verdict::Denied, Some(443), 3)
+    );
+    assert_eq!(entries[0].name.as_deref(), Some("a.test"));
+    assert_eq!(
+        (entries[1].verdict, entries[1].port),
+        (Verdict::Allowed, None)
+    );
+
+    let start: DateTime<Utc> = DateTime::from_timestamp_millis(1_767_261_600_300).unwrap();
+    c.network_logs("i/sb", Some(start), Some(2000))
+        .await
+        .unwrap();
+    assert_eq!(
+        *fake.network_log_requests.lock().unwrap(),
+        [
+            "/sandboxes/i%2Fsb/network/logs",
+            "/sandboxes/i%2Fsb/network/logs?limit=2000&start=2026-01-01T10%3A00%3A00.300000000Z",
+        ]
+    );
+
+    let e = c.network_logs("nope", None, Some(1)).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert_eq!(e.to_string(), "sandbox not found (HTTP 404)");
+    let bad = Client::new(&url, "e2b_bad", &url);
+    let e = bad.network_logs("i/sb", None, None).await.unwrap_err();
     assert_eq!(e.status(), Some(401));
 }
 

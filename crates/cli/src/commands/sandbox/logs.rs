@@ -13,15 +13,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use arca_proto::network::{EgressLogEntry, Verdict};
-use arca_sdk::{Client, SdkError};
+use arca_sdk::Client;
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::ClientArgs;
-use super::network_logs::NetworkLogApi;
 use crate::commands::{Ctx, EXIT_NOT_FOUND, block_on, out, out_json};
 
 /// How often `--follow` asks for new entries.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// Egress log entries asked for per request (the API's maximum).
+const PAGE: usize = 2000;
 
 /// Options of `arca sandbox logs`.
 #[derive(clap::Args, Debug)]
@@ -38,16 +38,14 @@ pub(crate) struct Args {
     follow: bool,
 }
 
-pub(crate) fn run(args: &Args, client_args: &ClientArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let client = client_args.client()?;
+pub(crate) fn run(args: &Args, client: &Client, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     if args.network {
-        let api = NetworkLogApi::new(client.api_url(), &client_args.api_key()?);
-        return block_on(network(args, &api, &client, ctx))?;
+        return block_on(network(args, client, ctx))?;
     }
     let logs = match block_on(client.logs(&args.id))? {
         Ok(l) => l,
         Err(e) if e.is_not_found() => return Ok(not_found(&args.id)),
-        Err(e) => return Err(super::explain(&e, &client)),
+        Err(e) => return Err(super::explain(&e, client)),
     };
     if ctx.json {
         for e in &logs.log_entries {
@@ -71,15 +69,10 @@ fn not_found(id: &str) -> ExitCode {
 }
 
 /// The egress log, once or (`--follow`) until interrupted.
-async fn network(
-    args: &Args,
-    api: &NetworkLogApi,
-    client: &Client,
-    ctx: &Ctx,
-) -> anyhow::Result<ExitCode> {
+async fn network(args: &Args, client: &Client, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let mut cursor = Cursor::default();
     loop {
-        let page = match api.fetch(&args.id, cursor.start()).await {
+        let page = match client.network_logs(&args.id, cursor.last, Some(PAGE)).await {
             Ok(p) => p,
             Err(e) if e.is_not_found() && cursor.last.is_some() => {
                 eprintln!("arca: sandbox {} ended", args.id);
@@ -88,19 +81,13 @@ async fn network(
             Err(e) if e.is_not_found() => return Ok(not_found(&args.id)),
             Err(e) => return Err(super::explain(&e, client)),
         };
-        let full = page.len() >= super::network_logs::PAGE;
-        for raw in page {
-            let entry: EgressLogEntry = serde_json::from_value(raw.clone()).map_err(|e| {
-                anyhow::Error::new(SdkError::Protocol {
-                    url: api.url_of(&args.id),
-                    message: format!("a log entry does not parse: {e}"),
-                })
-            })?;
+        let full = page.len() >= PAGE;
+        for entry in page {
             if !cursor.is_new(&entry) {
                 continue;
             }
             if ctx.json {
-                out_json(&raw)?;
+                out_json(&serde_json::to_value(&entry)?)?;
             } else {
                 out(line(&entry))?;
             }
@@ -124,12 +111,6 @@ struct Cursor {
 }
 
 impl Cursor {
-    /// `start` of the next request, full precision.
-    fn start(&self) -> Option<String> {
-        self.last
-            .map(|t| t.to_rfc3339_opts(SecondsFormat::Nanos, true))
-    }
-
     /// Whether `e` was not printed yet; remembers it.
     fn is_new(&mut self, e: &EgressLogEntry) -> bool {
         match self.last {
@@ -213,14 +194,14 @@ mod tests {
     #[test]
     fn the_cursor_skips_what_was_printed() {
         let mut c = Cursor::default();
-        assert_eq!(c.start(), None);
+        assert_eq!(c.last, None);
         let (a, b, c2) = (
             entry(1000, Some("a"), 1),
             entry(1000, Some("b"), 1),
             entry(2000, None, 1),
         );
         assert!(c.is_new(&a) && c.is_new(&b));
-        assert_eq!(c.start().unwrap(), "1970-01-01T00:00:01.000000000Z");
+        assert_eq!(c.last, DateTime::from_timestamp_millis(1000));
         // The next poll starts at 1000 again: a and b are not new.
         assert!(!c.is_new(&a) && !c.is_new(&b));
         assert!(c.is_new(&c2));

@@ -6,7 +6,6 @@ pub(crate) mod exec;
 pub(crate) mod kill;
 pub(crate) mod list;
 pub(crate) mod logs;
-pub(crate) mod network_logs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,29 +57,6 @@ pub(crate) struct ClientArgs {
 }
 
 impl ClientArgs {
-    /// The API key as [`ClientArgs::client`] resolves it: --api-key /
-    /// E2B_API_KEY, else the first line of `$ARCA_HOME/api_key`.
-    pub(crate) fn api_key(&self) -> anyhow::Result<String> {
-        if let Some(k) = self
-            .api_key
-            .as_deref()
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-        {
-            return Ok(k.to_string());
-        }
-        let path = self.home.join("api_key");
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!(
-                "no API key: E2B_API_KEY is not set and {} could not be read ({e})",
-                path.display()
-            )
-        })?;
-        let key = text.lines().next().unwrap_or("").trim();
-        anyhow::ensure!(!key.is_empty(), "no API key: {} is empty", path.display());
-        Ok(key.to_string())
-    }
-
     pub(crate) fn client(&self) -> anyhow::Result<Client> {
         Client::resolve(
             Some(&self.api_url),
@@ -99,7 +75,7 @@ pub(crate) fn run(args: &Args, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Exec(a) => Ok(exec::run(a, &args.client)),
         Command::Create(a) => create::run(a, &client()?, ctx),
         Command::List(a) => list::run(a, &client()?, ctx),
-        Command::Logs(a) => logs::run(a, &args.client, ctx),
+        Command::Logs(a) => logs::run(a, &client()?, ctx),
         Command::Kill(a) => kill::run(a, &client()?, ctx),
     })
 }
