@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from e2b import CommandExitException, Sandbox, SandboxException
+from e2b import CommandExitException, Sandbox, SandboxException, Template
 
 from conftest import unique, wait_until
 from harness import arca_bin
@@ -401,7 +401,7 @@ def make(arca, remote):
             opts = {} if allow_internet_access is None else {"allow_internet_access": allow_internet_access}
             sbx = Sandbox.create(timeout=600, network=net, **opts, **kw)
         else:
-            body = {"templateID": "base", "timeout": 600, "network": wire(net)}
+            body = {"templateID": kw.get("template", "base"), "timeout": 600, "network": wire(net)}
             if allow_internet_access is not None:
                 body["allow_internet_access"] = allow_internet_access
             r = arca.api("POST", "/v2/sandboxes", body)
@@ -738,6 +738,52 @@ def test_a_forged_source_address_cannot_borrow_another_sandboxes_dns(arca, remot
     rc, _ = sh(locked, f"getent hosts own-{tag}.nope.test")
     assert rc != 0
     assert remote.query_count(f"own-{tag}.nope.test") == 0, remote.seen()
+
+
+DNSQ = r"""
+import socket, struct, sys
+server, name = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x4e50, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(q, (server, 53))
+r = s.recv(4096)
+rcode, answers = r[3] & 15, struct.unpack(">H", r[6:8])[0]
+sys.exit(0 if rcode == 0 and answers else 2 if rcode == 3 else 1)
+"""
+
+
+def test_a_template_ready_command_resolves_allowed_names_during_a_cold_create(
+    arca, remote, make, tmp_path
+):
+    """Rules are loaded as soon as a cold create takes its slot, so the template's start and
+    ready commands run under them, before the sandbox is handed out: the node's forwarder must
+    already admit allowed names for it then (the ready command's lookup passes; the sandbox is
+    created), and answer the others NXDOMAIN.
+
+    The commands send their queries straight to the remote's DNS: in the build, which checks
+    them in a sandbox without rules, that is where they go; in the sandbox, deny-all mode
+    redirects every DNS query to the node's forwarder. Nothing asks the host's resolvers."""
+    (tmp_path / "dnsq.py").write_text(DNSQ)
+    q = f"python3 /usr/local/bin/np-dnsq.py {remote.dns}"
+    name = "np-ready-" + os.urandom(4).hex()
+    template = (
+        Template(file_context_path=str(tmp_path))
+        .from_template("base")
+        .copy("dnsq.py", "/usr/local/bin/np-dnsq.py")
+        .set_start_cmd(
+            f"{q} denied.test; echo $? > /tmp/denied-rc; sleep infinity",
+            f"{q} allowed.test",
+        )
+    )
+    Template.build(template, name)
+    sbx = make(network=dict(DOMAINS), template=name)
+    dns_guard(arca, remote, sbx)
+    _, out = sh(sbx, "cat /tmp/denied-rc")
+    assert out.strip() == "2", out  # NXDOMAIN from the node for a name no rule allows
+    res = probe(sbx, {"http": curl("http://allowed.test/")})
+    assert res["http"]["body"].startswith("host=allowed.test\n"), res["http"]
 
 
 # --- 4. what gets a 400 ------------------------------------------------------------------------

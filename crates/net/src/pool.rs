@@ -413,6 +413,18 @@ impl SlotPool {
         Ok(())
     }
 
+    /// The slot holding the egress rules of `sandbox_id`, from the moment
+    /// they are loaded (a boot may load them long before the sandbox is
+    /// handed out) until they are removed.
+    pub fn egress_slot(&self, sandbox_id: &str) -> Option<u32> {
+        self.inner
+            .state()
+            .egress
+            .iter()
+            .find(|(_, (id, _))| id == sandbox_id)
+            .map(|(index, _)| *index)
+    }
+
     /// The sandbox whose slot has address `ip` and the egress rules loaded
     /// for it; `None` for an address with no rules loaded (a warm slot, a
     /// template build, or none of the pool's).

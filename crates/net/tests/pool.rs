@@ -619,6 +619,8 @@ async fn egress_rules_allow_deny_replace_redirect_and_leave_with_the_slot() {
         .egress_of(a.sandbox_ip)
         .expect("rules known by address");
     assert!(id == "sbx1" && policy.deny_all);
+    assert_eq!(pool.egress_slot("sbx1"), Some(a.index));
+    assert_eq!(pool.egress_slot("other"), None);
     assert_eq!(pool.egress_of(a.host_ip), None, "only the sandbox address");
     assert!(refused_from(&a.netns_path, web_addr));
     let udp_err = in_netns(&a.netns_path, || {

@@ -71,10 +71,10 @@ impl Enforcer for NodeEnforcer {
             let mut items = Vec::with_capacity(batch.len());
             let mut ids: Vec<SandboxId> = Vec::new();
             for a in &batch {
-                let inst = lock(&inner.sandboxes).get(&a.sandbox).cloned();
-                let index = inst.as_ref().and_then(|i| i.slot_index());
-                let Some(index) = index else {
-                    return Err(format!("sandbox {} has no network slot", a.sandbox));
+                // The slot whose rules the forwarder judged by: known from
+                // the load on, also while the sandbox is still booting.
+                let Some(index) = inner.slots.egress_slot(a.sandbox.as_str()) else {
+                    return Err(format!("sandbox {} has no egress rules loaded", a.sandbox));
                 };
                 items.push((index, a.addr, a.ttl));
                 if !ids.contains(&a.sandbox) {
@@ -374,11 +374,10 @@ impl Node {
     }
 
     /// The slot egress of every adopted sandbox, for the pool's restart.
-    pub(crate) fn adopted_egress(
-        states: &[(std::path::PathBuf, crate::state::StateFile)],
+    pub(crate) fn adopted_egress<'a>(
+        states: impl Iterator<Item = &'a (std::path::PathBuf, crate::state::StateFile)>,
     ) -> Vec<(u32, SlotEgress)> {
         states
-            .iter()
             .filter_map(|(dir, st)| {
                 let spec = st.spec.as_ref()?;
                 let index = st.slot_index?;

@@ -506,7 +506,10 @@ impl Node {
             net.egress.tls_port,
             net.egress.http_port,
         ) = egress_service.local_ports();
-        let adopted = Node::adopted_egress(&survivors);
+        // Sandboxes paused to disk keep a slot in their state file only
+        // when a crash cut a resume short: what that resume started may
+        // run until it is stopped below, under its rules.
+        let adopted = Node::adopted_egress(survivors.iter().chain(&on_disk));
         let slots = SlotPool::new_with_egress(net.clone(), &in_use, &adopted).await?;
         let disks_dir = config.home.join("disks");
         let templates = TemplateStore::open(&config.home)?;
@@ -800,6 +803,11 @@ impl Node {
             teardown(cgroup.as_ref(), pid, slot, &inner.slots, &inst.dir);
         })
         .await;
+        // Again: a query in the moments before the kill may have made the
+        // listeners remember it.
+        if let Some(e) = self.inner.egress.get() {
+            e.forget(id);
+        }
         tracing::info!(sandbox_id = %id, ?reason, "sandbox ended");
         let _ = self.inner.events.send(SandboxEvent::Ended {
             sandbox_id: id.clone(),
@@ -2182,6 +2190,9 @@ impl Node {
             inst.egress_log.flush();
         }
         self.drain_warm().await;
+        if let Some(e) = self.inner.egress.get() {
+            e.shutdown().await;
+        }
         if let Err(e) = self.inner.slots.close().await {
             tracing::warn!(error = %e, "removing unused network slots");
         }
@@ -2210,6 +2221,9 @@ impl Node {
         let ids: Vec<SandboxId> = lock(&self.inner.sandboxes).keys().cloned().collect();
         for id in ids {
             self.end(&id, EndReason::Killed).await;
+        }
+        if let Some(e) = self.inner.egress.get() {
+            e.shutdown().await;
         }
         self.inner.slots.destroy().await.map_err(StartError::Net)
     }
