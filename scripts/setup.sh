@@ -25,9 +25,11 @@ log() { printf '[setup] %s\n' "$*"; }
 #   busybox-static: the tiny root file system the runtime tests start sandboxes from
 #   e2fsprogs: mkfs.ext4 for sandbox disks          bubblewrap: a baseline of `arca bench`
 #   docker-registry, apache2-utils: a local registry (and htpasswd) for the template tests
+#   openssl: the self-signed certificate of the network-policy tests' fake remote host
 # ---------------------------------------------------------------------------------------------
 apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential
-  iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap docker-registry apache2-utils)
+  iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap docker-registry apache2-utils
+  openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
