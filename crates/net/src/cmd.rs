@@ -133,6 +133,16 @@ pub enum CmdError {
         /// Its stderr, trimmed.
         stderr: String,
     },
+    /// The kernel refused a netlink request (nf_tables set elements, sent
+    /// without `nft`).
+    #[error("the kernel refused `{request}`")]
+    Netlink {
+        /// The request, as the equivalent `nft` commands.
+        request: String,
+        /// The kernel's errno, with the refused command.
+        #[source]
+        source: io::Error,
+    },
     /// Writing `/proc/sys/...` failed.
     #[error("could not set sysctl {key}")]
     Sysctl {

@@ -57,10 +57,14 @@ mod config;
 mod dns;
 mod error;
 mod layout;
+mod netlink;
 mod nflog;
 mod nft;
 mod ops;
 mod pool;
+mod setelem;
+#[cfg(test)]
+mod test_kernel;
 
 #[cfg(any(test, feature = "test-util"))]
 #[doc(hidden)]

@@ -33,28 +33,14 @@ use nix::sys::socket::{
 };
 use tokio::io::unix::AsyncFd;
 
-/// Length of `struct nlmsghdr`.
-const NLMSG_HDRLEN: usize = 16;
-/// Length of `struct nfgenmsg`.
-const NFGENMSG_LEN: usize = 4;
-/// Length of `struct nlattr`.
-const NLA_HDRLEN: usize = 4;
-
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-
-/// Attribute type bits; the top two are `NLA_F_NESTED` and
-/// `NLA_F_NET_BYTEORDER`.
-const NLA_TYPE_MASK: u16 = 0x3fff;
+use crate::netlink::{
+    AF_UNSPEC, NFGENMSG_LEN, NFNETLINK_V0, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    Writer, attributes, context, error_code, messages as netlink_messages,
+};
 
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
-const NFNETLINK_V0: u8 = 0;
-const AF_UNSPEC: u8 = 0;
 
 // Packet attributes (`enum nfulnl_attr_type`).
 const NFULA_TIMESTAMP: u16 = 3;
@@ -156,52 +142,6 @@ enum Message {
     Other,
 }
 
-/// Splits `buf` into `(type, seq, body)` per netlink message. Stops at the
-/// first header whose length is impossible (truncated or corrupt input).
-fn netlink_messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.len() < NLMSG_HDRLEN {
-            return None;
-        }
-        let len = usize::try_from(u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]))
-            .unwrap_or(usize::MAX);
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            rest = &[];
-            return None;
-        }
-        let ty = u16::from_ne_bytes([rest[4], rest[5]]);
-        let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-        let body = &rest[NLMSG_HDRLEN..len];
-        rest = rest.get(align4(len)..).unwrap_or(&[]);
-        Some((ty, seq, body))
-    })
-}
-
-/// Splits attribute data into `(type, payload)`, flag bits masked off.
-/// Stops at the first attribute whose length is impossible.
-fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.len() < NLA_HDRLEN {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
-        if len < NLA_HDRLEN || len > rest.len() {
-            rest = &[];
-            return None;
-        }
-        let ty = u16::from_ne_bytes([rest[2], rest[3]]) & NLA_TYPE_MASK;
-        let data = &rest[NLA_HDRLEN..len];
-        rest = rest.get(align4(len)..).unwrap_or(&[]);
-        Some((ty, data))
-    })
-}
-
-fn align4(n: usize) -> usize {
-    n.saturating_add(3) & !3
-}
-
 fn parse_packet(body: &[u8]) -> Option<NflogPacket> {
     let attrs = body.get(NFGENMSG_LEN..)?;
     let mut packet = NflogPacket {
@@ -241,11 +181,8 @@ fn parse_all(buf: &[u8]) -> Vec<Message> {
             t if t == (NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET) => {
                 parse_packet(body).map_or(Message::Other, Message::Packet)
             }
-            NLMSG_ERROR => match body.get(0..4) {
-                Some(e) => Message::Error {
-                    seq,
-                    errno: -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]),
-                },
+            NLMSG_ERROR => match error_code(body) {
+                Some(errno) => Message::Error { seq, errno },
                 None => Message::Other,
             },
             // NLMSG_DONE ends a multipart batch (queue threshold > 1); the
@@ -272,29 +209,20 @@ pub fn parse_messages(buf: &[u8]) -> Vec<NflogPacket> {
 
 /// Builds one `NFULNL_MSG_CONFIG` request for `group`, asking for an ACK.
 fn config_request(seq: u32, group: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
-    let mut m = vec![0; NLMSG_HDRLEN];
-    m.extend_from_slice(&[AF_UNSPEC, NFNETLINK_V0]);
-    m.extend_from_slice(&group.to_be_bytes());
-    for (ty, data) in attrs {
-        let len = u16::try_from(NLA_HDRLEN + data.len()).unwrap_or(u16::MAX);
-        m.extend_from_slice(&len.to_ne_bytes());
-        m.extend_from_slice(&ty.to_ne_bytes());
-        m.extend_from_slice(data);
-        m.resize(align4(m.len()), 0);
-    }
-    let len = u32::try_from(m.len()).unwrap_or(u32::MAX);
-    m[0..4].copy_from_slice(&len.to_ne_bytes());
-    m[4..6].copy_from_slice(&(NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_CONFIG).to_ne_bytes());
-    m[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    m[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // Port id 0: the kernel fills in ours.
-    m
-}
-
-/// `io::Error` of the same kind as `err`, with `context` in front.
-fn context(err: impl Into<io::Error>, context: impl std::fmt::Display) -> io::Error {
-    let err = err.into();
-    io::Error::new(err.kind(), format!("{context}: {err}"))
+    let [g0, g1] = group.to_be_bytes();
+    let mut w = Writer::new();
+    w.message(
+        NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_CONFIG,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        [AF_UNSPEC, NFNETLINK_V0, g0, g1],
+        |m| {
+            for (ty, data) in attrs {
+                m.attr(*ty, data);
+            }
+        },
+    );
+    w.into_bytes()
 }
 
 /// A bound nflog group: the kernel sends every packet logged with
@@ -527,6 +455,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::netlink::{NLA_HDRLEN, NLMSG_HDRLEN, align4};
+    use crate::test_kernel::{TableGuard, nft, skip_reason};
 
     /// Appends one attribute (with padding).
     fn attr(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
@@ -766,49 +696,6 @@ mod tests {
     // loopback address and the reader gets it. Needs root and nft; without
     // them it prints why and passes, unless ARCA_TEST_PRIVILEGED=1.
 
-    /// Deletes the throwaway table, also when the test fails.
-    struct TableGuard(String);
-
-    impl Drop for TableGuard {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("nft")
-                .args(["delete", "table", "ip", &self.0])
-                .status();
-        }
-    }
-
-    fn nft(script: &str) -> std::process::Output {
-        use std::io::Write as _;
-        let mut child = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run nft");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    }
-
-    fn skip_reason() -> Option<&'static str> {
-        if !nix::unistd::geteuid().is_root() {
-            return Some("needs root (nflog bind, nft)");
-        }
-        let nft_ok = std::process::Command::new("nft")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !nft_ok {
-            return Some("needs the nft binary");
-        }
-        None
-    }
-
     #[tokio::test]
     async fn a_held_group_gives_a_clear_error() {
         use rand::Rng as _;
@@ -879,7 +766,7 @@ mod tests {
         let group = reader.group();
 
         let table = format!("arcatest_nflog_{tag}");
-        let guard = TableGuard(table.clone());
+        let guard = TableGuard::new("ip", &table);
         let out = nft(&format!(
             "table ip {table} {{\n\
              \tchain output {{\n\

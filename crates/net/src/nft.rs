@@ -52,7 +52,7 @@ use crate::cmd::{Invocation, Program};
 use crate::layout::Layout;
 
 /// Shortest timeout of a DNS admission in the firewall (nft refuses 0).
-const MIN_ADMIT_SECS: u64 = 1;
+pub(crate) const MIN_ADMIT_SECS: u64 = 1;
 
 /// Kernel verdict log: at most this many entries per second per rule.
 const LOG_LIMIT: &str = "limit rate 20/second burst 40 packets";

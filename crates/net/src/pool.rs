@@ -29,7 +29,7 @@ use crate::config::{ConfigError, NetConfig};
 use crate::error::{NetError, chain};
 use crate::layout::Layout;
 use crate::nft::SlotEgress;
-use crate::{nft, ops};
+use crate::{nft, ops, setelem};
 use arca_proto::network::EgressPolicy;
 
 /// The sysctl turned on by [`SlotPool::new`].
@@ -99,6 +99,13 @@ struct Inner {
     state: Mutex<State>,
     /// Number of background tasks running; [`SlotPool::idle`] waits for 0.
     tasks: watch::Sender<usize>,
+    /// Admit addresses over netlink rather than with the runner's `nft`
+    /// (only with the real runner: a test runner must see every change).
+    netlink: bool,
+    /// The netlink path failed once and that was logged.
+    netlink_warned: std::sync::atomic::AtomicBool,
+    /// How a netlink admission refreshes a timeout on this kernel.
+    refresh: setelem::Refresh,
 }
 
 #[derive(Debug, Default)]
@@ -150,7 +157,7 @@ impl SlotPool {
     /// Must be called inside a Tokio runtime with the `process` driver
     /// (any runtime built with `enable_all`).
     pub async fn new(config: NetConfig, in_use: &[u32]) -> Result<Self, NetError> {
-        Self::with_runner(config, in_use, &[], Arc::new(SystemRunner::new())).await
+        Self::build(config, in_use, &[], Arc::new(SystemRunner::new()), true).await
     }
 
     /// [`new`](Self::new) for a node restart: the adopted slots listed in
@@ -161,7 +168,7 @@ impl SlotPool {
         in_use: &[u32],
         egress: &[(u32, SlotEgress)],
     ) -> Result<Self, NetError> {
-        Self::with_runner(config, in_use, egress, Arc::new(SystemRunner::new())).await
+        Self::build(config, in_use, egress, Arc::new(SystemRunner::new()), true).await
     }
 
     /// [`new`](Self::new) with another way of running `ip` and `nft`
@@ -171,6 +178,16 @@ impl SlotPool {
         in_use: &[u32],
         egress: &[(u32, SlotEgress)],
         runner: Arc<dyn Cmd>,
+    ) -> Result<Self, NetError> {
+        Self::build(config, in_use, egress, runner, false).await
+    }
+
+    async fn build(
+        config: NetConfig,
+        in_use: &[u32],
+        egress: &[(u32, SlotEgress)],
+        runner: Arc<dyn Cmd>,
+        netlink: bool,
     ) -> Result<Self, NetError> {
         let started = Instant::now();
         let layout = Layout::new(&config)?;
@@ -201,6 +218,22 @@ impl SlotPool {
                 source,
             })?;
 
+        // One add renews a timeout on newer kernels (microseconds); older
+        // ones need add, delete, add, whose commit waits about 15 ms.
+        let mut refresh = setelem::Refresh::AddDeleteAdd;
+        if netlink {
+            let table = layout.table().to_owned();
+            match tokio::task::spawn_blocking(move || setelem::add_updates_timeout(&table)).await {
+                Ok(Ok(true)) => refresh = setelem::Refresh::Add,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::debug!(error = ?e, "probing set element timeout updates"),
+                Err(e) => tracing::debug!(error = %e, "probing set element timeout updates"),
+            }
+            tracing::info!(
+                ?refresh,
+                "DNS admissions renew timeouts this way on this kernel"
+            );
+        }
         let adopt: BTreeSet<u32> = in_use.iter().copied().collect();
         let found = ops::list_ours(&*runner, &layout)
             .await
@@ -241,6 +274,9 @@ impl SlotPool {
                 ..State::default()
             }),
             tasks: watch::Sender::new(0),
+            netlink,
+            netlink_warned: std::sync::atomic::AtomicBool::new(false),
+            refresh,
             layout,
         });
         for _ in 0..inner.warm_target {
@@ -436,10 +472,43 @@ impl SlotPool {
     /// Puts addresses into slots' DNS admission sets (slot, address, time
     /// to keep it), all in one transaction. The slots must have egress
     /// rules ([`set_egress`](Self::set_egress)).
+    ///
+    /// A pool with the real runner ([`new`](Self::new)) sends the
+    /// transaction to nf_tables over netlink (about a millisecond); if that
+    /// path is not available it falls back to `nft -f` (logged once). A
+    /// pool with another runner ([`with_runner`](Self::with_runner)) always
+    /// goes through the runner.
     pub async fn admit(&self, items: &[(u32, Ipv4Addr, Duration)]) -> Result<(), NetError> {
         let Some(&(first, _, _)) = items.first() else {
             return Ok(());
         };
+        if self.inner.netlink {
+            match setelem::admit(self.inner.layout.table(), items, self.inner.refresh).await {
+                Ok(()) => return Ok(()),
+                Err(setelem::AdmitError::Refused { command, source }) => {
+                    return Err(NetError::Egress {
+                        action: "admit addresses into",
+                        index: first,
+                        source: crate::cmd::CmdError::Netlink {
+                            request: command,
+                            source,
+                        },
+                    });
+                }
+                Err(setelem::AdmitError::Unavailable(err)) => {
+                    if !self
+                        .inner
+                        .netlink_warned
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            error = %err,
+                            "admitting addresses over netlink failed; using `nft -f` instead (about 20 ms per admission); logged once"
+                        );
+                    }
+                }
+            }
+        }
         self.inner
             .runner
             .run(&nft::script(nft::admit_script(&self.inner.layout, items)))
