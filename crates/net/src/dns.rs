@@ -1,52 +1,39 @@
-//! Name servers for sandboxes.
+//! The host's name servers, which the node's DNS forwarder asks for
+//! sandboxes that name none of their own (ADR 0005). Sandboxes themselves
+//! resolve through the forwarder at their gateway, so loopback stubs
+//! (systemd-resolved's 127.0.0.53, dnsmasq on 127.0.0.1) work for them too.
 
-use std::net::IpAddr;
+use std::net::Ipv4Addr;
 
 /// Where the host's resolver configuration is read from.
 const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// A `resolv.conf` for sandboxes: the `nameserver` lines of the host's
-/// `/etc/resolv.conf` that a sandbox can reach (see [`resolv_conf_from`]).
-///
-/// An empty string means no usable name server: the host resolves through
-/// a loopback stub (systemd-resolved's 127.0.0.53, dnsmasq on 127.0.0.1),
-/// which a sandbox cannot reach (127.0.0.1 in its netns is its own
-/// loopback, and the host's input chain drops sandbox traffic anyway). Such
-/// hosts need a DNS forwarder on the node, listening on each slot's host
-/// address (a future issue); until then sandboxes there have no DNS. An
-/// unreadable `/etc/resolv.conf` also gives an empty string.
-pub fn resolv_conf() -> String {
+/// The IPv4 `nameserver`s of the host's `/etc/resolv.conf` (see
+/// [`nameservers_from`]); none when it cannot be read (logged).
+pub fn host_nameservers() -> Vec<Ipv4Addr> {
     match std::fs::read_to_string(HOST_RESOLV_CONF) {
-        Ok(text) => resolv_conf_from(&text),
+        Ok(text) => nameservers_from(&text),
         Err(e) => {
             tracing::warn!(path = HOST_RESOLV_CONF, error = %e, "cannot read the host's resolver configuration");
-            String::new()
+            Vec::new()
         }
     }
 }
 
-/// The `nameserver` lines of `host` (a `resolv.conf` text) that sandboxes
-/// can use, each as `nameserver <addr>\n`, in order.
+/// The `nameserver` addresses of `text` (a `resolv.conf`), in order.
 ///
-/// Dropped: loopback addresses (unreachable from a netns), IPv6 addresses
-/// (slots have no IPv6 route, so they would only add resolver timeouts),
-/// and lines that do not parse. Everything else (`search`, `options`) is
-/// left out too.
-pub fn resolv_conf_from(host: &str) -> String {
-    let mut out = String::new();
-    for line in host.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        let Some(Ok(IpAddr::V4(addr))) = words.next().map(str::parse::<IpAddr>) else {
-            continue;
-        };
-        if !addr.is_loopback() && !addr.is_unspecified() {
-            out.push_str(&format!("nameserver {addr}\n"));
-        }
-    }
-    out
+/// Loopback stubs are kept (the forwarder runs on the host). Dropped:
+/// IPv6 addresses (the forwarder asks over IPv4), `0.0.0.0`, lines that do
+/// not parse, and everything that is not a `nameserver` line.
+pub fn nameservers_from(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_unspecified())
+        .collect()
 }
 
 #[cfg(test)]
@@ -54,23 +41,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_reachable_ipv4_name_servers_only() {
+    fn keeps_ipv4_name_servers_loopback_stubs_included() {
         let host = "# generated\nsearch example.org\nnameserver 10.255.255.53\n\
                     nameserver 127.0.0.53\nnameserver ::1\nnameserver 2001:db8::1\n\
                     nameserver   1.1.1.1   # trailing\nnameserver not-an-ip\n\
                     nameserver 0.0.0.0\n#nameserver 9.9.9.9\noptions edns0\n";
-        assert_eq!(
-            resolv_conf_from(host),
-            "nameserver 10.255.255.53\nnameserver 1.1.1.1\n"
-        );
-    }
-
-    #[test]
-    fn a_loopback_stub_only_host_gives_nothing() {
-        assert_eq!(
-            resolv_conf_from("nameserver 127.0.0.53\noptions edns0 trust-ad\n"),
-            ""
-        );
-        assert_eq!(resolv_conf_from(""), "");
+        let got: Vec<String> = nameservers_from(host)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, ["10.255.255.53", "127.0.0.53", "1.1.1.1"]);
+        assert!(nameservers_from("").is_empty());
     }
 }

@@ -20,7 +20,7 @@
 //! let pool = SlotPool::new(NetConfig::default(), &[]).await?;
 //! let slot = pool.acquire().await?;
 //! println!("{} -> {} in {}", slot.host_ip, slot.sandbox_ip, slot.netns_path.display());
-//! let _for_etc_resolv_conf: String = arca_net::resolv_conf();
+//! let _upstreams: Vec<std::net::Ipv4Addr> = arca_net::host_nameservers();
 //! pool.release(slot);
 //! pool.destroy().await?;
 //! # Ok(())
@@ -75,7 +75,7 @@ pub use config::{
     ConfigError, DEFAULT_CIDR, DEFAULT_NAME_PREFIX, DEFAULT_NFT_TABLE, DEFAULT_WARM_SLOTS,
     EgressHooks, NetConfig,
 };
-pub use dns::{resolv_conf, resolv_conf_from};
+pub use dns::{host_nameservers, nameservers_from};
 pub use error::NetError;
 pub use nflog::{NflogPacket, NflogReader, PacketSummary, parse_ipv4, parse_messages};
 pub use nft::SlotEgress;

@@ -200,37 +200,12 @@ pub(crate) fn compile(id: &SandboxId, network: &NetworkSpec, allow_internet: boo
     })
 }
 
-/// The host's resolvers (`/etc/resolv.conf`, loopback stubs included: the
-/// forwarder runs on the host), port 53.
+/// The host's resolvers, port 53: the node's forwarder asks them for
+/// sandboxes without `dnsServers`.
 pub(crate) fn host_resolvers() -> Vec<SocketAddr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next() == Some("nameserver")).then(|| w.next())?
-        })
-        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-        .filter(|a| !a.is_unspecified())
+    arca_net::host_nameservers()
+        .into_iter()
         .map(|a| SocketAddr::from((a, 53)))
-        .collect()
-}
-
-/// The host's own IPv4 addresses (`ip -4 -o addr show`), which no DNS
-/// answer may admit: the name checks connect from the host.
-pub(crate) fn host_addresses() -> Vec<Ipv4Net> {
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show"])
-        .output();
-    let Ok(out) = out else { return Vec::new() };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            w.find(|t| *t == "inet")?;
-            let addr = w.next()?.split('/').next()?;
-            addr.parse::<Ipv4Addr>().ok()
-        })
-        .map(|addr| Ipv4Net { addr, prefix: 32 })
         .collect()
 }
 
@@ -354,11 +329,10 @@ impl Node {
             }
         }
         let (old_network, old_allow) = lock(&inst.network).clone();
-        let old_policy = inst.policy();
-        inst.set_network(network, allow_internet, policy);
+        inst.set_network(network, allow_internet);
         if !inst.save_state() {
             // A restart would load the old rules: keep the old ones now.
-            inst.set_network(old_network.clone(), old_allow, old_policy);
+            inst.set_network(old_network.clone(), old_allow);
             let _ = self
                 .apply_egress(index, id, &old_network, old_allow, &admitted)
                 .await;

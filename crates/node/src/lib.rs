@@ -185,8 +185,6 @@ struct Instance {
     transition: tokio::sync::Mutex<()>,
     /// Current egress settings (`PUT .../network` replaces them).
     network: Mutex<(arca_proto::network::NetworkSpec, bool)>,
-    /// Their compiled form, as loaded into the firewall.
-    policy: Mutex<Arc<arca_proto::network::EgressPolicy>>,
     /// What it tried to reach (bounded).
     egress_log: egress_log::EgressLog,
 }
@@ -214,31 +212,16 @@ impl Instance {
             deadline_busy: std::sync::atomic::AtomicBool::new(false),
             transition: tokio::sync::Mutex::new(()),
             network: Mutex::new((spec.network.clone(), spec.allow_internet_access)),
-            policy: Mutex::new(Arc::new(egress::compile(
-                &spec.sandbox_id,
-                &spec.network,
-                spec.allow_internet_access,
-            ))),
             egress_log: egress_log::EgressLog::open(&dir.join("egress.jsonl"), EGRESS_LOG_KEPT),
             dir,
             spec,
         }
     }
 
-    /// Its egress policy as loaded.
-    fn policy(&self) -> Arc<arca_proto::network::EgressPolicy> {
-        lock(&self.policy).clone()
-    }
-
-    /// Records new egress settings (already loaded into the firewall).
-    fn set_network(
-        &self,
-        network: arca_proto::network::NetworkSpec,
-        allow_internet: bool,
-        policy: Arc<arca_proto::network::EgressPolicy>,
-    ) {
+    /// Records new egress settings (already loaded into the firewall,
+    /// whose pool also holds their compiled form).
+    fn set_network(&self, network: arca_proto::network::NetworkSpec, allow_internet: bool) {
         *lock(&self.network) = (network, allow_internet);
-        *lock(&self.policy) = policy;
     }
 
     /// Its spec with the current egress settings.
@@ -478,7 +461,6 @@ impl Node {
                 forbidden.push(n);
             }
         }
-        forbidden.extend(egress::host_addresses());
         let egress_service = arca_egress::Egress::start(
             arca_egress::EgressConfig {
                 dns_port: config.net.egress.dns_port,
