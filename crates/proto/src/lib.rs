@@ -5,6 +5,8 @@
 //!   see `CONTRACT.md` section 3), with proto3-JSON serde implementations.
 //! - [`node`]: the node agent's interface ([`node::NodeService`]) and the
 //!   proxy's view of sandboxes ([`node::RouteSource`]).
+//! - [`cluster`]: what nodes and proxies exchange with the api in cluster
+//!   mode (registration, heartbeats, routes); [`rpc`]: the node RPC.
 //! - [`files`]: signed `/files` URLs.
 //! - [`network`]: egress and ingress settings, their checks, egress log entries.
 //! - [`connect`]: the Connect protocol as the E2B SDKs speak it: codecs,
@@ -24,10 +26,12 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod cluster;
 pub mod connect;
 pub mod files;
 pub mod network;
 pub mod node;
+pub mod rpc;
 mod timestamp;
 
 /// `err` and its sources joined with `": "`, for logs and error bodies.

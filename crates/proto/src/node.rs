@@ -128,6 +128,10 @@ pub struct SandboxSpec {
     /// Ingress settings, fixed for the sandbox's life.
     #[serde(default)]
     pub ingress: crate::network::IngressSpec,
+    /// Cluster mode: RPC base URL of another node that holds the build,
+    /// for a node that does not have it yet to pull it from (ADR 0006).
+    #[serde(default)]
+    pub template_source: Option<String>,
 }
 
 /// State of a sandbox as a node reports it.
@@ -285,6 +289,10 @@ pub enum NodeError {
     /// Something broke on the node; the message is for operators.
     #[error("node failure: {0}")]
     Internal(String),
+    /// The node could not be reached: the call never arrived (cluster
+    /// mode's RPC client), so trying another node is safe.
+    #[error("node unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Boxed future returned by the object-safe traits below.
@@ -422,6 +430,10 @@ pub struct Route {
     pub envd_access_token: Option<String>,
     /// Ingress settings: traffic token for user ports, Host mask.
     pub ingress: crate::network::IngressSpec,
+    /// Cluster mode: the node edge proxy to hand the request to, unchanged;
+    /// `netns` is then unused, and so is `ingress` (the edge applies the
+    /// sandbox's own settings).
+    pub relay: Option<std::net::SocketAddr>,
 }
 
 /// The proxy's view of live sandboxes.
