@@ -26,10 +26,11 @@ log() { printf '[setup] %s\n' "$*"; }
 #   e2fsprogs: mkfs.ext4 for sandbox disks          bubblewrap: a baseline of `arca bench`
 #   docker-registry, apache2-utils: a local registry (and htpasswd) for the template tests
 #   openssl: the self-signed certificate of the network-policy tests' fake remote host
+#   postgresql: throw-away servers (scripts/pg.sh) for the api's PostgreSQL tests
 # ---------------------------------------------------------------------------------------------
 apt_pkgs=(util-linux file curl procps ncurses-bin attr musl-tools ca-certificates build-essential
   iproute2 nftables debootstrap busybox-static e2fsprogs bubblewrap docker-registry apache2-utils
-  openssl)
+  openssl postgresql)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
@@ -48,6 +49,11 @@ if ((${#missing[@]})); then
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null &&
     systemctl is-active --quiet docker-registry 2>/dev/null; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
+  # Likewise the package's own cluster on :5432; the tests start theirs (scripts/pg.sh).
+  if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v systemctl >/dev/null &&
+    systemctl is-active --quiet postgresql 2>/dev/null; then
+    systemctl disable --now postgresql >/dev/null 2>&1 || true
   fi
 fi
 

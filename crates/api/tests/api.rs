@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arca_proto::node::{NodeError, PauseMode};
 use chrono::{DateTime, Utc};
-use common::{FakeBuilder, FakeNode, Server};
+use common::{FakeBuilder, FakeNode, Opts, Server, TestDb, on_both_backends};
 use serde_json::{Value, json};
 
 fn time(v: &Value) -> DateTime<Utc> {
@@ -48,9 +48,8 @@ async fn missing_or_wrong_key_is_401_with_the_e2b_body() {
     assert_eq!(s.raw("GET", "/health", &[], None).await.status, 200);
 }
 
-#[tokio::test]
-async fn create_v1_and_v2_return_every_required_field() {
-    let s = Server::start().await;
+async fn create_v1_and_v2_return_every_required_field(db: TestDb) {
+    let s = Server::on(db).await;
     let r = s
         .call(
             "POST",
@@ -115,6 +114,7 @@ async fn create_v1_and_v2_return_every_required_field() {
         (2, 512, 1024)
     );
 }
+on_both_backends!(create_v1_and_v2_return_every_required_field);
 
 #[tokio::test]
 async fn get_info_returns_the_sandbox_detail() {
@@ -177,9 +177,8 @@ async fn get_info_returns_the_sandbox_detail() {
         .assert_error(404);
 }
 
-#[tokio::test]
-async fn list_filters_by_metadata_state_template_and_time_in_both_orders() {
-    let s = Server::start().await;
+async fn list_filters_by_metadata_state_template_and_time_in_both_orders(db: TestDb) {
+    let s = Server::on(db).await;
     let a = s
         .create(json!({"templateID": "base", "metadata": {"app": "x", "n": "1"}}))
         .await;
@@ -290,10 +289,10 @@ async fn list_filters_by_metadata_state_template_and_time_in_both_orders() {
     assert_eq!(r.status, 200);
     assert_eq!(ids(&r).len(), 2);
 }
+on_both_backends!(list_filters_by_metadata_state_template_and_time_in_both_orders);
 
-#[tokio::test]
-async fn list_pages_with_limit_and_next_token() {
-    let s = Server::start().await;
+async fn list_pages_with_limit_and_next_token(db: TestDb) {
+    let s = Server::on(db).await;
     let mut made = Vec::new();
     for _ in 0..5 {
         made.push(s.create(json!({"templateID": "base"})).await);
@@ -335,10 +334,10 @@ async fn list_pages_with_limit_and_next_token() {
             .assert_error(400);
     }
 }
+on_both_backends!(list_pages_with_limit_and_next_token);
 
-#[tokio::test]
-async fn another_team_sees_404() {
-    let s = Server::start().await;
+async fn another_team_sees_404(db: TestDb) {
+    let s = Server::on(db).await;
     let id = s.create(json!({"templateID": "base"})).await;
     // Another key of the same team sees it.
     let same_team = s.api.create_key("default").await.unwrap();
@@ -373,6 +372,7 @@ async fn another_team_sees_404() {
     // Still alive for its owner.
     assert_eq!(s.node.ids(), [id]);
 }
+on_both_backends!(another_team_sees_404);
 
 #[tokio::test]
 async fn kill_is_204_then_404() {
@@ -389,9 +389,8 @@ async fn kill_is_204_then_404() {
         .assert_error(404);
 }
 
-#[tokio::test]
-async fn set_timeout_and_connect_move_end_at() {
-    let s = Server::start().await;
+async fn set_timeout_and_connect_move_end_at(db: TestDb) {
+    let s = Server::on(db).await;
     let id = s
         .create(json!({"templateID": "base", "timeout": 100}))
         .await;
@@ -502,6 +501,7 @@ async fn set_timeout_and_connect_move_end_at() {
     })
     .await;
 }
+on_both_backends!(set_timeout_and_connect_move_end_at);
 
 #[tokio::test]
 async fn timeouts_out_of_range_are_400_naming_the_limit() {
@@ -562,9 +562,8 @@ async fn timeouts_out_of_range_are_400_naming_the_limit() {
     );
 }
 
-#[tokio::test]
-async fn lifecycle_combinations_are_checked() {
-    let s = Server::start().await;
+async fn lifecycle_combinations_are_checked(db: TestDb) {
+    let s = Server::on(db).await;
     for body in [
         json!({"templateID": "base", "autoPauseMemory": false}),
         json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false, "autoResume": {"enabled": true}}),
@@ -713,6 +712,7 @@ async fn lifecycle_combinations_are_checked() {
         .await
         .assert_error(404);
 }
+on_both_backends!(lifecycle_combinations_are_checked);
 
 #[tokio::test]
 async fn bad_bodies_and_routes_get_e2b_errors() {
@@ -825,9 +825,8 @@ async fn node_failures_leave_no_record() {
     s.create(json!({"templateID": "base"})).await;
 }
 
-#[tokio::test]
-async fn an_ended_event_removes_the_record() {
-    let s = Server::start().await;
+async fn an_ended_event_removes_the_record(db: TestDb) {
+    let s = Server::on(db).await;
     let id = s.create(json!({"templateID": "base"})).await;
     let keep = s.create(json!({"templateID": "base"})).await;
     s.node.end(&id);
@@ -842,6 +841,7 @@ async fn an_ended_event_removes_the_record() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["sandboxID"], keep.as_str());
 }
+on_both_backends!(an_ended_event_removes_the_record);
 
 #[tokio::test]
 async fn metrics_and_logs_have_every_field() {
@@ -932,9 +932,8 @@ async fn metrics_and_logs_have_every_field() {
     .assert_error(400);
 }
 
-#[tokio::test]
-async fn idempotency_key_replays_and_detects_mismatches() {
-    let s = Server::start().await;
+async fn idempotency_key_replays_and_detects_mismatches(db: TestDb) {
+    let s = Server::on(db).await;
     let key = s.key.clone();
     let post = |body: &'static str, idem: &'static str| {
         let key = key.clone();
@@ -972,6 +971,7 @@ async fn idempotency_key_replays_and_detects_mismatches() {
         .assert_error(400);
     assert_eq!(s.node.ids().len(), 2);
 }
+on_both_backends!(idempotency_key_replays_and_detects_mismatches);
 
 #[tokio::test]
 async fn bootstrap_key_has_the_e2b_format_and_is_stored_hashed() {
@@ -1037,21 +1037,30 @@ async fn bootstrap_key_has_the_e2b_format_and_is_stored_hashed() {
     }
 }
 
-#[tokio::test]
-async fn start_reconciles_records_with_the_node() {
+async fn start_reconciles_records_with_the_node(db: TestDb) {
     let node = FakeNode::new();
-    let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_with(node.clone(), dir).await;
+    let s = Server::start_opts(Opts {
+        node: node.clone(),
+        db: Some(db),
+        ..Opts::new()
+    })
+    .await;
     let gone = s.create(json!({"templateID": "base"})).await;
     let kept = s.create(json!({"templateID": "base"})).await;
-    let Server { dir, api, .. } = s;
+    let Server { dir, api, db, .. } = s;
     drop(api);
     // While the api was down: one sandbox ended, a stray one appeared.
     node.kill(&arca_proto::node::SandboxId::parse(&gone).unwrap())
         .await
         .unwrap();
     node.insert("istray");
-    let s = Server::start_with(node.clone(), dir).await;
+    let s = Server::start_opts(Opts {
+        node: node.clone(),
+        dir,
+        db,
+        ..Opts::new()
+    })
+    .await;
     s.call("GET", &format!("/sandboxes/{gone}"), None)
         .await
         .assert_error(404);
@@ -1063,15 +1072,14 @@ async fn start_reconciles_records_with_the_node() {
     );
     assert_eq!(node.ids(), [kept]);
 }
+on_both_backends!(start_reconciles_records_with_the_node);
 
 use arca_proto::node::NodeService as _;
 
-#[tokio::test]
-async fn key_store_manages_keys_beside_a_running_api_without_touching_sandboxes() {
-    let s = Server::start().await;
+async fn key_store_manages_keys_beside_a_running_api_without_touching_sandboxes(db: TestDb) {
+    let s = Server::on(db).await;
     let id = s.create(json!({"templateID": "base"})).await;
-    let url = format!("sqlite:{}", s.db_path.display());
-    let store = arca_api::keys_only(&url).await.unwrap();
+    let store = arca_api::keys_only(&s.db_url).await.unwrap();
     assert_eq!(store.ensure_bootstrap().await.unwrap(), None);
     let key = store.create_key("default").await.unwrap();
     assert!(key.starts_with("e2b_") && key.len() == 44);
@@ -1095,6 +1103,7 @@ async fn key_store_manages_keys_beside_a_running_api_without_touching_sandboxes(
     assert!(store.create_team("ops").await.is_ok());
     assert!(store.create_key("ops").await.is_ok());
 }
+on_both_backends!(key_store_manages_keys_beside_a_running_api_without_touching_sandboxes);
 
 #[tokio::test]
 async fn key_store_creates_a_fresh_database_and_bootstraps_it() {

@@ -9,7 +9,7 @@ mod common;
 use arca_proto::network::{EgressLogEntry, IngressSpec, NetworkSpec, Verdict};
 use arca_proto::node::NodeError;
 use chrono::{DateTime, Utc};
-use common::Server;
+use common::{Server, TestDb, on_both_backends};
 use serde_json::{Value, json};
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -216,9 +216,8 @@ async fn what_cannot_be_enforced_is_a_400_naming_the_key() {
         .await;
 }
 
-#[tokio::test]
-async fn put_replaces_egress_and_keeps_ingress() {
-    let s = Server::start().await;
+async fn put_replaces_egress_and_keeps_ingress(db: TestDb) {
+    let s = Server::on(db).await;
     let r = s
         .call(
             "POST",
@@ -307,6 +306,7 @@ async fn put_replaces_egress_and_keeps_ingress() {
         json!({"denyOut": ["10.0.0.0/8"]})
     );
 }
+on_both_backends!(put_replaces_egress_and_keeps_ingress);
 
 #[tokio::test]
 async fn put_errors_leave_the_stored_settings_alone() {
@@ -516,9 +516,8 @@ async fn connect_and_resume_return_the_token_of_private_sandboxes_only() {
     }
 }
 
-#[tokio::test]
-async fn forks_copy_the_network_settings_with_tokens_of_their_own() {
-    let s = Server::start().await;
+async fn forks_copy_the_network_settings_with_tokens_of_their_own(db: TestDb) {
+    let s = Server::on(db).await;
     let r = s
         .call(
             "POST",
@@ -582,3 +581,4 @@ async fn forks_copy_the_network_settings_with_tokens_of_their_own() {
     assert_eq!(spec.network.deny_out, ["10.0.0.0/8"]);
     assert_eq!(spec.ingress, IngressSpec::default());
 }
+on_both_backends!(forks_copy_the_network_settings_with_tokens_of_their_own);

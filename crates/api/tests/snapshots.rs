@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use arca_proto::build::BASE_BUILD_ID;
 use arca_proto::node::{NodeError, SandboxId, TimeoutAction};
 use chrono::{DateTime, Utc};
-use common::{BUILT_ENVD_VERSION, Server, run_steps};
+use common::{BUILT_ENVD_VERSION, Server, TestDb, on_both_backends, run_steps};
 use serde_json::{Value, json};
 
 /// A second team with its own key.
@@ -78,9 +78,8 @@ fn enc(r: &str) -> String {
     r.replace('/', "%2F").replace(':', "%3A")
 }
 
-#[tokio::test]
-async fn forks_are_new_sandboxes_and_the_source_stays_as_it_is() {
-    let s = Server::start().await;
+async fn forks_are_new_sandboxes_and_the_source_stays_as_it_is(db: TestDb) {
+    let s = Server::on(db).await;
     let src = s
         .create(json!({
             "templateID": "base",
@@ -194,6 +193,7 @@ async fn forks_are_new_sandboxes_and_the_source_stays_as_it_is() {
     let left = (time(&d["endAt"]) - Utc::now()).num_seconds();
     assert!((10..=15).contains(&left), "{left}");
 }
+on_both_backends!(forks_are_new_sandboxes_and_the_source_stays_as_it_is);
 
 #[tokio::test]
 async fn forks_of_a_built_template_name_its_build() {
@@ -321,9 +321,8 @@ async fn each_fork_fails_on_its_own_and_a_failed_call_leaves_nothing() {
     assert!(!all.contains(&src));
 }
 
-#[tokio::test]
-async fn a_snapshot_is_a_template_to_start_from_list_and_delete() {
-    let s = Server::start().await;
+async fn a_snapshot_is_a_template_to_start_from_list_and_delete(db: TestDb) {
+    let s = Server::on(db).await;
     let src = s
         .create(json!({"templateID": "base", "metadata": {"k": "v"}}))
         .await;
@@ -457,10 +456,10 @@ async fn a_snapshot_is_a_template_to_start_from_list_and_delete() {
     // Sandboxes started from it go on.
     assert_eq!(listed(&s).await.len(), 2);
 }
+on_both_backends!(a_snapshot_is_a_template_to_start_from_list_and_delete);
 
-#[tokio::test]
-async fn snapshots_copy_their_source_build_and_names_follow_template_rules() {
-    let s = Server::start().await;
+async fn snapshots_copy_their_source_build_and_names_follow_template_rules(db: TestDb) {
+    let s = Server::on(db).await;
     let mut start = run_steps(&["echo hi"]);
     start["startCmd"] = json!("serve");
     start["readyCmd"] = json!("ready");
@@ -475,9 +474,8 @@ async fn snapshots_copy_their_source_build_and_names_follow_template_rules() {
     let tpl = s.call("GET", "/templates/snap", None).await.json();
     assert_eq!(tpl["envdVersion"], BUILT_ENVD_VERSION);
     // Start and ready command are the source build's.
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", s.db_path.display()))
-        .await
-        .unwrap();
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&s.db_url).await.unwrap();
     let (start_cmd, ready_cmd): (Option<String>, Option<String>) =
         sqlx::query_as("SELECT start_cmd, ready_cmd FROM template_builds WHERE id = $1")
             .bind(&b1)
@@ -580,6 +578,7 @@ async fn snapshots_copy_their_source_build_and_names_follow_template_rules() {
         .await
         .assert_status(200);
 }
+on_both_backends!(snapshots_copy_their_source_build_and_names_follow_template_rules);
 
 #[tokio::test]
 async fn a_failed_snapshot_leaves_nothing_behind() {
@@ -630,9 +629,8 @@ async fn a_failed_snapshot_leaves_nothing_behind() {
         .assert_error(404);
 }
 
-#[tokio::test]
-async fn another_team_cannot_see_use_or_delete_a_snapshot() {
-    let s = Server::start().await;
+async fn another_team_cannot_see_use_or_delete_a_snapshot(db: TestDb) {
+    let s = Server::on(db).await;
     let src = s.create(json!({"templateID": "base"})).await;
     let v = snapshot(&s, &src, json!({"name": "mine"})).await;
     let id = v["snapshotID"].as_str().unwrap().to_string();
@@ -695,3 +693,4 @@ async fn another_team_cannot_see_use_or_delete_a_snapshot() {
         .await
         .assert_status(201);
 }
+on_both_backends!(another_team_cannot_see_use_or_delete_a_snapshot);

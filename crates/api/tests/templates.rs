@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use arca_proto::build::{BASE_BUILD_ID, BuildBase, BuildSource, RegistryAuth};
-use common::{BUILT_ENVD_VERSION, FakeBuilder, Opts, Server, run_steps};
+use common::{BUILT_ENVD_VERSION, FakeBuilder, Opts, Server, TestDb, on_both_backends, run_steps};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -45,9 +45,8 @@ async fn other_team(s: &Server) -> String {
     s.api.create_key("other").await.unwrap()
 }
 
-#[tokio::test]
-async fn a_build_registers_starts_logs_and_sandboxes_start_from_it() {
-    let s = Server::start().await;
+async fn a_build_registers_starts_logs_and_sandboxes_start_from_it(db: TestDb) {
+    let s = Server::on(db).await;
     let r = s
         .call(
             "POST",
@@ -214,10 +213,10 @@ async fn a_build_registers_starts_logs_and_sandboxes_start_from_it() {
     assert_eq!(base["lastSpawnedAt"], Value::Null);
     assert_eq!(base["buildID"], BASE_BUILD_ID);
 }
+on_both_backends!(a_build_registers_starts_logs_and_sandboxes_start_from_it);
 
-#[tokio::test]
-async fn build_status_pages_logs_by_offset_limit_and_level() {
-    let s = Server::start().await;
+async fn build_status_pages_logs_by_offset_limit_and_level(db: TestDb) {
+    let s = Server::on(db).await;
     let (t, b, st) = s.build("logs", run_steps(&["spam LOGS:150"])).await;
     assert_eq!(st["status"], "ready");
     // base + step + 150 extra + finalize, at most 100 per answer.
@@ -303,6 +302,7 @@ async fn build_status_pages_logs_by_offset_limit_and_level() {
             .assert_error(400);
     }
 }
+on_both_backends!(build_status_pages_logs_by_offset_limit_and_level);
 
 #[tokio::test]
 async fn a_failed_build_reports_its_step_and_changes_nothing_for_sandboxes() {
@@ -387,9 +387,8 @@ async fn a_failed_build_reports_its_step_and_changes_nothing_for_sandboxes() {
     assert_eq!(st["status"], "ready");
 }
 
-#[tokio::test]
-async fn tags_point_at_builds_and_move() {
-    let s = Server::start().await;
+async fn tags_point_at_builds_and_move(db: TestDb) {
+    let s = Server::on(db).await;
     let (t, b1) = s.request_build(json!({"name": "app:v1"})).await;
     s.start_build(&t, &b1, run_steps(&["one"])).await;
     assert_eq!(s.wait_build(&t, &b1).await["status"], "ready");
@@ -561,10 +560,10 @@ async fn tags_point_at_builds_and_move() {
     assert_eq!(base_tags[0]["tag"], "default");
     assert_eq!(base_tags[0]["buildID"], BASE_BUILD_ID);
 }
+on_both_backends!(tags_point_at_builds_and_move);
 
-#[tokio::test]
-async fn teams_see_their_own_templates_and_public_ones() {
-    let s = Server::start().await;
+async fn teams_see_their_own_templates_and_public_ones(db: TestDb) {
+    let s = Server::on(db).await;
     let other = other_team(&s).await;
     let (t, _, _) = s.build("private-app", run_steps(&["x"])).await;
 
@@ -740,6 +739,7 @@ async fn teams_see_their_own_templates_and_public_ones() {
         .await
         .assert_error(401);
 }
+on_both_backends!(teams_see_their_own_templates_and_public_ones);
 
 /// A raw HTTP/1.1 exchange (for requests hyper's client will not send).
 async fn raw_http(base: &str, request: String) -> u16 {
@@ -759,10 +759,10 @@ async fn raw_http(base: &str, request: String) -> u16 {
     head.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-#[tokio::test]
-async fn copy_archives_are_uploaded_through_token_links() {
+async fn copy_archives_are_uploaded_through_token_links(db: TestDb) {
     let s = Server::start_opts(Opts {
         max_upload: 64,
+        db: Some(db),
         ..Opts::new()
     })
     .await;
@@ -876,6 +876,7 @@ async fn copy_archives_are_uploaded_through_token_links() {
         .await;
     assert_eq!(r.json()["present"], false);
 }
+on_both_backends!(copy_archives_are_uploaded_through_token_links);
 
 #[tokio::test]
 async fn build_requests_and_starts_are_validated() {
@@ -1054,9 +1055,8 @@ async fn build_requests_and_starts_are_validated() {
     );
 }
 
-#[tokio::test]
-async fn a_newer_request_cancels_an_unstarted_build_of_the_same_tag() {
-    let s = Server::start().await;
+async fn a_newer_request_cancels_an_unstarted_build_of_the_same_tag(db: TestDb) {
+    let s = Server::on(db).await;
     let (t, b1) = s.request_build(json!({"name": "app"})).await;
     let (_, b2) = s.request_build(json!({"name": "app"})).await;
     let st = s.build_status(&t, &b1, "").await;
@@ -1083,6 +1083,7 @@ async fn a_newer_request_cancels_an_unstarted_build_of_the_same_tag() {
     assert_eq!(s.wait_build(&t, &b2).await["status"], "ready");
     assert_eq!(s.wait_build(&t, &b3).await["status"], "ready");
 }
+on_both_backends!(a_newer_request_cancels_an_unstarted_build_of_the_same_tag);
 
 #[tokio::test]
 async fn legacy_v1_requests_build_the_dockerfile_at_once() {
@@ -1214,9 +1215,8 @@ async fn legacy_v1_requests_build_the_dockerfile_at_once() {
     assert_eq!(st["reason"]["step"], "1");
 }
 
-#[tokio::test]
-async fn deleting_a_template_frees_its_builds_and_name() {
-    let s = Server::start().await;
+async fn deleting_a_template_frees_its_builds_and_name(db: TestDb) {
+    let s = Server::on(db).await;
     let other = other_team(&s).await;
     let (t, b1, _) = s.build("app", run_steps(&["one"])).await;
     let (_, b2) = s.request_build(json!({"name": "app:v2"})).await;
@@ -1267,6 +1267,7 @@ async fn deleting_a_template_frees_its_builds_and_name() {
     assert_eq!(r.status, 202);
     assert_ne!(r.json()["templateID"], t.as_str());
 }
+on_both_backends!(deleting_a_template_frees_its_builds_and_name);
 
 #[tokio::test]
 async fn a_template_deleted_while_building_frees_the_finished_build() {
@@ -1298,9 +1299,8 @@ async fn a_template_deleted_while_building_frees_the_finished_build() {
     );
 }
 
-#[tokio::test]
-async fn templates_show_their_builds_in_pages() {
-    let s = Server::start().await;
+async fn templates_show_their_builds_in_pages(db: TestDb) {
+    let s = Server::on(db).await;
     let (t, b1, _) = s.build("app", run_steps(&["1"])).await;
     let (_, b2) = s.request_build(json!({"name": "app:two"})).await;
     s.start_build(&t, &b2, run_steps(&["2"])).await;
@@ -1355,6 +1355,7 @@ async fn templates_show_their_builds_in_pages() {
     let base = s.call("GET", "/templates/base", None).await.json();
     assert_eq!(base["builds"][0]["buildID"], BASE_BUILD_ID);
 }
+on_both_backends!(templates_show_their_builds_in_pages);
 
 #[tokio::test]
 async fn builds_beyond_the_limit_wait_for_a_slot() {
@@ -1399,11 +1400,11 @@ async fn builds_beyond_the_limit_wait_for_a_slot() {
     assert_eq!(builder.started(), 2);
 }
 
-#[tokio::test]
-async fn a_restart_ends_unfinished_builds_as_interrupted() {
+async fn a_restart_ends_unfinished_builds_as_interrupted(db: TestDb) {
     let builder = FakeBuilder::gated();
     let s = Server::start_opts(Opts {
         builder: builder.clone(),
+        db: Some(db),
         ..Opts::new()
     })
     .await;
@@ -1416,10 +1417,11 @@ async fn a_restart_ends_unfinished_builds_as_interrupted() {
     s.wait_status(&t, &building, "building").await;
     let (_, registered) = s.request_build(json!({"name": "app:c"})).await;
 
-    let Server { dir, node, .. } = s;
+    let Server { dir, node, db, .. } = s;
     let s = Server::start_opts(Opts {
         node,
         dir,
+        db,
         builder: FakeBuilder::new(),
         ..Opts::new()
     })
@@ -1450,6 +1452,7 @@ async fn a_restart_ends_unfinished_builds_as_interrupted() {
     s.start_build(&t, &again, run_steps(&["b"])).await;
     assert_eq!(s.wait_build(&t, &again).await["status"], "ready");
 }
+on_both_backends!(a_restart_ends_unfinished_builds_as_interrupted);
 
 /// The one uploaded archive named [`HASH`] under any team's directory.
 fn find_upload(uploads: &std::path::Path) -> Option<std::path::PathBuf> {

@@ -1006,13 +1006,14 @@ async fn point_tag(
     build_id: &str,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    sqlx::query("DELETE FROM template_tags WHERE template_id = $1 AND tag = $2")
-        .bind(template_id)
-        .bind(tag)
-        .execute(&mut *conn)
-        .await?;
+    // One upsert rather than delete + insert: on PostgreSQL two transactions
+    // pointing the same new tag would both find nothing to delete and the
+    // second insert would fail (SQLite serializes them). Both have ON
+    // CONFLICT (SQLite since 3.24).
     sqlx::query(
-        "INSERT INTO template_tags (template_id, tag, build_id, created_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO template_tags (template_id, tag, build_id, created_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (template_id, tag) DO UPDATE SET build_id = excluded.build_id, \
+         created_at = excluded.created_at",
     )
     .bind(template_id)
     .bind(tag)
@@ -1039,6 +1040,7 @@ fn bind_all<'q>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::dialect::testing::{TestDb, on_both_backends};
 
     #[test]
     fn levels_filter_from_the_minimum() {
@@ -1052,12 +1054,8 @@ mod tests {
         assert_eq!(parse_level("fatal"), None);
     }
 
-    #[tokio::test]
-    async fn the_base_template_is_seeded_with_its_build_and_tag() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&format!("sqlite:{}/a.db", dir.path().display()))
-            .await
-            .unwrap();
+    async fn the_base_template_is_seeded_with_its_build_and_tag(test_db: TestDb) {
+        let db = Db::open(&test_db.url).await.unwrap();
         let base = db.template_by_name("base").await.unwrap().unwrap();
         assert_eq!(base.id, arca_proto::build::BASE_TEMPLATE_ID);
         assert_eq!(base.team_id, None);
@@ -1072,4 +1070,52 @@ mod tests {
         );
         assert_eq!(build.envd_version, "0.6.13");
     }
+    on_both_backends!(the_base_template_is_seeded_with_its_build_and_tag);
+
+    /// Two ready builds of one template pointed at by the same new tags at
+    /// the same moment: every assignment succeeds and each tag ends up on one
+    /// of them. (PostgreSQL runs such transactions side by side.)
+    async fn concurrent_tag_moves_all_succeed(test_db: TestDb) {
+        let db = Db::open(&test_db.url).await.unwrap();
+        let now = Utc::now();
+        db.insert_team("t", "team", now).await.unwrap();
+        let build = |id: &str| NewBuild {
+            id: id.into(),
+            template_id: "app".into(),
+            tags: vec![],
+            cpu_count: 1,
+            memory_mb: 128,
+            disk_size_mb: 512,
+            start: Some(StartCmds::default()),
+        };
+        db.insert_template("app", "t", Some("app"), &build("b1"), now)
+            .await
+            .unwrap()
+            .unwrap();
+        db.insert_build(&build("b2"), now).await.unwrap();
+        for b in ["b1", "b2"] {
+            assert!(db.set_building(b, now).await.unwrap());
+            assert!(db.finish_ready(b, "0.6.13", now).await.unwrap());
+        }
+        let tags: Vec<String> = (0..40).map(|i| format!("v{i}")).collect();
+        let moves = ["b1", "b2"].map(|b| {
+            let (db, tags) = (db.clone(), tags.clone());
+            tokio::spawn(async move {
+                for tag in &tags {
+                    db.assign_tags("app", b, std::slice::from_ref(tag), Utc::now())
+                        .await?;
+                }
+                Ok::<_, ApiError>(())
+            })
+        });
+        for m in moves {
+            m.await.unwrap().unwrap();
+        }
+        let got = db.tags("app").await.unwrap();
+        for tag in &tags {
+            let row = got.iter().find(|r| &r.tag == tag).unwrap();
+            assert!(["b1", "b2"].contains(&row.build_id.as_str()), "{row:?}");
+        }
+    }
+    on_both_backends!(concurrent_tag_moves_all_succeed);
 }

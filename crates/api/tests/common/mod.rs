@@ -25,6 +25,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::{Semaphore, broadcast};
 
+// The database helper of the unit tests, shared rather than copied.
+#[path = "../../src/db/test_db.rs"]
+#[allow(unused_macros)] // test files that run on one backend only
+mod test_db;
+#[allow(unused_imports)] // not every test file runs on both backends
+pub(crate) use test_db::{TestDb, on_both_backends};
+
 /// A node that keeps sandboxes in a map and can be told to fail.
 pub struct FakeNode {
     sandboxes: Mutex<BTreeMap<SandboxId, SandboxStatus>>,
@@ -675,6 +682,8 @@ pub struct Opts {
     pub max_builds: usize,
     /// `ApiConfig::max_upload_bytes`.
     pub max_upload: u64,
+    /// The database; `None`: a SQLite file in `dir`.
+    pub db: Option<TestDb>,
 }
 
 impl Opts {
@@ -685,6 +694,7 @@ impl Opts {
             dir: tempfile::tempdir().unwrap(),
             max_builds: 2,
             max_upload: 1 << 20,
+            db: None,
         }
     }
 }
@@ -697,7 +707,13 @@ pub struct Server {
     pub node: Arc<FakeNode>,
     pub builder: Arc<FakeBuilder>,
     pub key: String,
+    /// The database's URL.
+    pub db_url: String,
+    /// The SQLite file (empty for PostgreSQL).
     pub db_path: std::path::PathBuf,
+    /// The database when it was given in [`Opts::db`] (pass it on to
+    /// restart on the same one).
+    pub db: Option<TestDb>,
     pub uploads: std::path::PathBuf,
     pub dir: tempfile::TempDir,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -706,6 +722,15 @@ pub struct Server {
 impl Server {
     pub async fn start() -> Server {
         Server::start_opts(Opts::new()).await
+    }
+
+    /// A server on `db`.
+    pub async fn on(db: TestDb) -> Server {
+        Server::start_opts(Opts {
+            db: Some(db),
+            ..Opts::new()
+        })
+        .await
     }
 
     pub async fn start_with(node: Arc<FakeNode>, dir: tempfile::TempDir) -> Server {
@@ -724,10 +749,17 @@ impl Server {
             dir,
             max_builds,
             max_upload,
+            db,
         } = o;
-        let db_path = dir.path().join("home/arca.db");
+        let (db_path, url) = match &db {
+            Some(db) => (db.sqlite_path().unwrap_or_default(), db.url.clone()),
+            None => {
+                let path = dir.path().join("home/arca.db");
+                let url = format!("sqlite:{}", path.display());
+                (path, url)
+            }
+        };
         let uploads = dir.path().join("home/uploads");
-        let url = format!("sqlite:{}", db_path.display());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let config = ApiConfig {
@@ -752,7 +784,9 @@ impl Server {
             node,
             builder,
             key,
+            db_url: url,
             db_path,
+            db,
             uploads,
             dir,
             client: Client::builder(TokioExecutor::new()).build_http(),
