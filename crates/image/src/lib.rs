@@ -8,6 +8,9 @@
 //!   shifted), refusing entries that would escape it.
 //! - [`store::LayerStore`] keeps unpacked layers by id, each usable as an
 //!   overlay `lowerdir`, written atomically and garbage-collected.
+//! - [`layer_tar::write_layer`] and [`layer_tar::read_layer`] copy a stored
+//!   layer between nodes as it is (owners, whiteouts, xattrs, hard links),
+//!   the reader refusing anything that would escape its destination.
 //! - [`export_ext4`] flattens a layer stack into an ext4 image for the `vm`
 //!   backend.
 //! - [`debian::bootstrap`] builds the `base` template's root file system with
@@ -56,11 +59,16 @@ pub mod debian;
 mod error;
 mod export;
 mod fsx;
+pub mod layer_tar;
 pub mod registry;
 pub mod shift;
 pub mod store;
 pub mod unpack;
 mod walk;
+
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::ImageError;
 pub use export::{Ext4Options, export_ext4, export_ext4_with, flatten};

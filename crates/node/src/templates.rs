@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arca_image::store::{LayerId, LayerStore};
 use arca_proto::build::{BASE_BUILD_ID, BASE_TEMPLATE_ID};
@@ -42,10 +43,14 @@ pub struct TemplateBuild {
     pub created_at: DateTime<Utc>,
 }
 
-/// Builds and layers on this node.
+/// Builds and layers on this node. Clones are handles to the same store
+/// (and share the bookkeeping of pulls in progress).
+#[derive(Clone)]
 pub struct TemplateStore {
     dir: PathBuf,
     layers: LayerStore,
+    /// Pulls from other nodes in progress: their pins and turns.
+    pub(crate) pulls: Arc<crate::transfer::Pulls>,
 }
 
 /// A store could not be read or written.
@@ -53,7 +58,8 @@ pub struct TemplateStore {
 #[error("template store: {0}")]
 pub struct StoreError(pub String);
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` may be a template or build id (a path component of a record).
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.bytes()
@@ -74,7 +80,11 @@ impl TemplateStore {
         unmount_under(&home.join("layers").join("tmp"));
         let layers =
             LayerStore::open(&home.join("layers")).map_err(|e| StoreError(e.to_string()))?;
-        let store = TemplateStore { dir, layers };
+        let store = TemplateStore {
+            dir,
+            layers,
+            pulls: Arc::default(),
+        };
         let legacy = store.dir.join(BASE_TEMPLATE_ID).join("rootfs");
         if legacy.is_dir() && store.get(BASE_TEMPLATE_ID, BASE_BUILD_ID).is_none() {
             store.install_base_from(&legacy)?;
@@ -285,15 +295,18 @@ impl TemplateStore {
         Ok(())
     }
 
-    /// Moves the layers no build record (retired ones included) and no
-    /// entry of `pinned` names out of the store; remove them with
-    /// [`TemplateStore::remove_detached`] (outside any lock).
+    /// Moves the layers no build record (retired ones included), no entry
+    /// of `pinned` and no pull in progress names out of the store; remove
+    /// them with [`TemplateStore::remove_detached`] (outside any lock).
     pub fn detach_unused(&self, pinned: &[String]) -> Result<Vec<PathBuf>, StoreError> {
+        // Held until the layers are out: a pull pins before it looks.
+        let pulling = self.pulls.pinned();
         let keep: HashSet<LayerId> = self
             .records(&["json", "deleted"])
             .iter()
             .flat_map(|b| b.layers.iter())
             .chain(pinned)
+            .chain(pulling.iter())
             .filter_map(|l| layer_id(l).ok())
             .collect();
         self.layers
