@@ -23,9 +23,11 @@ mod egress;
 mod egress_log;
 mod envd;
 mod lifecycle;
+pub mod rpc;
 mod startcmd;
 mod state;
 pub mod templates;
+pub mod transfer;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -102,6 +104,14 @@ pub struct NodeConfig {
     /// When a usable one is found, sandboxes moved to disk keep their
     /// processes and memory.
     pub criu: Option<PathBuf>,
+    /// Most sandboxes (running or paused, warm ones not counted) this node
+    /// holds; creates and forks beyond it get [`NodeError::Capacity`], which
+    /// a cluster's placement answers by trying another node (0: no limit).
+    pub max_sandboxes: u32,
+    /// Cluster mode: the token this node presents to other nodes when it
+    /// pulls a template build it lacks from them
+    /// ([`SandboxSpec::template_source`]); `None` outside a cluster.
+    pub cluster_token: Option<String>,
 }
 
 /// Whether this host has a CRIU the node can use (the one `explicit`
@@ -1122,21 +1132,27 @@ impl Node {
     async fn create_sandbox(&self, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
         let id = spec.sandbox_id.clone();
         let _booting = Booting::new(&self.inner, &spec.template_id, &spec.build_id);
-        let build = self
-            .inner
-            .templates
-            .get(&spec.template_id, &spec.build_id)
-            .map(Arc::new)
-            .ok_or_else(|| {
-                NodeError::TemplateNotFound(format!(
-                    "{} (build {})",
-                    spec.template_id, spec.build_id
-                ))
-            })?;
+        let build = match self.inner.templates.get(&spec.template_id, &spec.build_id) {
+            Some(b) => Some(b),
+            // Cluster mode: built on another node; pulled once, then kept
+            // (not by a node that would refuse the sandbox anyway).
+            None => {
+                self.check_capacity(1)?;
+                let token = self.inner.config.cluster_token.as_deref();
+                transfer::pull_for(&self.inner.templates, &spec, token).await?
+            }
+        };
+        let build = build.map(Arc::new).ok_or_else(|| {
+            NodeError::TemplateNotFound(format!("{} (build {})", spec.template_id, spec.build_id))
+        })?;
         if lock(&self.inner.sandboxes).contains_key(&id)
             || !lock(&self.inner.creating).insert(id.clone())
         {
             return Err(NodeError::Conflict(format!("sandbox {id} already exists")));
+        }
+        if let Err(e) = self.check_capacity(0) {
+            lock(&self.inner.creating).remove(&id);
+            return Err(e);
         }
         let key = (
             spec.template_id.clone(),
@@ -1163,6 +1179,25 @@ impl Node {
             self.inner.refill.notify_one();
         }
         result
+    }
+
+    /// [`NodeError::Capacity`] when `more` sandboxes beyond those held and
+    /// being created would pass `max_sandboxes`.
+    fn check_capacity(&self, more: usize) -> Result<(), NodeError> {
+        let max = self.inner.config.max_sandboxes as usize;
+        if max == 0 {
+            return Ok(());
+        }
+        // Counted one lock at a time: a create moving from one set to the
+        // other may be counted twice, which errs on the full side.
+        let held = lock(&self.inner.sandboxes).len();
+        let creating = lock(&self.inner.creating).len();
+        if held + creating + more > max {
+            return Err(NodeError::Capacity(format!(
+                "this node holds {max} sandboxes, its limit (--max-sandboxes)"
+            )));
+        }
+        Ok(())
     }
 
     /// How to boot a sandbox of `build` with a disk of `disk_mb`.
@@ -2022,6 +2057,9 @@ impl NodeService for Node {
         specs: Vec<SandboxSpec>,
     ) -> BoxFuture<'a, Result<Vec<Result<SandboxStatus, NodeError>>, NodeError>> {
         let (node, source) = (self.clone(), source.clone());
+        if let Err(e) = self.check_capacity(specs.len()) {
+            return Box::pin(async move { Err(e) });
+        }
         Box::pin(detached(
             async move { node.fork_sandbox(&source, specs).await },
         ))
@@ -2054,6 +2092,7 @@ impl RouteSource for Node {
             netns: inst.network()?.0,
             envd_access_token: Some(inst.spec.envd_access_token.clone()),
             ingress: inst.spec.ingress.clone(),
+            relay: None,
         })
     }
 
@@ -2067,6 +2106,7 @@ impl RouteSource for Node {
                     netns: inst.network()?.0,
                     envd_access_token: Some(inst.spec.envd_access_token.clone()),
                     ingress: inst.spec.ingress.clone(),
+                    relay: None,
                 })
             })
             .collect()
