@@ -17,7 +17,10 @@
 //!
 //! Each running sandbox that has traffic gets a [`CancellationToken`] in
 //! [`Sandboxes`]; requests, bodies, tunnels and upstream connections of it
-//! watch that token.
+//! watch that token. A token nothing in flight holds any more is dropped
+//! now and then ([`Sandboxes::prune`]): a cluster's front proxy sees many
+//! sandboxes whose end it never hears of, and the next request for one
+//! makes a new token anyway.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -30,21 +33,35 @@ use tokio_util::sync::CancellationToken;
 use crate::BoxError;
 
 /// One token per sandbox with traffic, cancelled when it ends.
+///
+/// The `Arc` around each token counts who holds it: requests, bodies and
+/// tunnels in flight do (through [`Abort`]); idle pooled connections watch
+/// a plain clone and do not, since they are dropped by sandbox id anyway.
 #[derive(Debug, Default)]
 pub(crate) struct Sandboxes {
-    tokens: Mutex<HashMap<String, CancellationToken>>,
+    tokens: Mutex<HashMap<String, Arc<CancellationToken>>>,
 }
 
 impl Sandboxes {
     /// The sandbox's token, made on first use (then `true`).
-    pub(crate) fn token(&self, sandbox_id: &str) -> (CancellationToken, bool) {
+    pub(crate) fn token(&self, sandbox_id: &str) -> (Arc<CancellationToken>, bool) {
         let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(token) = tokens.get(sandbox_id) {
-            return (token.clone(), false);
+            return (Arc::clone(token), false);
         }
-        let token = CancellationToken::new();
-        tokens.insert(sandbox_id.to_string(), token.clone());
+        let token = Arc::new(CancellationToken::new());
+        tokens.insert(sandbox_id.to_string(), Arc::clone(&token));
         (token, true)
+    }
+
+    /// Drops the tokens nothing in flight holds. Handing out a token and
+    /// pruning take the same lock, so a token being handed out is never
+    /// dropped; a later request makes a new one, as after an end.
+    pub(crate) fn prune(&self) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, token| Arc::strong_count(token) > 1);
     }
 
     /// Cancels everything of the sandbox. Later requests make a new token
@@ -122,8 +139,8 @@ impl ClientConn {
 /// What an in-flight request does when its sandbox ends.
 #[derive(Debug, Clone)]
 pub(crate) struct Abort {
-    /// The sandbox's token.
-    pub(crate) token: CancellationToken,
+    /// The sandbox's token (holding it keeps it from being pruned).
+    pub(crate) token: Arc<CancellationToken>,
     /// The client connection carrying the request.
     pub(crate) client: Arc<ClientConn>,
     /// The request came over h2: reset the stream, not the connection.
@@ -143,5 +160,29 @@ impl Abort {
             self.client.reset();
         }
         Box::new(SandboxEnded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_in_use_survive_pruning_and_unused_ones_go() {
+        let sandboxes = Sandboxes::default();
+        let (held, fresh) = sandboxes.token("alpha");
+        assert!(fresh);
+        let (unused, _) = sandboxes.token("bravo");
+        drop(unused);
+        sandboxes.prune();
+        // alpha is held: the same token, not a fresh one.
+        let (again, fresh) = sandboxes.token("alpha");
+        assert!(!fresh);
+        assert!(Arc::ptr_eq(&held, &again));
+        // bravo was dropped: a new one is made.
+        assert!(sandboxes.token("bravo").1);
+        // An end still reaches holders of a token.
+        sandboxes.end("alpha");
+        assert!(held.is_cancelled());
     }
 }

@@ -5,6 +5,11 @@
 //! aborts after about a hundred of them (CONTRACT 1.5). The body also fails
 //! at once when its sandbox ends, and returns its upstream connection to the
 //! pool when it was read to the end.
+//!
+//! A relayed body (cluster mode) whose connection to the node's edge breaks
+//! cuts the client's transport as an abort does: the edge resets that
+//! connection when the sandbox ends there, and the client must see the same
+//! reset it would see from the edge itself, never a clean end.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -14,11 +19,11 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::BoxError;
 use crate::abort::Abort;
-use crate::pool::{Pool, Sender};
+use crate::pool::{Key, Pool, Sender};
 
 /// Body type of every response the proxy gives and request it forwards.
 pub(crate) type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -26,14 +31,13 @@ pub(crate) type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Bo
 /// An upstream connection to return to the pool once its response is done.
 pub(crate) struct GiveBack {
     pub(crate) pool: Arc<Pool>,
-    pub(crate) sandbox_id: String,
-    pub(crate) port: u16,
+    pub(crate) key: Key,
     pub(crate) sender: Sender,
 }
 
 impl GiveBack {
     fn run(self) {
-        self.pool.put(self.sandbox_id, self.port, self.sender);
+        self.pool.put(self.key, self.sender);
     }
 }
 
@@ -43,16 +47,24 @@ pub(crate) struct ResponseBody {
     abort: Abort,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     give_back: Option<GiveBack>,
+    /// Relayed to an edge: an upstream error resets the client.
+    relayed: bool,
 }
 
 impl ResponseBody {
-    pub(crate) fn new(inner: Incoming, abort: Abort, give_back: Option<GiveBack>) -> ResponseBody {
-        let cancelled = Box::pin(abort.token.clone().cancelled_owned());
+    pub(crate) fn new(
+        inner: Incoming,
+        abort: Abort,
+        give_back: Option<GiveBack>,
+        relayed: bool,
+    ) -> ResponseBody {
+        let cancelled = Box::pin(CancellationToken::clone(&abort.token).cancelled_owned());
         ResponseBody {
             inner,
             abort,
             cancelled,
             give_back,
+            relayed,
         }
     }
 }
@@ -82,6 +94,10 @@ impl Body for ResponseBody {
                 Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Some(Err(err)) => {
                     this.give_back = None;
+                    if this.relayed {
+                        tracing::debug!(?err, "relayed response broke off, resetting the client");
+                        return Poll::Ready(Some(Err(this.abort.fire())));
+                    }
                     return Poll::Ready(Some(Err(err.into())));
                 }
             }

@@ -10,6 +10,12 @@
 //!
 //! A thread per dial costs tens of microseconds, which is why the pool keeps
 //! idle upstream connections.
+//!
+//! In cluster mode a route may name a node's edge proxy instead
+//! ([`Route::relay`](arca_proto::node::Route::relay)): that is a plain TCP
+//! connection from here, with keep-alive probes so that a node that vanished
+//! without closing its connections (power loss, partition) fails them in
+//! bounded time instead of leaving clients hanging.
 
 use std::fs::File;
 use std::io;
@@ -18,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -54,6 +61,54 @@ pub(crate) enum DialError {
     /// The dialing thread could not be started or died.
     #[error("cannot start a dialing thread")]
     Thread(#[source] io::Error),
+    /// A node's edge proxy did not accept in time, or refused: the node is
+    /// gone or unreachable.
+    #[error("cannot connect to the edge proxy at {addr}")]
+    Relay {
+        /// Edge address dialed.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Idle time before the first keep-alive probe on a relay connection, in
+/// seconds. With [`RELAY_KEEPALIVE_INTERVAL_SECS`] and
+/// [`RELAY_KEEPALIVE_PROBES`] a dead node is noticed within about 30 s.
+const RELAY_KEEPALIVE_IDLE_SECS: u32 = 15;
+/// Time between keep-alive probes, in seconds.
+const RELAY_KEEPALIVE_INTERVAL_SECS: u32 = 5;
+/// Unanswered probes after which the connection fails.
+const RELAY_KEEPALIVE_PROBES: u32 = 3;
+
+/// Connects to a node's edge proxy at `addr`.
+pub(crate) async fn dial_relay(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let relay = |source| DialError::Relay { addr, source };
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| relay(io::ErrorKind::TimedOut.into()))?
+        .map_err(relay)?;
+    stream.set_nodelay(true).map_err(relay)?;
+    // Best effort: without probes a dead node's connections still end by
+    // the kernel's retransmission limits, only later.
+    let probes = setsockopt(&stream, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(&stream, sockopt::TcpKeepIdle, &RELAY_KEEPALIVE_IDLE_SECS))
+        .and_then(|()| {
+            setsockopt(
+                &stream,
+                sockopt::TcpKeepInterval,
+                &RELAY_KEEPALIVE_INTERVAL_SECS,
+            )
+        })
+        .and_then(|()| setsockopt(&stream, sockopt::TcpKeepCount, &RELAY_KEEPALIVE_PROBES));
+    if let Err(err) = probes {
+        tracing::debug!(%addr, ?err, "cannot set keep-alive probes on a relay connection");
+    }
+    Ok(stream)
 }
 
 /// Connects to `127.0.0.1:port` inside the network namespace at `netns`.

@@ -1,4 +1,12 @@
 //! One proxied request: resolve, check, forward, stream back, tunnel.
+//!
+//! A route with a relay (cluster mode: the front proxy) is handed to the
+//! node's edge proxy as it came, apart from hop-by-hop headers: same Host,
+//! `E2b-Sandbox-*` headers and traffic token, no Host mask, no traffic-token
+//! check here. The edge runs this same code with the node's routes and
+//! decides all of that itself; its answers, 502s and 403s included, pass
+//! back untouched. A relayed exchange that breaks (the edge resets its
+//! connections to a sandbox that ends) resets the client in turn.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -11,13 +19,14 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq as _;
+use tokio_util::sync::CancellationToken;
 
 use crate::BoxError;
 use crate::abort::{Abort, ClientConn, Sandboxes};
 use crate::body::{GiveBack, ProxyBody, ResponseBody};
 use crate::dial::DialError;
 use crate::error::ProxyError;
-use crate::pool::{ConnectError, Pool, Sender};
+use crate::pool::{ConnectError, Key, Pool, Sender};
 use crate::route::{self, Target};
 
 /// Hop-by-hop headers (RFC 9110 7.6.1 and the classic proxy ones): never
@@ -40,6 +49,8 @@ const PORT_PLACEHOLDER: &str = "${PORT}";
 
 /// Last time (`log_allowed`) a failed connect was logged.
 static CONNECT_WARNED: AtomicU64 = AtomicU64::new(0);
+/// Last time (`log_allowed`) an unreachable edge was logged.
+static RELAY_WARNED: AtomicU64 = AtomicU64::new(0);
 
 /// What every request handler shares.
 pub(crate) struct Shared {
@@ -70,18 +81,20 @@ pub(crate) async fn handle(
         .route
         .clone()
         .or_else(|| shared.routes.route(&target.sandbox_id));
+    // A sandbox without a route whose ingress settings the source knows
+    // exists here, paused.
+    let paused = match route {
+        Some(_) => None,
+        None => shared.routes.ingress(&target.sandbox_id),
+    };
     // User ports of a private sandbox need its traffic token, checked
     // before anything can wake a paused one (ADR 0005 section 5).
     if target.port != route::ENVD_PORT {
-        let paused;
         let expected = match &route {
-            Some(r) => r.ingress.traffic_access_token.as_deref(),
-            None => {
-                paused = shared.routes.ingress(&target.sandbox_id);
-                paused
-                    .as_ref()
-                    .and_then(|i| i.traffic_access_token.as_deref())
-            }
+            Some(r) => expected_traffic_token(r),
+            None => paused
+                .as_ref()
+                .and_then(|i| i.traffic_access_token.as_deref()),
         };
         if !traffic_token_ok(expected, req.headers()) {
             return Ok(reply(ProxyError::TrafficTokenRequired {
@@ -92,9 +105,14 @@ pub(crate) async fn handle(
     // A sandbox paused at its deadline with auto-resume wakes up for this
     // request, which waits the milliseconds that takes.
     // The SDKs' `/health` probe after a cut stream must learn the sandbox is
-    // gone, not wake it (CONTRACT 1.6).
+    // gone, not wake it (CONTRACT 1.6). An id the source does not know at
+    // all is still asked for: a node answers no, a cluster front proxy's
+    // source looks its route up (the edge then applies this rule itself).
     let health_probe = target.port == route::ENVD_PORT && req.uri().path() == "/health";
-    if route.is_none() && !health_probe && shared.routes.wake(&target.sandbox_id).await {
+    if route.is_none()
+        && !(health_probe && paused.is_some())
+        && shared.routes.wake(&target.sandbox_id).await
+    {
         route = shared.routes.route(&target.sandbox_id);
     }
     let Some(route) = route else {
@@ -104,7 +122,7 @@ pub(crate) async fn handle(
     };
     // Again against the route actually used (the one found after a wake).
     if target.port != route::ENVD_PORT
-        && !traffic_token_ok(route.ingress.traffic_access_token.as_deref(), req.headers())
+        && !traffic_token_ok(expected_traffic_token(&route), req.headers())
     {
         return Ok(reply(ProxyError::TrafficTokenRequired {
             sandbox_id: target.sandbox_id,
@@ -112,8 +130,10 @@ pub(crate) async fn handle(
     }
     let (token, fresh) = shared.sandboxes.token(&target.sandbox_id);
     // A new token may have been made just after the sandbox's end was
-    // handled (nothing would ever cancel it): check it still runs.
-    if fresh && shared.routes.route(&target.sandbox_id).is_none() {
+    // handled (nothing would ever cancel it): check it still runs. Not for
+    // a relayed route: its cached entry may just have expired, and the edge
+    // knows better anyway (and resets what it cuts).
+    if fresh && route.relay.is_none() && shared.routes.route(&target.sandbox_id).is_none() {
         shared.sandboxes.end(&target.sandbox_id);
         return Ok(reply(ProxyError::SandboxNotFound {
             sandbox_id: target.sandbox_id,
@@ -129,9 +149,13 @@ pub(crate) async fn handle(
         () = token.cancelled() => Err(abort.fire()),
         res = forward(&shared, &target, &route, req, abort.clone()) => match res {
             Ok(resp) => Ok(resp),
-            Err(err) => {
+            Err(Failure::Reply(err)) => {
                 tracing::debug!(sandbox_id = %target.sandbox_id, port = target.port, err = ?err, "proxy error");
                 Ok(reply(err))
+            }
+            Err(Failure::Reset(err)) => {
+                tracing::debug!(sandbox_id = %target.sandbox_id, port = target.port, ?err, "relayed request broke off, resetting the client");
+                Err(abort.fire())
             }
         },
     }
@@ -139,6 +163,31 @@ pub(crate) async fn handle(
 
 fn reply(err: ProxyError) -> Response<ProxyBody> {
     err.into_response()
+}
+
+/// How forwarding failed.
+#[derive(Debug)]
+enum Failure {
+    /// Answer the client with this error.
+    Reply(ProxyError),
+    /// Cut the client's transport: a relayed exchange broke, which is how
+    /// the edge passes on a sandbox's end.
+    Reset(BoxError),
+}
+
+impl From<ProxyError> for Failure {
+    fn from(err: ProxyError) -> Failure {
+        Failure::Reply(err)
+    }
+}
+
+/// The traffic token this proxy requires on the route's user ports: none
+/// for a relayed route, whose edge checks the token itself.
+fn expected_traffic_token(route: &Route) -> Option<&str> {
+    match route.relay {
+        Some(_) => None,
+        None => route.ingress.traffic_access_token.as_deref(),
+    }
 }
 
 /// Whether a request may reach a user port whose sandbox requires the
@@ -159,14 +208,15 @@ async fn forward(
     route: &Route,
     mut req: Request<Incoming>,
     abort: Abort,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Response<ProxyBody>, Failure> {
     let version = req.version();
+    let relayed = route.relay.is_some();
     let upgrade = upgrade_protocol(req.headers());
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let upstream_req = upstream_request(req, upgrade, target.port, route);
 
-    let (sandbox_id, port) = (target.sandbox_id.as_str(), target.port);
-    let pooled = shared.pool.take(sandbox_id, port);
+    let key = Key::new(route, target.port);
+    let pooled = shared.pool.take(&key);
     let reused = pooled.is_some();
     let mut sender = match pooled {
         Some(sender) => sender,
@@ -182,16 +232,22 @@ async fn forward(
                 sender
                     .send_request(req)
                     .await
-                    .map_err(|e| upstream_error(target, e.into()))?
+                    .map_err(|e| upstream_failure(target, relayed, e.into()))?
             }
-            _ => return Err(upstream_error(target, err.into_error().into())),
+            _ => return Err(upstream_failure(target, relayed, err.into_error().into())),
         },
     };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tunnel(client_upgrade, upstream_upgrade, abort, target.clone());
+            tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                abort,
+                target.clone(),
+                relayed,
+            );
             let (mut parts, _) = resp.into_parts();
             parts.version = version;
             let body = Empty::new().map_err(|never| match never {}).boxed_unsync();
@@ -204,11 +260,10 @@ async fn forward(
     parts.version = version;
     let give_back = GiveBack {
         pool: Arc::clone(&shared.pool),
-        sandbox_id: sandbox_id.to_string(),
-        port,
+        key,
         sender,
     };
-    let body = ResponseBody::new(body, abort, Some(give_back)).boxed_unsync();
+    let body = ResponseBody::new(body, abort, Some(give_back), relayed).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -221,10 +276,18 @@ async fn connect(
     let (sandbox_id, port) = (target.sandbox_id.clone(), target.port);
     shared
         .pool
-        .connect(route, port, abort.token.clone())
+        .connect(route, port, CancellationToken::clone(&abort.token))
         .await
         .map_err(|err| match err {
             ConnectError::Dial(DialError::OpenNetns { .. }) => {
+                ProxyError::SandboxNotFound { sandbox_id }
+            }
+            // The node holding the sandbox is gone or cut off: for the
+            // client the sandbox is.
+            ConnectError::Dial(err @ DialError::Relay { .. }) => {
+                if crate::log_allowed(&RELAY_WARNED) {
+                    tracing::warn!(%sandbox_id, ?err, "cannot reach a node's edge proxy");
+                }
                 ProxyError::SandboxNotFound { sandbox_id }
             }
             ConnectError::Dial(DialError::Connect { .. }) => {
@@ -244,12 +307,18 @@ async fn connect(
         })
 }
 
-fn upstream_error(target: &Target, source: BoxError) -> ProxyError {
-    ProxyError::Upstream {
+/// A request that failed after its connection was made: a 502 from a
+/// sandbox's port, a reset when relayed (the edge broke the exchange off,
+/// as it does when the sandbox ends).
+fn upstream_failure(target: &Target, relayed: bool, source: BoxError) -> Failure {
+    if relayed {
+        return Failure::Reset(source);
+    }
+    Failure::Reply(ProxyError::Upstream {
         sandbox_id: target.sandbox_id.clone(),
         port: target.port,
         source,
-    }
+    })
 }
 
 /// The `Upgrade` value of an HTTP/1.1 upgrade request (websocket or any
@@ -272,7 +341,8 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 /// (or made from the h2 authority; on user ports replaced by the sandbox's
 /// `maskRequestHost`), hop-by-hop headers and the traffic token dropped.
 /// Everything else, `E2b-Sandbox-*` included, passes unchanged; envd
-/// ignores those.
+/// ignores those. A relayed request keeps its Host and traffic token: the
+/// edge applies the mask and checks and drops the token.
 fn upstream_request(
     req: Request<Incoming>,
     upgrade: Option<HeaderValue>,
@@ -280,7 +350,8 @@ fn upstream_request(
     route: &Route,
 ) -> Request<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let masked = (port != route::ENVD_PORT)
+    let relayed = route.relay.is_some();
+    let masked = (!relayed && port != route::ENVD_PORT)
         .then_some(route.ingress.mask_request_host.as_deref())
         .flatten()
         .and_then(|mask| masked_host(mask, port));
@@ -294,7 +365,9 @@ fn upstream_request(
     });
     strip_hop_by_hop(&mut parts.headers);
     // The token is for the edge; the sandbox never sees it.
-    parts.headers.remove(TRAFFIC_TOKEN_HEADER);
+    if !relayed {
+        parts.headers.remove(TRAFFIC_TOKEN_HEADER);
+    }
     // hyper answers `100 Continue` to the client itself when the body is
     // first read; the sandbox gets the body without waiting.
     parts.headers.remove(EXPECT);
@@ -338,13 +411,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Copies raw bytes both ways once both sides switched protocols, until
-/// either closes or the sandbox ends.
-fn tunnel(client: OnUpgrade, upstream: OnUpgrade, abort: Abort, target: Target) {
+/// either closes or the sandbox ends. A relayed tunnel that breaks (the
+/// edge resets tunnels of a sandbox that ends) resets the client.
+fn tunnel(client: OnUpgrade, upstream: OnUpgrade, abort: Abort, target: Target, relayed: bool) {
     tokio::spawn(async move {
         let run = async {
             let (client, upstream) = tokio::try_join!(client, upstream)?;
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            if copied.is_err() && relayed {
+                // Before `client` is dropped: its close becomes the reset.
+                let _ = abort.fire();
+            }
+            copied?;
             Ok::<(), BoxError>(())
         };
         tokio::select! {

@@ -27,7 +27,18 @@
 //! a paused sandbox would be woken); the header never reaches the sandbox.
 //! `maskRequestHost` replaces the Host sent to those ports.
 //!
-//! Dialing into a namespace needs `CAP_SYS_ADMIN` (the node runs as root).
+//! Cluster mode (`arca proxy` in front of N `arca node`s): each node runs
+//! this proxy as its edge, over its own routes. A front proxy serves the
+//! same code over [`ClusterRoutes`], which asks the api which node holds a
+//! sandbox (cached for a couple of seconds) and gives routes with a
+//! [`relay`](arca_proto::node::Route::relay): the request goes to that
+//! node's edge unchanged, which applies every rule above itself. When the
+//! edge cuts a sandbox's traffic, the front passes the reset on; a node that
+//! cannot be reached, or that the api reports lost, makes its sandboxes
+//! "not found".
+//!
+//! Dialing into a namespace needs `CAP_SYS_ADMIN` (the node runs as root);
+//! a front proxy needs no privilege.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -42,6 +53,7 @@
 
 mod abort;
 mod body;
+mod cluster;
 mod config;
 mod dial;
 mod error;
@@ -63,9 +75,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::cluster::{ClusterRoutes, ClusterRoutesError};
 pub use crate::config::{
-    DEFAULT_CONNECT_TIMEOUT_SECS, DEFAULT_HEADER_READ_TIMEOUT_SECS, DEFAULT_MAX_CONCURRENT_STREAMS,
-    DEFAULT_POOL_IDLE_TIMEOUT_SECS, DEFAULT_POOL_MAX_IDLE, ProxyConfig,
+    ClusterRoutesConfig, DEFAULT_API_TIMEOUT_MS, DEFAULT_CONNECT_TIMEOUT_SECS,
+    DEFAULT_HEADER_READ_TIMEOUT_SECS, DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_NEGATIVE_TTL_MS,
+    DEFAULT_POOL_IDLE_TIMEOUT_SECS, DEFAULT_POOL_MAX_IDLE, DEFAULT_ROUTE_CACHE_MAX,
+    DEFAULT_ROUTE_TTL_MS, DEFAULT_STALE_IF_ERROR_SECS, MIN_ROUTE_TTL, ProxyConfig,
 };
 /// envd's port inside every sandbox; `/init` on it is refused.
 pub const ENVD_PORT: u16 = route::ENVD_PORT;
@@ -113,8 +128,8 @@ pub async fn serve(
         routes.ended(),
         shutdown.clone(),
     ));
-    tokio::spawn(sweep_pool(
-        Arc::clone(&shared.pool),
+    tokio::spawn(sweep(
+        Arc::clone(&shared),
         config.pool_idle_timeout,
         shutdown.clone(),
     ));
@@ -225,12 +240,16 @@ async fn watch_ended(
     }
 }
 
-/// Drops idle upstream connections past their time now and then.
-async fn sweep_pool(pool: Arc<Pool>, idle_timeout: Duration, shutdown: CancellationToken) {
+/// Drops idle upstream connections past their time, and abort tokens
+/// nothing holds, now and then.
+async fn sweep(shared: Arc<Shared>, idle_timeout: Duration, shutdown: CancellationToken) {
     let period = (idle_timeout / 2).max(Duration::from_secs(1));
     loop {
         tokio::select! {
-            () = tokio::time::sleep(period) => pool.sweep(),
+            () = tokio::time::sleep(period) => {
+                shared.pool.sweep();
+                shared.sandboxes.prune();
+            }
             () = shutdown.cancelled() => return,
         }
     }

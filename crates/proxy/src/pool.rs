@@ -1,14 +1,19 @@
-//! Idle upstream connections per (sandbox, port).
+//! Idle upstream connections per (sandbox, port, relay).
 //!
-//! Upstream is always HTTP/1.1 over a socket dialed inside the sandbox's
-//! netns, which costs a thread; keeping idle connections makes a proxied
-//! request cost one loopback round trip. A connection goes back into the pool
+//! Upstream is always HTTP/1.1, over a socket dialed inside the sandbox's
+//! netns (which costs a thread) or, in cluster mode, over TCP to the node's
+//! edge proxy; keeping idle connections makes a proxied request cost one
+//! round trip. The two kinds never share a key: a connection into a netns
+//! is never handed a relayed request, nor the reverse, and a sandbox's
+//! relay connections are not reused for another edge should its route
+//! change. A connection goes back into the pool
 //! only once its response body was read to the end and hyper says it is
 //! ready for another request, so the pool holds ready connections only.
 //! Every connection task also watches its sandbox's token: when the sandbox
 //! ends, its connections close, idle or not.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,13 +23,29 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
-use crate::dial::{DialError, dial};
+use crate::dial::{DialError, dial, dial_relay};
 
 /// Sends requests on one upstream connection.
 pub(crate) type Sender = http1::SendRequest<ProxyBody>;
 
-/// Pool key: sandbox id and port.
-type Key = (String, u16);
+/// Pool key: sandbox id, port and, for a relayed route, the edge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub(crate) sandbox_id: String,
+    pub(crate) port: u16,
+    pub(crate) relay: Option<SocketAddr>,
+}
+
+impl Key {
+    /// The key of requests to `port` over `route`.
+    pub(crate) fn new(route: &Route, port: u16) -> Key {
+        Key {
+            sandbox_id: route.sandbox_id.to_string(),
+            port,
+            relay: route.relay,
+        }
+    }
+}
 
 /// A failed connection attempt.
 #[derive(Debug, thiserror::Error)]
@@ -67,10 +88,9 @@ impl Pool {
     }
 
     /// A ready idle connection, most recently used first.
-    pub(crate) fn take(&self, sandbox_id: &str, port: u16) -> Option<Sender> {
+    pub(crate) fn take(&self, key: &Key) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (sandbox_id.to_string(), port);
-        let list = idle.get_mut(&key)?;
+        let list = idle.get_mut(key)?;
         let mut found = None;
         while let Some(entry) = list.pop() {
             if entry.since.elapsed() < self.idle_timeout
@@ -82,19 +102,23 @@ impl Pool {
             }
         }
         if list.is_empty() {
-            idle.remove(&key);
+            idle.remove(key);
         }
         found
     }
 
-    /// Dials a new connection, whose task ends when `token` is cancelled.
+    /// Dials a new connection (to the route's edge when it has a relay),
+    /// whose task ends when `token` is cancelled.
     pub(crate) async fn connect(
         &self,
         route: &Route,
         port: u16,
         token: CancellationToken,
     ) -> Result<Sender, ConnectError> {
-        let stream = dial(&route.netns, port, self.connect_timeout).await?;
+        let stream = match route.relay {
+            Some(addr) => dial_relay(addr, self.connect_timeout).await?,
+            None => dial(&route.netns, port, self.connect_timeout).await?,
+        };
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -115,7 +139,7 @@ impl Pool {
 
     /// Returns a connection whose last response was read to the end; it is
     /// kept once hyper has it ready for the next request.
-    pub(crate) fn put(self: &Arc<Self>, sandbox_id: String, port: u16, mut sender: Sender) {
+    pub(crate) fn put(self: &Arc<Self>, key: Key, mut sender: Sender) {
         // Bodies may be dropped outside the runtime (at shutdown): then the
         // connection just closes.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -127,7 +151,7 @@ impl Pool {
                 return;
             }
             let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let list = idle.entry((sandbox_id, port)).or_default();
+            let list = idle.entry(key).or_default();
             if list.len() < pool.max_idle_per_key {
                 list.push(Idle {
                     sender,
@@ -142,7 +166,7 @@ impl Pool {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(id, _), _| id != sandbox_id);
+            .retain(|key, _| key.sandbox_id != sandbox_id);
     }
 
     /// Drops idle connections that timed out or closed.
@@ -152,5 +176,33 @@ impl Pool {
             list.retain(|e| e.since.elapsed() < self.idle_timeout && !e.sender.is_closed());
         }
         idle.retain(|_, list| !list.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use arca_proto::node::SandboxId;
+
+    use super::*;
+
+    #[test]
+    fn relayed_and_netns_connections_never_share_a_key() {
+        let mut route = Route {
+            sandbox_id: SandboxId::parse("alpha").unwrap(),
+            netns: PathBuf::from("/run/netns/alpha"),
+            envd_access_token: None,
+            ingress: Default::default(),
+            relay: None,
+        };
+        let netns = Key::new(&route, 8080);
+        route.relay = Some("10.0.0.5:3101".parse().unwrap());
+        let relayed = Key::new(&route, 8080);
+        route.relay = Some("10.0.0.6:3101".parse().unwrap());
+        let elsewhere = Key::new(&route, 8080);
+        assert_ne!(netns, relayed);
+        assert_ne!(relayed, elsewhere);
+        assert_ne!(relayed, Key::new(&route, 49983));
     }
 }

@@ -277,6 +277,7 @@ mod tests {
             netns: PathBuf::from("/nonexistent"),
             envd_access_token: token.map(str::to_string),
             ingress: Default::default(),
+            relay: None,
         }
     }
 

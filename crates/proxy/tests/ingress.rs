@@ -194,3 +194,28 @@ async fn masks_set_the_upstream_host_on_user_ports_only() {
     let (status, _, host, _) = send(&proxy, get_with(&proxy, 8080, Some(TOKEN))).await;
     assert_eq!((status, host.as_str()), (200, "fixed.test"));
 }
+
+#[tokio::test]
+async fn health_probes_never_wake_paused_sandboxes() {
+    if !privileged() {
+        return;
+    }
+    let a = Sandbox::start("alpha");
+    let proxy = Proxy::start(&[(&a, None)]).await;
+    proxy.routes.pause("alpha");
+    let (status, _, body) = fetch(&proxy, get(proxy.addr, "alpha", 49983, "/health")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("was not found"), "{body}");
+    assert!(
+        proxy.routes.wakes.lock().unwrap().is_empty(),
+        "a health probe woke a paused sandbox"
+    );
+    // An id the source does not know is asked for (a cluster front looks
+    // routes up that way); here it is not found.
+    let (status, _, _) = fetch(&proxy, get(proxy.addr, "nosuch", 49983, "/health")).await;
+    assert_eq!(status, 502);
+    assert_eq!(*proxy.routes.wakes.lock().unwrap(), ["nosuch"]);
+    // Other envd traffic wakes it.
+    let (status, _, body) = fetch(&proxy, get(proxy.addr, "alpha", 49983, "/files")).await;
+    assert_eq!((status, body.as_str()), (200, "alpha:49983 GET /files"));
+}

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arca_proto::cluster::{CLUSTER_PREFIX, NodeStatus, RouteInfo, bearer};
 use arca_proto::network::IngressSpec;
 use arca_proto::node::{BoxFuture, Route, RouteSource, SandboxId};
 use bytes::Bytes;
@@ -145,6 +146,7 @@ impl FakeRouteSource {
             netns,
             envd_access_token: token.map(str::to_string),
             ingress: Default::default(),
+            relay: None,
         };
         self.routes.lock().unwrap().insert(id.to_string(), route);
     }
@@ -363,8 +365,10 @@ async fn answer(name: &str, ctl: &Arc<Ctl>, mut req: Request<Incoming>) -> Respo
             };
             Response::builder()
                 .header("x-seen-sandbox-id", seen)
+                .header("x-seen-sandbox-port", header("e2b-sandbox-port"))
                 .header("x-seen-host", header("host"))
                 .header("x-seen-traffic-token", header("e2b-traffic-access-token"))
+                .header("x-seen-test", header("x-test"))
                 .body(full(format!("{name} {} {pq}", req.method())))
                 .unwrap()
         }
@@ -403,13 +407,18 @@ impl Proxy {
 
     /// An HTTP/1.1 client connection to the proxy.
     pub async fn h1(&self) -> hyper::client::conn::http1::SendRequest<TestBody> {
-        let stream = TcpStream::connect(self.addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        sender
+        h1_to(self.addr).await
     }
+}
+
+/// An HTTP/1.1 client connection to `addr`.
+pub async fn h1_to(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
 }
 
 /// A GET routed by the E2B headers.
@@ -437,7 +446,12 @@ pub async fn text(resp: Response<Incoming>) -> (u16, String, String) {
 
 /// Sends `req` on a fresh connection and reads the whole answer.
 pub async fn fetch(proxy: &Proxy, req: Request<TestBody>) -> (u16, String, String) {
-    let mut c = proxy.h1().await;
+    fetch_at(proxy.addr, req).await
+}
+
+/// Sends `req` to `addr` on a fresh connection and reads the whole answer.
+pub async fn fetch_at(addr: SocketAddr, req: Request<TestBody>) -> (u16, String, String) {
+    let mut c = h1_to(addr).await;
     let resp = tokio::time::timeout(WAIT, c.send_request(req))
         .await
         .unwrap()
@@ -484,5 +498,107 @@ pub async fn expect_reset(stream: &mut TcpStream) {
                 return;
             }
         }
+    }
+}
+
+/// The cluster token the fake api accepts.
+pub const CLUSTER_TOKEN: &str = "cluster-token";
+
+/// The api's `GET /cluster/v1/routes/{id}`, answering from memory on
+/// 127.0.0.1; requests without the cluster token get 401.
+pub struct FakeApi {
+    pub url: String,
+    /// Sandbox id to (edge address, node status); others are 404.
+    routes: Mutex<HashMap<String, (String, NodeStatus)>>,
+}
+
+impl FakeApi {
+    pub async fn start() -> Arc<FakeApi> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = Arc::new(FakeApi {
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            routes: Mutex::default(),
+        });
+        let server = Arc::clone(&api);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let api = Arc::clone(&server);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let api = Arc::clone(&api);
+                        async move { Ok::<_, Infallible>(api.answer(&req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    fn answer(&self, req: &Request<Incoming>) -> Response<TestBody> {
+        let status = |s: StatusCode| Response::builder().status(s).body(full("")).unwrap();
+        let token = req.headers().get("authorization");
+        if token.is_none_or(|t| t.as_bytes() != bearer(CLUSTER_TOKEN).as_bytes()) {
+            return status(StatusCode::UNAUTHORIZED);
+        }
+        let prefix = format!("{CLUSTER_PREFIX}/routes/");
+        let Some(id) = req.uri().path().strip_prefix(prefix.as_str()) else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let Some((edge_addr, node_status)) = self.routes.lock().unwrap().get(id).cloned() else {
+            return status(StatusCode::NOT_FOUND);
+        };
+        let info = RouteInfo {
+            sandbox_id: id.to_string(),
+            node_id: "node1".into(),
+            edge_addr,
+            node_status,
+        };
+        Response::new(full(serde_json::to_vec(&info).unwrap()))
+    }
+
+    /// Places `id` on the node whose edge is at `edge`.
+    pub fn set(&self, id: &str, edge: SocketAddr, status: NodeStatus) {
+        self.routes
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), (edge.to_string(), status));
+    }
+}
+
+/// A cluster's front proxy: [`arca_proxy::ClusterRoutes`] over a fake api.
+pub struct Front {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Front {
+    /// A front whose cached routes live `ttl`, misses `negative_ttl`.
+    pub async fn start(api: &FakeApi, ttl: Duration, negative_ttl: Duration) -> Front {
+        let config = arca_proxy::ClusterRoutesConfig {
+            ttl,
+            negative_ttl,
+            api_timeout: WAIT,
+            ..Default::default()
+        };
+        let routes =
+            arca_proxy::ClusterRoutes::with_config(&api.url, CLUSTER_TOKEN, config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            arca_proxy::serve(listener, routes, arca_proxy::ProxyConfig::default())
+                .await
+                .unwrap();
+        });
+        Front { addr, task }
     }
 }
