@@ -57,6 +57,10 @@ pub enum ApiError {
     /// No node can take the sandbox now (503, `sandbox_capacity_unavailable`).
     #[error("no capacity to start the sandbox: {0}")]
     Capacity(String),
+    /// The sandbox's node is lost or unknown (503); its sandboxes come
+    /// back when it does.
+    #[error("{0}")]
+    NodeUnavailable(String),
     /// A node call failed for a reason the user cannot fix (500).
     #[error("node call failed")]
     Node(#[source] NodeError),
@@ -86,7 +90,9 @@ pub enum ApiError {
         source: std::io::Error,
     },
     /// The database URL names a backend this build does not have.
-    #[error("unsupported database URL '{0}': use sqlite:<path>")]
+    #[error(
+        "unsupported database URL '{0}': use sqlite:<path>, postgres://... or postgresql://..."
+    )]
     UnsupportedDatabase(String),
     /// An invariant broke; the message is for operators (500).
     #[error("{0}")]
@@ -102,6 +108,7 @@ impl ApiError {
                 ApiError::NotFound(format!("template '{t}' not found on the node"))
             }
             NodeError::Capacity(m) => ApiError::Capacity(m),
+            NodeError::Unavailable(m) => ApiError::NodeUnavailable(m),
             NodeError::InvalidInput(m) => ApiError::BadRequest(m),
             NodeError::Conflict(m) => ApiError::Conflict {
                 message: m,
@@ -141,7 +148,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            ApiError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Capacity(_) | ApiError::NodeUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Node(_)
             | ApiError::Db(_)
             | ApiError::Migrate(_)

@@ -99,6 +99,24 @@ pub(crate) fn router(api: Api) -> Router {
         // No API key: the link's token authorizes; the body is streamed,
         // so the JSON body limit does not apply.
         .route("/uploads/{templateID}/{hash}", put(templates::upload))
+        // Cluster mode (ADR 0006): nodes and proxies, with the cluster token.
+        .route(
+            "/cluster/v1/nodes",
+            post(crate::cluster::register).get(crate::cluster::list_nodes),
+        )
+        .route(
+            "/cluster/v1/nodes/{id}",
+            axum::routing::delete(crate::cluster::forget_node),
+        )
+        .route(
+            "/cluster/v1/nodes/{id}/heartbeat",
+            post(crate::cluster::heartbeat),
+        )
+        .route(
+            "/cluster/v1/nodes/{id}/{action}",
+            post(crate::cluster::set_draining),
+        )
+        .route("/cluster/v1/routes/{id}", get(crate::cluster::route))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(e2b_error_bodies))

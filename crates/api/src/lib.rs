@@ -2,7 +2,7 @@
 //! (CONTRACT.md section 2) that the official E2B SDKs talk to.
 //!
 //! It authenticates API keys to teams, keeps every sandbox in a database
-//! (SQLite by default; the SQL is kept portable to PostgreSQL), runs the
+//! (SQLite by default, PostgreSQL for a cluster's replicas), runs the
 //! template registry (names, builds, tags, build logs, uploaded COPY
 //! archives; CONTRACT 2.4) and reaches nodes only through [`NodeService`]
 //! and [`BuildService`]. The node is the authority on which sandboxes
@@ -35,6 +35,7 @@
 //! [`SandboxEvent`]: arca_proto::node::SandboxEvent
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod config;
 mod db;
 mod error;
@@ -54,6 +55,9 @@ use arca_proto::build::BuildService;
 use arca_proto::node::NodeService;
 use tokio::sync::Semaphore;
 
+pub use crate::cluster::{
+    ClusterConfig, DEFAULT_HEARTBEAT, DEFAULT_LOST_AFTER, DEFAULT_PLACEMENT_CHOICES, NodeClient,
+};
 pub use crate::config::{
     ApiConfig, DEFAULT_CPU_COUNT, DEFAULT_DISK_MB, DEFAULT_MAX_CONCURRENT_BUILDS,
     DEFAULT_MAX_CPU_COUNT, DEFAULT_MAX_DISK_MB, DEFAULT_MAX_MEMORY_MB, DEFAULT_MAX_TIMEOUT_SECS,
@@ -73,8 +77,7 @@ pub struct Api {
 struct Inner {
     db: db::Db,
     config: ApiConfig,
-    node: Arc<dyn NodeService>,
-    builder: Arc<dyn BuildService>,
+    nodes: cluster::Nodes,
     /// One permit per template build that may run at once.
     build_slots: Arc<Semaphore>,
     /// Serializes network updates of one sandbox.
@@ -91,7 +94,8 @@ impl std::fmt::Debug for Api {
 
 impl Api {
     /// Opens (creating if missing) the database at `database_url`
-    /// (`sqlite:<path>`; the parent directory is created), applies the
+    /// (`sqlite:<path>`, whose parent directory is created, or
+    /// `postgres://...`), applies the
     /// migrations, creates `config.uploads_dir`, ends template builds a
     /// previous process left unfinished, reconciles the records with
     /// `node`'s sandboxes and starts following the node's events. Template
@@ -109,6 +113,50 @@ impl Api {
         builder: Arc<dyn BuildService>,
     ) -> Result<Api, ApiError> {
         let db = db::Db::open(database_url).await?;
+        // Subscribe before reconciling so that no end is missed in between.
+        let events = node.events();
+        let api = Api::assemble(
+            db,
+            config,
+            cluster::Nodes::Local {
+                node: Arc::clone(&node),
+                builder,
+            },
+        )?;
+        templates::interrupt_unfinished(&api).await?;
+        sync::reconcile_at_start(&api).await;
+        sync::spawn_event_loop(
+            Arc::downgrade(&api.inner),
+            events,
+            cluster::LOCAL_NODE.to_string(),
+            node,
+        );
+        Ok(api)
+    }
+
+    /// Cluster mode (`arca api`, ADR 0006): the database (normally
+    /// PostgreSQL, shared by every api replica) holds the registered nodes,
+    /// which sandboxes run where, and everything [`Api::open`] keeps.
+    /// Nodes register and heartbeat through the `/cluster/v1` routes with
+    /// the cluster token; this replica follows each node's events and
+    /// reconciles a node's records whenever its event stream connects.
+    ///
+    /// Template builds left unfinished are not interrupted here, since
+    /// another replica may be running them.
+    pub async fn open_cluster(
+        database_url: &str,
+        config: ApiConfig,
+        cluster: ClusterConfig,
+    ) -> Result<Api, ApiError> {
+        let db = db::Db::open(database_url).await?;
+        let registry = Arc::new(cluster::Registry::new(db.clone(), cluster));
+        registry.refresh().await?;
+        let api = Api::assemble(db, config, cluster::Nodes::Cluster(registry))?;
+        cluster::spawn_maintenance(Arc::downgrade(&api.inner));
+        Ok(api)
+    }
+
+    fn assemble(db: db::Db, config: ApiConfig, nodes: cluster::Nodes) -> Result<Api, ApiError> {
         std::fs::create_dir_all(&config.uploads_dir)
             .and_then(|()| {
                 use std::os::unix::fs::PermissionsExt as _;
@@ -122,23 +170,16 @@ impl Api {
                 path: config.uploads_dir.clone(),
                 source,
             })?;
-        // Subscribe before reconciling so that no end is missed in between.
-        let events = node.events();
         let build_slots = Arc::new(Semaphore::new(config.max_concurrent_builds.max(1)));
-        let api = Api {
+        Ok(Api {
             inner: Arc::new(Inner {
                 db,
                 config,
-                node,
-                builder,
+                nodes,
                 build_slots,
                 sandbox_locks: sync::SandboxLocks::default(),
             }),
-        };
-        templates::interrupt_unfinished(&api).await?;
-        sync::reconcile_at_start(&api).await;
-        sync::spawn_event_loop(Arc::downgrade(&api.inner), events);
-        Ok(api)
+        })
     }
 
     /// The HTTP routes, with every middleware, ready to serve.
@@ -188,16 +229,16 @@ impl Api {
         &self.inner.config
     }
 
-    pub(crate) fn node(&self) -> &dyn NodeService {
-        self.inner.node.as_ref()
+    pub(crate) fn nodes(&self) -> &cluster::Nodes {
+        &self.inner.nodes
     }
 
-    pub(crate) fn builder(&self) -> &dyn BuildService {
-        self.inner.builder.as_ref()
-    }
-
-    pub(crate) fn builder_arc(&self) -> Arc<dyn BuildService> {
-        Arc::clone(&self.inner.builder)
+    /// The node of a sandbox record.
+    pub(crate) fn node_of(
+        &self,
+        rec: &db::SandboxRecord,
+    ) -> Result<Arc<dyn NodeService>, ApiError> {
+        self.inner.nodes.node(&rec.node_id)
     }
 
     pub(crate) fn build_slots(&self) -> Arc<Semaphore> {

@@ -199,6 +199,11 @@ pub(crate) struct SandboxDetail {
     /// running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pause_mode: Option<&'static str>,
+    /// Cluster mode: the node it runs on and that node's health.
+    #[serde(rename = "nodeID", skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_status: Option<&'static str>,
 }
 
 impl SandboxDetail {
@@ -232,7 +237,20 @@ impl SandboxDetail {
             },
             pause_mode: (r.state == RecordState::Paused)
                 .then(|| pause_mode.unwrap_or_default().as_str()),
+            node_id: None,
+            node_status: None,
         }
+    }
+
+    /// Adds where it runs (cluster mode).
+    pub(crate) fn with_node(
+        mut self,
+        node_id: &str,
+        status: arca_proto::cluster::NodeStatus,
+    ) -> SandboxDetail {
+        self.node_id = Some(node_id.to_string());
+        self.node_status = Some(status.as_str());
+        self
     }
 }
 
@@ -260,6 +278,24 @@ pub(crate) struct ListedSandbox {
     #[serde(skip_serializing_if = "Option::is_none")]
     alias: Option<String>,
     metadata: BTreeMap<String, String>,
+    /// Cluster mode: the node it runs on and that node's health.
+    #[serde(rename = "nodeID", skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_status: Option<&'static str>,
+}
+
+impl ListedSandbox {
+    /// Adds where it runs (cluster mode).
+    pub(crate) fn with_node(
+        mut self,
+        node_id: &str,
+        status: arca_proto::cluster::NodeStatus,
+    ) -> ListedSandbox {
+        self.node_id = Some(node_id.to_string());
+        self.node_status = Some(status.as_str());
+        self
+    }
 }
 
 impl From<&SandboxRecord> for ListedSandbox {
@@ -277,6 +313,8 @@ impl From<&SandboxRecord> for ListedSandbox {
             envd_version: r.envd_version.clone(),
             alias: r.alias.clone(),
             metadata: r.metadata.clone(),
+            node_id: None,
+            node_status: None,
         }
     }
 }

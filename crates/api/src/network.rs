@@ -212,7 +212,11 @@ async fn replace(
     let _guard = api.sandbox_locks().lock(id.as_str()).await;
     let rec = find(&api, &team, &id).await?;
     let allow = allow_internet_access.unwrap_or(true);
-    if let Err(e) = api.node().update_network(&id, egress.clone(), allow).await {
+    if let Err(e) = api
+        .node_of(&rec)?
+        .update_network(&id, egress.clone(), allow)
+        .await
+    {
         return Err(node_failure(&api, &id, e).await);
     }
     let kept = rec.network.unwrap_or_default();
@@ -274,8 +278,8 @@ pub(crate) async fn logs(
             "limit must be between 0 and {MAX_LOG_ENTRIES}, got {limit}"
         )));
     }
-    find(&api, &team, &id).await?;
-    let mut entries = match api.node().network_logs(&id).await {
+    let rec = find(&api, &team, &id).await?;
+    let mut entries = match api.node_of(&rec)?.network_logs(&id).await {
         Ok(e) => e,
         Err(e) => return Err(node_failure(&api, &id, e).await),
     };

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use arca_proto::node::{
-    NodeError, PauseMode, SandboxId, SandboxSpec, SandboxStatus, TimeoutAction,
+    NodeError, NodeService, PauseMode, SandboxId, SandboxSpec, SandboxStatus, TimeoutAction,
 };
 use axum::Json;
 use axum::extract::State;
@@ -297,18 +297,59 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
         build_id: Some(found.build.id.clone()),
         traffic_access_token: traffic_token_for(req.network.as_ref()),
         network: req.network,
+        node_id: String::new(),
     };
     tracing::Span::current().record("sandbox_id", rec.id.as_str());
-    api.db().insert_sandbox(&rec).await?;
-    let spec = spec_for(&rec, &found.build.id, req.env_vars, req.timeout_secs);
-    let status = match api.node().create(spec).await {
-        Ok(s) => s,
-        Err(e) => {
-            undo_create(&api, &rec.id).await;
-            return Err(ApiError::from_node(e));
+    let candidates = api
+        .nodes()
+        .candidates(&found.template.id, &found.build.id)
+        .await?;
+    let mut rec = rec;
+    let mut full = Vec::new();
+    for (i, c) in candidates.into_iter().enumerate() {
+        rec.node_id.clone_from(&c.node_id);
+        // The record names its node before the node is asked, so a
+        // reconciliation never takes the sandbox for an unknown one.
+        if i == 0 {
+            api.db().insert_sandbox(&rec).await?;
+        } else if !api
+            .db()
+            .set_node_of_creating(rec.id.as_str(), &c.node_id)
+            .await?
+        {
+            return Err(ApiError::Internal(format!(
+                "the record of sandbox {} vanished while it was being placed",
+                rec.id
+            )));
         }
-    };
-    mark_started(&api, rec, status).await
+        let mut spec = spec_for(
+            &rec,
+            &found.build.id,
+            req.env_vars.clone(),
+            req.timeout_secs,
+        );
+        spec.template_source = c.template_source;
+        match c.node.create(spec).await {
+            Ok(status) => return mark_started(&api, rec, status).await,
+            // A full or unreachable node made nothing: try the next one.
+            Err(NodeError::Capacity(m) | NodeError::Unavailable(m)) => {
+                tracing::info!(node_id = %c.node_id, reason = %m, "node cannot take the sandbox; placing it elsewhere");
+                full.push(format!("{}: {m}", c.node_id));
+            }
+            Err(e) => {
+                undo_create(&api, c.node.as_ref(), &rec.id).await;
+                return Err(ApiError::from_node(e));
+            }
+        }
+    }
+    if let Err(e) = api.db().delete_sandbox(rec.id.as_str()).await {
+        tracing::warn!(error = %chain(&e), "could not delete the record of a failed create");
+    }
+    Err(ApiError::Capacity(if full.is_empty() {
+        "no node can take the sandbox".into()
+    } else {
+        format!("no node could take the sandbox ({})", full.join("; "))
+    }))
 }
 
 /// What a node needs to start the sandbox of `rec` (a new record) from
@@ -349,6 +390,7 @@ pub(crate) fn spec_for(
             .map(|n| n.egress.clone())
             .unwrap_or_default(),
         ingress: ingress_spec(rec.network.as_ref(), rec.traffic_access_token.as_deref()),
+        template_source: None,
     }
 }
 
@@ -391,15 +433,17 @@ pub(crate) async fn mark_started(
             rec.id
         ))),
         Err(e) => {
-            undo_create(api, &rec.id).await;
+            if let Ok(node) = api.node_of(&rec) {
+                undo_create(api, node.as_ref(), &rec.id).await;
+            }
             Err(e)
         }
     }
 }
 
 /// Best-effort removal of a failed create from node and database.
-pub(crate) async fn undo_create(api: &Api, id: &SandboxId) {
-    match api.node().kill(id).await {
+pub(crate) async fn undo_create(api: &Api, node: &dyn NodeService, id: &SandboxId) {
+    match node.kill(id).await {
         Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
         Err(e) => tracing::warn!(error = %e, "could not kill a half-created sandbox"),
     }
@@ -433,10 +477,11 @@ pub(crate) async fn node_failure(api: &Api, id: &SandboxId, err: NodeError) -> A
 /// Moves the deadline on the node, then in the record.
 async fn move_end_at(
     api: &Api,
-    id: &SandboxId,
+    rec: &SandboxRecord,
     end_at: DateTime<Utc>,
 ) -> Result<DateTime<Utc>, ApiError> {
-    let status = match api.node().set_end_at(id, end_at).await {
+    let id = &rec.id;
+    let status = match api.node_of(rec)?.set_end_at(id, end_at).await {
         Ok(s) => s,
         Err(e) => return Err(node_failure(api, id, e).await),
     };
@@ -452,16 +497,17 @@ pub(crate) async fn get_info(
 ) -> Result<Json<SandboxDetail>, ApiError> {
     let rec = find(&api, &team, &id).await?;
     // What a pause kept is the node's to say.
-    let pause_mode = if rec.state == RecordState::Paused {
-        api.node().get(&id).await.ok().and_then(|s| s.pause_mode)
-    } else {
-        None
+    let pause_mode = match api.node_of(&rec) {
+        Ok(node) if rec.state == RecordState::Paused => {
+            node.get(&id).await.ok().and_then(|s| s.pause_mode)
+        }
+        _ => None,
     };
-    Ok(Json(SandboxDetail::new(
-        &rec,
-        api.config().domain.as_deref(),
-        pause_mode,
-    )))
+    let detail = SandboxDetail::new(&rec, api.config().domain.as_deref(), pause_mode);
+    Ok(Json(match api.nodes().status(&rec.node_id) {
+        Some(status) => detail.with_node(&rec.node_id, status),
+        None => detail,
+    }))
 }
 
 /// `DELETE /sandboxes/{id}`: 204, or 404 if there was nothing to kill.
@@ -470,10 +516,18 @@ pub(crate) async fn kill(
     Team(team): Team,
     SandboxPath(id): SandboxPath,
 ) -> Result<StatusCode, ApiError> {
-    find(&api, &team, &id).await?;
-    match api.node().kill(&id).await {
-        Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
-        Err(e) => return Err(ApiError::from_node(e)),
+    let rec = find(&api, &team, &id).await?;
+    match api.node_of(&rec) {
+        Ok(node) => match node.kill(&id).await {
+            Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
+            Err(e) => return Err(ApiError::from_node(e)),
+        },
+        // A lost node kills what the database no longer knows when it
+        // returns (ADR 0006).
+        Err(ApiError::NodeUnavailable(why)) => {
+            tracing::info!(node_id = %rec.node_id, %why, "sandbox record removed while its node is away");
+        }
+        Err(e) => return Err(e),
     }
     api.db().delete_sandbox(id.as_str()).await?;
     tracing::info!("sandbox killed");
@@ -510,7 +564,7 @@ async fn connect(
     // Connecting never shortens a sandbox's life (CONTRACT 4.4).
     let wanted = deadline(now(), timeout)?;
     if wanted > rec.end_at {
-        rec.end_at = move_end_at(&api, &id, wanted).await?;
+        rec.end_at = move_end_at(&api, &rec, wanted).await?;
     }
     let body = SandboxBody::new(&rec, api.config().domain.as_deref());
     Ok((StatusCode::OK, Json(body)).into_response())
@@ -549,8 +603,8 @@ pub(crate) async fn set_timeout(
     JsonBody(body): JsonBody<TimeoutRequest>,
 ) -> Result<StatusCode, ApiError> {
     let timeout = check_timeout(body.timeout, 0, api.config().max_timeout_secs)?;
-    find(&api, &team, &id).await?;
-    move_end_at(&api, &id, deadline(now(), timeout)?).await?;
+    let rec = find(&api, &team, &id).await?;
+    move_end_at(&api, &rec, deadline(now(), timeout)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -571,7 +625,7 @@ pub(crate) async fn refresh(
     let rec = find(&api, &team, &id).await?;
     let wanted = deadline(now(), duration)?;
     if wanted > rec.end_at {
-        move_end_at(&api, &id, wanted).await?;
+        move_end_at(&api, &rec, wanted).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -579,7 +633,7 @@ pub(crate) async fn refresh(
 /// Makes the record's state the node's (the node pauses by itself at
 /// deadlines and resumes on traffic; an event about it may be missed).
 async fn sync_state(api: &Api, rec: &mut SandboxRecord) -> Result<(), ApiError> {
-    let status = match api.node().get(&rec.id).await {
+    let status = match api.node_of(rec)?.get(&rec.id).await {
         Ok(s) => s,
         Err(e) => return Err(node_failure(api, &rec.id, e).await),
     };
@@ -601,7 +655,11 @@ async fn resume_record(
     timeout: i64,
 ) -> Result<SandboxRecord, ApiError> {
     let id = rec.id.clone();
-    let status = match api.node().resume(&id, deadline(now(), timeout)?).await {
+    let status = match api
+        .node_of(&rec)?
+        .resume(&id, deadline(now(), timeout)?)
+        .await
+    {
         Ok(s) => s,
         Err(e) => return Err(node_failure(api, &id, e).await),
     };
@@ -623,13 +681,13 @@ pub(crate) async fn pause(
     SandboxPath(id): SandboxPath,
     JsonBody(body): JsonBody<PauseRequest>,
 ) -> Result<StatusCode, ApiError> {
-    find(&api, &team, &id).await?;
+    let rec = find(&api, &team, &id).await?;
     let mode = if body.memory == Some(false) {
         PauseMode::Filesystem
     } else {
         PauseMode::Full
     };
-    match api.node().pause(&id, mode).await {
+    match api.node_of(&rec)?.pause(&id, mode).await {
         Ok(()) => {}
         Err(NodeError::Conflict(m)) => {
             // Paused already (at its deadline, say): the record learns it.
@@ -682,8 +740,8 @@ pub(crate) async fn metrics(
             return Err(ApiError::BadRequest("start must not be after end".into()));
         }
     }
-    find(&api, &team, &id).await?;
-    let samples = match api.node().metrics(&id).await {
+    let rec = find(&api, &team, &id).await?;
+    let samples = match api.node_of(&rec)?.metrics(&id).await {
         Ok(s) => s,
         Err(e) => return Err(node_failure(&api, &id, e).await),
     };
@@ -744,8 +802,8 @@ async fn node_logs(
     team: &str,
     id: &SandboxId,
 ) -> Result<Vec<arca_proto::node::LogEntry>, ApiError> {
-    find(api, team, id).await?;
-    match api.node().logs(id).await {
+    let rec = find(api, team, id).await?;
+    match api.node_of(&rec)?.logs(id).await {
         Ok(l) => Ok(l),
         Err(e) => Err(node_failure(api, id, e).await),
     }
@@ -942,9 +1000,18 @@ pub(crate) async fn list_v2(
         limit: Some(u32::try_from(limit).unwrap_or(1)),
     };
     let (page, more) = api.db().list_sandboxes(&filter).await?;
-    let body: Vec<ListedSandbox> = page.iter().map(ListedSandbox::from).collect();
+    let body: Vec<ListedSandbox> = page.iter().map(|r| listed(&api, r)).collect();
     let next = page.last().filter(|_| more).map(encode_cursor);
     crate::http::with_next_page(Json(body).into_response(), next)
+}
+
+/// A list item, with its node's health in cluster mode.
+fn listed(api: &Api, r: &SandboxRecord) -> ListedSandbox {
+    let item = ListedSandbox::from(r);
+    match api.nodes().status(&r.node_id) {
+        Some(status) => item.with_node(&r.node_id, status),
+        None => item,
+    }
 }
 
 /// `GET /sandboxes` (deprecated): every running sandbox, metadata filter only.
@@ -964,7 +1031,7 @@ pub(crate) async fn list_v1(
         limit: None,
     };
     let (all, _) = api.db().list_sandboxes(&filter).await?;
-    Ok(Json(all.iter().map(ListedSandbox::from).collect()))
+    Ok(Json(all.iter().map(|r| listed(&api, r)).collect()))
 }
 
 #[cfg(test)]

@@ -127,6 +127,8 @@ async fn fork_all(
                 .traffic_access_token
                 .as_ref()
                 .map(|_| ids::random_hex(TRAFFIC_TOKEN_BYTES)),
+            // Forks start from the source's files, which only its node has.
+            node_id: source.node_id.clone(),
         };
         if let Err(e) = api.db().insert_sandbox(&rec).await {
             for r in &recs {
@@ -144,11 +146,12 @@ async fn fork_all(
         .iter()
         .map(|r| spec_for(r, &build_id, BTreeMap::new(), timeout))
         .collect();
-    let results = match api.node().fork(&source.id, specs).await {
+    let node = api.node_of(&source)?;
+    let results = match node.fork(&source.id, specs).await {
         Ok(r) => r,
         Err(e) => {
             for r in &recs {
-                undo_create(&api, &r.id).await;
+                undo_create(&api, node.as_ref(), &r.id).await;
             }
             return Err(node_failure(&api, &source.id, e).await);
         }
@@ -160,11 +163,11 @@ async fn fork_all(
         let started = match results.next() {
             Some(Ok(status)) => mark_started(&api, rec, status).await,
             Some(Err(e)) => {
-                undo_create(&api, &id).await;
+                undo_create(&api, node.as_ref(), &id).await;
                 Err(ApiError::from_node(e))
             }
             None => {
-                undo_create(&api, &id).await;
+                undo_create(&api, node.as_ref(), &id).await;
                 Err(ApiError::Internal(format!(
                     "the node answered no result for fork {id}"
                 )))
@@ -274,8 +277,14 @@ async fn snapshot(
         return Err(gone());
     }
     // The node copies the files before anything can start from the build.
-    if let Err(e) = api
-        .node()
+    let node = match api.node_of(&source) {
+        Ok(n) => n,
+        Err(e) => {
+            undo(&api, &build, new_template, &e.to_string()).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = node
         .snapshot(&source.id, &build.template_id, &build.id)
         .await
     {
@@ -293,6 +302,10 @@ async fn snapshot(
         }
         api.db()
             .snapshot_made(&build.template_id, source.id.as_str(), &tag, now())
+            .await?;
+        // Placement finds the build on the source's node.
+        api.db()
+            .add_node_build(&source.node_id, &build.template_id, &build.id)
             .await?;
         Ok::<bool, ApiError>(true)
     }
@@ -431,14 +444,12 @@ async fn undo(api: &Api, build: &NewBuild, new_template: bool, why: &str) {
     forget_build(api, build).await;
 }
 
-/// Best-effort removal of a snapshot build from the node.
+/// Best-effort removal of a snapshot build from the nodes.
 async fn forget_build(api: &Api, build: &NewBuild) {
-    if let Err(e) = api
-        .builder()
-        .delete_build(&build.template_id, &build.id)
-        .await
-    {
-        tracing::warn!(template_id = %build.template_id, build_id = %build.id, error = %chain(&e), "could not delete a snapshot build on the node");
+    for (node_id, builder) in api.nodes().all_builders() {
+        if let Err(e) = builder.delete_build(&build.template_id, &build.id).await {
+            tracing::warn!(%node_id, template_id = %build.template_id, build_id = %build.id, error = %chain(&e), "could not delete a snapshot build on a node");
+        }
     }
 }
 

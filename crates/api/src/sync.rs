@@ -1,13 +1,14 @@
-//! Keeping the records in step with the node, which is the authority on
+//! Keeping the records in step with the nodes, which are the authority on
 //! which sandboxes exist.
 //!
-//! - At start, records of sandboxes the node does not have (ended while the
-//!   api was down) and records left `creating` by a crash are removed;
-//!   sandboxes the node has but the database does not know are killed.
+//! - Under `arca up`, at start, records of sandboxes the node does not have
+//!   (ended while the api was down) and records left `creating` by a crash
+//!   are removed; sandboxes the node has but the database does not know are
+//!   killed. In cluster mode the same happens per node whenever its event
+//!   stream (re)connects, leaving other replicas' creates in flight alone.
 //! - While running, each `SandboxEvent::Ended` removes its record. If the
-//!   event channel lagged (events were dropped), the records are compared
-//!   with the node's list again; nothing is killed then, since a create may
-//!   be in flight.
+//!   event channel lagged (events were dropped), the node's records are
+//!   compared with its list again.
 //!
 //! [`SandboxLocks`] serializes api-side changes of one sandbox whose
 //! records must end in the order the node applied them.
@@ -15,42 +16,70 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use arca_proto::node::{SandboxEvent, SandboxId};
+use arca_proto::node::{NodeError, NodeService, SandboxEvent, SandboxId};
 use tokio::sync::broadcast::{self, error::RecvError};
 
+use crate::cluster::{LOCAL_NODE, Nodes};
 use crate::db::RecordState;
 use crate::error::{ApiError, chain};
 use crate::{Api, Inner};
 
-/// Reconciles once at start; a node that cannot be asked is logged, not
-/// fatal (the api still serves, and events still prune records).
+/// Reconciles once at start under `arca up`; a node that cannot be asked
+/// is logged, not fatal (the api still serves, and events still prune
+/// records). Cluster mode reconciles each node when its event stream
+/// connects instead ([`crate::cluster`]).
 pub(crate) async fn reconcile_at_start(api: &Api) {
-    if let Err(e) = reconcile(api, true).await {
+    let node = match api.nodes() {
+        Nodes::Local { node, .. } => Arc::clone(node),
+        Nodes::Cluster(_) => return,
+    };
+    if let Err(e) = reconcile_node(api, LOCAL_NODE, node.as_ref(), true).await {
         tracing::warn!(error = %chain(&e), "could not reconcile sandbox records with the node");
     }
 }
 
-async fn reconcile(api: &Api, at_start: bool) -> Result<(), ApiError> {
-    let live = api.node().list().await.map_err(ApiError::from_node)?;
+/// Brings the records placed on `node_id` in line with what `node` runs.
+///
+/// `exclusive`: this api is the only one (`arca up` at start), so records
+/// left `creating` belong to a create that died with the previous process.
+/// Otherwise a `creating` record may be another replica's create in
+/// flight and is only removed once it is [`crate::cluster::stale_creating`]
+/// old and the node does not have the sandbox.
+///
+/// The node is listed before the records are read, so a sandbox being
+/// created is always known by its record; each removal and kill is checked
+/// once more against the node or the database, since creates and ends go
+/// on meanwhile.
+pub(crate) async fn reconcile_node(
+    api: &Api,
+    node_id: &str,
+    node: &dyn NodeService,
+    exclusive: bool,
+) -> Result<(), ApiError> {
+    let live = node.list().await.map_err(ApiError::from_node)?;
     let live_ids: HashSet<&str> = live.iter().map(|s| s.sandbox_id.as_str()).collect();
-    let records = api.db().sandbox_states().await?;
-    let known: HashSet<&str> = records.iter().map(|(id, _)| id.as_str()).collect();
-    for (id, state) in &records {
+    let records = api.db().sandboxes_on(node_id).await?;
+    let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let now = chrono::Utc::now();
+    for rec in &records {
+        let id = &rec.id;
         let on_node = live_ids.contains(id.as_str());
-        let creating = *state == RecordState::Creating;
-        let stale = if at_start {
-            // A record left `creating` belongs to a create that died with
-            // the previous process.
+        let creating = rec.state == RecordState::Creating;
+        let stale = if exclusive {
             creating || !on_node
+        } else if creating {
+            !on_node
+                && (now - rec.started_at).to_std().unwrap_or_default()
+                    > crate::cluster::stale_creating()
         } else {
-            !creating && !on_node
+            !on_node
         };
         if !stale {
             // The node is the authority on paused vs running (it pauses
             // by itself at deadlines, events can be missed across restarts).
             if let Some(s) = live.iter().find(|s| s.sandbox_id.as_str() == id) {
                 let node_state = RecordState::from(s.state);
-                if !creating && node_state != *state {
+                if !creating && node_state != rec.state {
                     api.db().set_state(&s.sandbox_id, node_state).await?;
                     api.db().set_end_at(&s.sandbox_id, s.end_at).await?;
                     tracing::info!(sandbox_id = %id, state = node_state.as_str(), "record follows the node's state");
@@ -58,41 +87,75 @@ async fn reconcile(api: &Api, at_start: bool) -> Result<(), ApiError> {
             }
             continue;
         }
+        let Ok(sid) = SandboxId::parse(id) else {
+            continue;
+        };
         if on_node {
-            if let Ok(sid) = SandboxId::parse(id) {
-                tracing::warn!(sandbox_id = %id, "killing a sandbox whose create never finished");
-                if let Err(e) = api.node().kill(&sid).await {
-                    tracing::warn!(sandbox_id = %id, error = %e, "kill failed");
-                }
+            tracing::warn!(sandbox_id = %id, "killing a sandbox whose create never finished");
+            if let Err(e) = node.kill(&sid).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "kill failed");
+            }
+        } else if !exclusive {
+            // Made after the list was taken? Ask once more.
+            match node.get(&sid).await {
+                Err(NodeError::SandboxNotFound(_)) => {}
+                Ok(_) => continue,
+                Err(e) => return Err(ApiError::from_node(e)),
             }
         }
         api.db().delete_sandbox(id).await?;
-        tracing::info!(sandbox_id = %id, "removed the record of a sandbox the node no longer has");
+        tracing::info!(sandbox_id = %id, %node_id, "removed the record of a sandbox the node no longer has");
     }
-    if at_start {
-        for s in live
-            .iter()
-            .filter(|s| !known.contains(s.sandbox_id.as_str()))
+    for s in live
+        .iter()
+        .filter(|s| !known.contains(s.sandbox_id.as_str()))
+    {
+        // Its record may have been written after the records were read (a
+        // record naming another node means an abandoned placement here).
+        if !exclusive && api.db().node_of(s.sandbox_id.as_str()).await?.as_deref() == Some(node_id)
         {
-            tracing::warn!(
-                sandbox_id = %s.sandbox_id,
-                team_id = %s.team_id,
-                "killing a sandbox the database does not know"
-            );
-            if let Err(e) = api.node().kill(&s.sandbox_id).await {
-                tracing::warn!(sandbox_id = %s.sandbox_id, error = %e, "kill failed");
-            }
+            continue;
+        }
+        tracing::warn!(
+            sandbox_id = %s.sandbox_id,
+            team_id = %s.team_id,
+            %node_id,
+            "killing a sandbox the database does not know"
+        );
+        if let Err(e) = node.kill(&s.sandbox_id).await {
+            tracing::warn!(sandbox_id = %s.sandbox_id, error = %e, "kill failed");
         }
     }
     Ok(())
 }
 
-/// Follows the node's events until the node closes the channel or every
+/// Follows one node's events until the node closes the channel or every
 /// [`Api`] clone is dropped.
-pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiver<SandboxEvent>) {
+pub(crate) fn spawn_event_loop(
+    inner: Weak<Inner>,
+    events: broadcast::Receiver<SandboxEvent>,
+    node_id: String,
+    node: Arc<dyn NodeService>,
+) {
+    spawn_event_loop_until(inner, events, node_id, node, std::future::pending());
+}
+
+/// [`spawn_event_loop`] that also ends when `stop` resolves (cluster mode
+/// stops following a node at an RPC URL it left).
+pub(crate) fn spawn_event_loop_until(
+    inner: Weak<Inner>,
+    mut events: broadcast::Receiver<SandboxEvent>,
+    node_id: String,
+    node: Arc<dyn NodeService>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
     tokio::spawn(async move {
+        tokio::pin!(stop);
         loop {
-            let event = events.recv().await;
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = &mut stop => break,
+            };
             let Some(inner) = inner.upgrade() else { break };
             let api = Api { inner };
             match event {
@@ -127,7 +190,7 @@ pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiv
                 Ok(SandboxEvent::Ended { sandbox_id, reason }) => {
                     match api.db().delete_sandbox(sandbox_id.as_str()).await {
                         Ok(true) => {
-                            tracing::info!(sandbox_id = %sandbox_id, ?reason, "sandbox ended");
+                            tracing::info!(sandbox_id = %sandbox_id, %node_id, ?reason, "sandbox ended");
                         }
                         Ok(false) => {}
                         Err(e) => tracing::warn!(
@@ -138,8 +201,8 @@ pub(crate) fn spawn_event_loop(inner: Weak<Inner>, mut events: broadcast::Receiv
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "missed node events; reconciling");
-                    if let Err(e) = reconcile(&api, false).await {
+                    tracing::warn!(missed = n, %node_id, "missed node events; reconciling");
+                    if let Err(e) = reconcile_node(&api, &node_id, node.as_ref(), false).await {
                         tracing::warn!(error = %chain(&e), "reconciling after missed events failed");
                     }
                 }

@@ -7,6 +7,7 @@
 //! [`dialect`]. Times are stored as Unix microseconds (UTC), booleans as 0/1.
 
 mod dialect;
+pub(crate) mod nodes;
 pub(crate) mod snapshots;
 pub(crate) mod templates;
 
@@ -45,6 +46,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "network",
         include_str!("../../migrations/0004_network.sql"),
+    ),
+    (
+        5,
+        "cluster",
+        include_str!("../../migrations/0005_cluster.sql"),
     ),
 ];
 
@@ -145,6 +151,8 @@ pub(crate) struct SandboxRecord {
     pub(crate) network: Option<NetworkConfig>,
     /// Token user ports require (`allowPublicTraffic: false`).
     pub(crate) traffic_access_token: Option<String>,
+    /// The node it runs on ([`crate::cluster::LOCAL_NODE`] under `arca up`).
+    pub(crate) node_id: String,
 }
 
 /// Sort direction of a listing, by `startedAt` then id.
@@ -201,7 +209,7 @@ enum Arg {
 const SANDBOX_COLUMNS: &str = "s.id, s.team_id, s.template_id, s.alias, s.state, s.metadata, \
      s.envd_access_token, s.envd_version, s.started_at, s.end_at, s.cpu_count, s.memory_mb, \
      s.disk_size_mb, s.allow_internet_access, s.auto_pause, s.auto_pause_memory, s.auto_resume, \
-     s.build_id, s.network, s.traffic_access_token";
+     s.build_id, s.network, s.traffic_access_token, s.node_id";
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
@@ -352,9 +360,9 @@ impl Db {
             "INSERT INTO sandboxes (id, team_id, template_id, alias, state, metadata, \
              envd_access_token, envd_version, started_at, end_at, cpu_count, memory_mb, \
              disk_size_mb, allow_internet_access, auto_pause, auto_pause_memory, auto_resume, \
-             build_id, network, traffic_access_token) \
+             build_id, network, traffic_access_token, node_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20)",
+             $18, $19, $20, $21)",
         )
         .bind(s.id.as_str())
         .bind(s.team_id.as_str())
@@ -376,6 +384,7 @@ impl Db {
         .bind(s.build_id.as_deref())
         .bind(network)
         .bind(s.traffic_access_token.as_deref())
+        .bind(s.node_id.as_str())
         .execute(&mut *tx)
         .await?;
         for (k, v) in &s.metadata {
@@ -497,21 +506,6 @@ impl Db {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(sandbox_from_row).transpose()?)
-    }
-
-    /// Ids and states of every record.
-    pub(crate) async fn sandbox_states(&self) -> Result<Vec<(String, RecordState)>, ApiError> {
-        let rows = sqlx::query("SELECT id, state FROM sandboxes")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push((
-                r.try_get(0)?,
-                RecordState::parse(&r.try_get::<String, _>(1)?)?,
-            ));
-        }
-        Ok(out)
     }
 
     /// One page of a team's sandboxes and whether more follow.
@@ -727,6 +721,7 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord, sqlx::Error> {
             })
             .transpose()?,
         traffic_access_token: r.try_get(19)?,
+        node_id: r.try_get(20)?,
     })
 }
 
@@ -754,6 +749,7 @@ pub(crate) fn from_micros(v: i64) -> Result<DateTime<Utc>, sqlx::Error> {
 
 #[cfg(test)]
 mod tests {
+    use super::dialect::testing::{TestDb, on_both_backends};
     use super::*;
 
     fn record(id: &str, team: &str, started: i64, meta: &[(&str, &str)]) -> SandboxRecord {
@@ -782,16 +778,14 @@ mod tests {
             build_id: Some("b1".into()),
             network: None,
             traffic_access_token: None,
+            node_id: "local".into(),
         }
     }
 
-    #[tokio::test]
-    async fn migrations_seed_base_and_records_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}/sub/arca.db", dir.path().display());
-        let db = Db::open(&url).await.unwrap();
+    async fn migrations_seed_base_and_records_round_trip(test_db: TestDb) {
+        let db = Db::open(&test_db.url).await.unwrap();
         // A second open finds the schema current.
-        let db2 = Db::open(&url).await.unwrap();
+        let db2 = Db::open(&test_db.url).await.unwrap();
         assert!(db2.template_by_name("base").await.unwrap().is_some());
         assert!(db.template_by_name("nope").await.unwrap().is_none());
 
@@ -830,13 +824,59 @@ mod tests {
         assert!(db.delete_sandbox("iaaa").await.unwrap());
         assert!(!db.delete_sandbox("iaaa").await.unwrap());
     }
+    on_both_backends!(migrations_seed_base_and_records_round_trip);
 
-    #[tokio::test]
-    async fn network_settings_round_trip_and_are_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&format!("sqlite:{}/arca.db", dir.path().display()))
+    async fn records_know_their_node(test_db: TestDb) {
+        let db = Db::open(&test_db.url).await.unwrap();
+        db.bootstrap(("t", "default"), ("k", "h", "m"), Utc::now())
             .await
             .unwrap();
+        let now = Utc::now();
+        let mut a = record("ia", "t", micros(now) - 10_000_000, &[]);
+        a.node_id = "n1".into();
+        let mut b = record("ib", "t", micros(now), &[]);
+        b.node_id = "n1".into();
+        b.state = RecordState::Creating;
+        let mut c = record("ic", "t", micros(now), &[]);
+        c.node_id = "n2".into();
+        c.end_at = now + chrono::TimeDelta::seconds(60);
+        for r in [&a, &b, &c] {
+            db.insert_sandbox(r).await.unwrap();
+        }
+        assert_eq!(
+            db.get_sandbox("t", &a.id).await.unwrap().unwrap().node_id,
+            "n1"
+        );
+        let mut on1: Vec<String> = db
+            .sandboxes_on("n1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        on1.sort();
+        assert_eq!(on1, ["ia", "ib"]);
+        assert_eq!(db.node_of("ic").await.unwrap().as_deref(), Some("n2"));
+        assert_eq!(db.node_of("zz").await.unwrap(), None);
+        let mut per: Vec<(String, i64)> = db.sandboxes_per_node().await.unwrap();
+        per.sort();
+        assert_eq!(per, [("n1".into(), 2), ("n2".into(), 1)]);
+        // Only a record still being created moves to another node.
+        assert!(db.set_node_of_creating("ib", "n2").await.unwrap());
+        assert!(!db.set_node_of_creating("ia", "n2").await.unwrap());
+        // Expired running records on the given nodes go; the rest stay.
+        let gone = db
+            .delete_expired_on(&["n1".into(), "n2".into()], now)
+            .await
+            .unwrap();
+        assert_eq!(gone, ["ia"]);
+        assert!(db.node_of("ib").await.unwrap().is_some());
+        assert!(db.node_of("ic").await.unwrap().is_some());
+    }
+    on_both_backends!(records_know_their_node);
+
+    async fn network_settings_round_trip_and_are_replaced(test_db: TestDb) {
+        let db = Db::open(&test_db.url).await.unwrap();
         db.bootstrap(("t", "default"), ("k", "h", "m"), Utc::now())
             .await
             .unwrap();
@@ -874,4 +914,5 @@ mod tests {
         let got = db.get_sandbox("t", &plain.id).await.unwrap().unwrap();
         assert_eq!((got.network, got.traffic_access_token), (None, None));
     }
+    on_both_backends!(network_settings_round_trip_and_are_replaced);
 }

@@ -332,10 +332,24 @@ async fn run_build(api: Api, spec: BuildSpec) {
     }
     tracing::info!("template build started");
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let builder: Arc<dyn BuildService> = api.builder_arc();
+    let (builder_node, builder): (String, Arc<dyn BuildService>) = match api.nodes().builder() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "no node can run the build");
+            let reason = BuildReason {
+                message: format!("{e}; start the build again when a node is ready"),
+                step: None,
+            };
+            if let Err(e) = api.db().finish_error(&build_id, &reason, now()).await {
+                tracing::warn!(error = %chain(&e), "could not record the build's failure");
+            }
+            return;
+        }
+    };
+    let builder_for_task = Arc::clone(&builder);
     // A task of its own, so that a panicking builder fails this build only.
     let mut task = tokio::spawn(
-        async move { builder.build(spec, tx).await }.instrument(tracing::Span::current()),
+        async move { builder_for_task.build(spec, tx).await }.instrument(tracing::Span::current()),
     );
     let joined = loop {
         tokio::select! {
@@ -372,9 +386,15 @@ async fn run_build(api: Api, spec: BuildSpec) {
                 .await;
             if matches!(r, Ok(false)) {
                 // Deleted while it ran: free what the builder made.
-                if let Err(e) = api.builder().delete_build(&template_id, &build_id).await {
+                if let Err(e) = builder.delete_build(&template_id, &build_id).await {
                     tracing::warn!(error = %chain(&e), "could not delete the build of a deleted template");
                 }
+            } else if let Err(e) = db
+                .add_node_build(&builder_node, &template_id, &build_id)
+                .await
+            {
+                // The node reports it with its next registration anyway.
+                tracing::warn!(error = %chain(&e), "could not record which node holds the build");
             }
             r
         }

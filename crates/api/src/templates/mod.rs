@@ -577,11 +577,14 @@ pub(crate) async fn delete(
             r.raw
         )));
     };
+    let builders = api.nodes().all_builders();
     for b in &builds {
-        if let Err(e) = api.builder().delete_build(&t.id, b).await {
-            // The registry no longer knows it; the node's leftovers only
-            // cost disk.
-            tracing::warn!(template_id = %t.id, build_id = %b, error = %chain(&e), "could not delete a build on the builder");
+        for (node_id, builder) in &builders {
+            if let Err(e) = builder.delete_build(&t.id, b).await {
+                // The registry no longer knows it; the node's leftovers
+                // only cost disk.
+                tracing::warn!(%node_id, template_id = %t.id, build_id = %b, error = %chain(&e), "could not delete a build on a node");
+            }
         }
     }
     tracing::info!(template_id = %t.id, builds = builds.len(), "template deleted");
