@@ -25,6 +25,13 @@ struct Cli {
 enum Command {
     /// Start Arca on this machine with the embedded defaults.
     Up(commands::up::Args),
+    /// Cluster mode: the E2B REST API over a shared database, placing
+    /// sandboxes on registered nodes (no node of its own).
+    Api(commands::cluster::ApiArgs),
+    /// Cluster mode: the sandbox proxy, routing to the nodes' edges.
+    Proxy(commands::cluster::ProxyArgs),
+    /// Cluster mode: a node that runs sandboxes for an `arca api`.
+    Node(commands::node::Args),
     /// Create, list, run commands in, and kill sandboxes (needs `arca up`).
     Sandbox(commands::sandbox::Args),
     /// Build templates from Dockerfiles, list and delete them (needs `arca up`).
@@ -66,6 +73,9 @@ fn main() -> ExitCode {
     let ctx = commands::Ctx { json: cli.json };
     let result = match cli.command {
         Command::Up(args) => commands::up::run(&args),
+        Command::Api(args) => commands::cluster::run_api(&args),
+        Command::Proxy(args) => commands::cluster::run_proxy(&args),
+        Command::Node(args) => commands::node::run(&args),
         Command::Sandbox(args) => commands::sandbox::run(&args, &ctx),
         Command::Template(args) => commands::template::run(&args, &ctx),
         Command::Keys(args) => commands::keys::run(&args, &ctx),

@@ -71,6 +71,12 @@ pub struct SandboxInfo {
     /// Base domain of the sandbox's hosts (only from `get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// Cluster mode: the node it runs on.
+    #[serde(rename = "nodeID", default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Cluster mode: that node's health (`ready`, `draining`, `lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_status: Option<String>,
 }
 
 impl SandboxInfo {

@@ -104,6 +104,7 @@ fn spec(id: &SandboxId) -> SandboxSpec {
         allow_internet_access: true,
         network: Default::default(),
         ingress: Default::default(),
+        template_source: None,
     }
 }
 
@@ -233,6 +234,8 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         frozen_to_disk_after: None,
         criu: None,
         min_free_memory_pct: arca_node::DEFAULT_MIN_FREE_MEMORY_PCT,
+        max_sandboxes: 0,
+        cluster_token: None,
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;

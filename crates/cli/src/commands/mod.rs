@@ -7,9 +7,11 @@
 //! never renamed or removed).
 
 pub(crate) mod bench;
+pub(crate) mod cluster;
 pub(crate) mod completion;
 pub(crate) mod doctor;
 pub(crate) mod keys;
+pub(crate) mod node;
 pub(crate) mod sandbox;
 pub(crate) mod template;
 pub(crate) mod up;

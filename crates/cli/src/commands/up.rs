@@ -32,6 +32,22 @@ pub(crate) struct Args {
     /// Address of the sandbox proxy (E2B_SANDBOX_URL).
     #[arg(long, default_value = "127.0.0.1:3001")]
     proxy_listen: SocketAddr,
+    /// Base domain returned to SDKs for host routing (recipe B); unset
+    /// leaves the clients' E2B_DOMAIN.
+    #[arg(long)]
+    domain: Option<String>,
+    /// The API's URL as clients reach it, for the upload links of template
+    /// builds (default: the API's listen address; 127.0.0.1 when it listens
+    /// on all addresses).
+    #[arg(long, env = "ARCA_PUBLIC_URL")]
+    public_url: Option<String>,
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+}
+
+/// The node's settings, shared by `arca up` and `arca node`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct NodeArgs {
     /// The static `arca-envd` binary mounted into sandboxes; default: next
     /// to `arca`, then the musl release build of this checkout.
     #[arg(long, env = "ARCA_ENVD_BIN")]
@@ -65,10 +81,6 @@ pub(crate) struct Args {
     /// configures one (0 turns the warm pool off).
     #[arg(long, default_value_t = 2)]
     warm_pool: usize,
-    /// Base domain returned to SDKs for host routing (recipe B); unset
-    /// leaves the clients' E2B_DOMAIN.
-    #[arg(long)]
-    domain: Option<String>,
     /// Registry mirror for Docker Hub images in template builds (e.g.
     /// `mirror.example.com` or `http://127.0.0.1:5000`).
     #[arg(long, env = "ARCA_REGISTRY_MIRROR")]
@@ -77,11 +89,6 @@ pub(crate) struct Args {
     /// builds (repeatable; loopback registries always are).
     #[arg(long)]
     insecure_registry: Vec<String>,
-    /// The API's URL as clients reach it, for the upload links of template
-    /// builds (default: the API's listen address; 127.0.0.1 when it listens
-    /// on all addresses).
-    #[arg(long, env = "ARCA_PUBLIC_URL")]
-    public_url: Option<String>,
     /// Disk each template build step may write, MiB.
     #[arg(long, default_value_t = arca_node::DEFAULT_BUILD_DISK_MB)]
     build_disk_mb: u32,
@@ -105,7 +112,68 @@ pub(crate) struct Args {
     criu: Option<PathBuf>,
 }
 
-fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
+impl NodeArgs {
+    /// The node's configuration in `home`; `prewarm_base` keeps warm
+    /// sandboxes of the base template.
+    pub(crate) fn node_config(
+        &self,
+        home: &Path,
+        prewarm_base: bool,
+    ) -> anyhow::Result<arca_node::NodeConfig> {
+        let envd = envd_binary(self)?;
+        let [dns_port, tls_port, http_port] = self.egress_ports[..] else {
+            anyhow::bail!(
+                "--egress-ports takes three ports, DNS,TLS,HTTP (for example 15353,15443,15080; 0 picks a free one)"
+            );
+        };
+        let net = arca_net::NetConfig {
+            cidr: self.sandbox_cidr.clone(),
+            warm_slots: self.warm_slots,
+            name_prefix: self.net_prefix.clone(),
+            nft_table: self.net_prefix.clone(),
+            egress: arca_net::EgressHooks {
+                dns_port,
+                tls_port,
+                http_port,
+                nflog_group: self.nflog_group,
+                node_deny: if self.deny_net.is_empty() {
+                    arca_net::EgressHooks::default().node_deny
+                } else {
+                    self.deny_net.clone()
+                },
+            },
+        };
+        Ok(arca_node::NodeConfig {
+            home: home.to_path_buf(),
+            init_exe: std::env::current_exe().context("cannot find the arca binary's own path")?,
+            envd_binary: envd,
+            net,
+            pids_limit: arca_node::DEFAULT_PIDS_LIMIT,
+            warm_pool: self.warm_pool,
+            prewarm: if prewarm_base {
+                vec![(
+                    arca_proto::build::BASE_TEMPLATE_ID.to_string(),
+                    arca_proto::build::BASE_BUILD_ID.to_string(),
+                    arca_api::DEFAULT_DISK_MB,
+                )]
+            } else {
+                Vec::new()
+            },
+            uploads_dir: home.join("uploads"),
+            registry_mirror: self.registry_mirror.clone(),
+            insecure_registries: self.insecure_registry.clone(),
+            build_disk_mb: self.build_disk_mb,
+            max_frozen: self.max_frozen,
+            frozen_to_disk_after: self.pause_to_disk_after.map(std::time::Duration::from_secs),
+            criu: self.criu.clone(),
+            min_free_memory_pct: self.min_free_memory_pct,
+            max_sandboxes: 0,
+            cluster_token: None,
+        })
+    }
+}
+
+fn envd_binary(args: &NodeArgs) -> anyhow::Result<PathBuf> {
     if let Some(p) = &args.envd {
         return Ok(p.clone());
     }
@@ -121,7 +189,7 @@ fn envd_binary(args: &Args) -> anyhow::Result<PathBuf> {
 }
 
 /// Builds the `base` template if this node does not have it yet.
-async fn ensure_base(home: &Path) -> anyhow::Result<()> {
+pub(crate) async fn ensure_base(home: &Path) -> anyhow::Result<()> {
     // Opening the store also moves a base made by an older version
     // (`templates/base/rootfs`) into the layer store.
     let h = home.to_path_buf();
@@ -229,7 +297,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let home = args.home.clone();
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
-    let envd = envd_binary(args)?;
+    let config = args.node.node_config(&home, true)?;
     // Bind first: a second `arca up` fails here, before touching anything.
     let api_listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
@@ -250,51 +318,9 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
 
     ensure_base(&home).await?;
 
-    let [dns_port, tls_port, http_port] = args.egress_ports[..] else {
-        anyhow::bail!(
-            "--egress-ports takes three ports, DNS,TLS,HTTP (for example 15353,15443,15080; 0 picks a free one)"
-        );
-    };
-    let net = arca_net::NetConfig {
-        cidr: args.sandbox_cidr.clone(),
-        warm_slots: args.warm_slots,
-        name_prefix: args.net_prefix.clone(),
-        nft_table: args.net_prefix.clone(),
-        egress: arca_net::EgressHooks {
-            dns_port,
-            tls_port,
-            http_port,
-            nflog_group: args.nflog_group,
-            node_deny: if args.deny_net.is_empty() {
-                arca_net::EgressHooks::default().node_deny
-            } else {
-                args.deny_net.clone()
-            },
-        },
-    };
-    let node = arca_node::Node::start(arca_node::NodeConfig {
-        home: home.clone(),
-        init_exe: std::env::current_exe().context("cannot find the arca binary's own path")?,
-        envd_binary: envd,
-        net,
-        pids_limit: arca_node::DEFAULT_PIDS_LIMIT,
-        warm_pool: args.warm_pool,
-        prewarm: vec![(
-            arca_proto::build::BASE_TEMPLATE_ID.to_string(),
-            arca_proto::build::BASE_BUILD_ID.to_string(),
-            arca_api::DEFAULT_DISK_MB,
-        )],
-        uploads_dir: home.join("uploads"),
-        registry_mirror: args.registry_mirror.clone(),
-        insecure_registries: args.insecure_registry.clone(),
-        build_disk_mb: args.build_disk_mb,
-        max_frozen: args.max_frozen,
-        frozen_to_disk_after: args.pause_to_disk_after.map(std::time::Duration::from_secs),
-        criu: args.criu.clone(),
-        min_free_memory_pct: args.min_free_memory_pct,
-    })
-    .await
-    .context("starting the node (try `arca doctor`)")?;
+    let node = arca_node::Node::start(config)
+        .await
+        .context("starting the node (try `arca doctor`)")?;
 
     let db = format!("sqlite:{}", home.join("arca.db").display());
     let config = arca_api::ApiConfig {
@@ -362,7 +388,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn nix_is_root() -> bool {
+pub(crate) fn nix_is_root() -> bool {
     // SAFETY-free check through /proc: the effective uid is the 2nd field of Uid:.
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -1,7 +1,8 @@
 //! `arca sandbox list`: a table of the team's sandboxes, newest first; with
 //! `--json`, one record per sandbox with the API's `ListedSandbox` fields
 //! (`sandboxID`, `templateID`, `state`, `startedAt`, `endAt`, `cpuCount`,
-//! `memoryMB`, `diskSizeMB`, `envdVersion`, `metadata`).
+//! `memoryMB`, `diskSizeMB`, `envdVersion`, `metadata`; in cluster mode also
+//! `nodeID` and `nodeStatus`).
 
 use std::process::ExitCode;
 
@@ -31,11 +32,20 @@ pub(crate) fn run(_args: &Args, client: &Client, ctx: &Ctx) -> anyhow::Result<Ex
     ))?;
     for s in &list {
         let md: Vec<String> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // Cluster mode: a sandbox whose node is lost says so.
+        let state = match s.node_status.as_deref() {
+            Some("lost") => format!(
+                "{} (node {} lost)",
+                s.state,
+                s.node_id.as_deref().unwrap_or("?")
+            ),
+            _ => s.state.clone(),
+        };
         out(format_args!(
             "{:<22} {:<10} {:<8} {:<20} {:<20} {}",
             s.id,
             s.alias.as_deref().unwrap_or(&s.template_id),
-            s.state,
+            state,
             short_time(&s.started_at),
             short_time(&s.end_at),
             md.join(",")

@@ -1,0 +1,347 @@
+//! `arca node`: one node of a cluster (ADR 0006). It runs sandboxes like
+//! `arca up`'s node, serves the node RPC to the api (and template pulls to
+//! its peers) behind the cluster token, serves its sandboxes' traffic on
+//! its edge proxy, and registers with the api and heartbeats.
+//!
+//! The node's own settings (sandbox network, warm pool, pause-to-disk,
+//! template builds) are the same flags as `arca up`'s ([`NodeArgs`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use arca_proto::build::BuildService;
+use arca_proto::cluster::{
+    CLUSTER_PREFIX, CachedBuild, Heartbeat, NodeCapacity, NodeLoad, NodeRegistration,
+    RegistrationReply,
+};
+use arca_proto::node::{NodeService, RouteSource, SandboxState};
+
+use super::cluster::{HttpJson, cluster_token};
+use super::up::NodeArgs;
+
+/// Options of `arca node`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// State directory of this node: templates, sandboxes, its node id.
+    #[arg(long, env = "ARCA_HOME", default_value = super::up::DEFAULT_HOME)]
+    home: PathBuf,
+    /// The api's URL (any replica), e.g. http://10.0.0.2:3000.
+    #[arg(long, env = "ARCA_API_URL")]
+    api: String,
+    /// A file holding the cluster token (default: $ARCA_CLUSTER_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// This node's id (default: the one kept in $ARCA_HOME/node_id, made on
+    /// the first start).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Address of the node RPC the api calls.
+    #[arg(long, default_value = "0.0.0.0:3100")]
+    listen: SocketAddr,
+    /// Address of the edge proxy the cluster's proxies send sandbox
+    /// traffic to.
+    #[arg(long, default_value = "0.0.0.0:3101")]
+    edge_listen: SocketAddr,
+    /// The IP address the api and proxies reach this node at (default: the
+    /// listen address, which must then not be 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<std::net::IpAddr>,
+    /// Most sandboxes (running or paused) this node takes; a create beyond
+    /// it is placed on another node (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_sandboxes: u32,
+    /// Use the base template of another Arca home on this machine (an
+    /// `arca up` home, say) instead of pulling it from a peer.
+    #[arg(long, value_name = "HOME")]
+    base_from: Option<PathBuf>,
+    /// Build the base template here (debootstrap, a few minutes) if this
+    /// node does not have it, as `arca up` does. Without it (or
+    /// --base-from), the node pulls base from a peer on first use.
+    #[arg(long)]
+    build_base: bool,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+/// Load figures of the node now.
+async fn load(node: &arca_node::Node) -> NodeLoad {
+    let list = node.list().await.unwrap_or_default();
+    let mut l = NodeLoad {
+        sandboxes: u32::try_from(list.len()).unwrap_or(u32::MAX),
+        memory_available_mb: mem_available_mb(),
+        ..NodeLoad::default()
+    };
+    for s in list.iter().filter(|s| s.state == SandboxState::Running) {
+        l.running += 1;
+        l.cpu_allocated += s.cpu_count;
+        l.memory_allocated_mb += u64::from(s.memory_mb);
+    }
+    l
+}
+
+fn meminfo_mb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix(key)
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+fn mem_available_mb() -> u64 {
+    meminfo_mb("MemAvailable:")
+}
+
+/// Builds this node holds.
+async fn builds(home: &Path) -> Vec<CachedBuild> {
+    let h = home.to_path_buf();
+    let all = tokio::task::spawn_blocking(move || {
+        arca_node::templates::TemplateStore::open(&h).map(|s| s.all())
+    })
+    .await;
+    let mut out: Vec<CachedBuild> = match all {
+        Ok(Ok(all)) => all
+            .into_iter()
+            .map(|b| CachedBuild {
+                template_id: b.template_id,
+                build_id: b.build_id,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The node id: given, or kept in `$ARCA_HOME/node_id` (made once).
+fn node_id(home: &Path, given: Option<&str>) -> anyhow::Result<String> {
+    let path = home.join("node_id");
+    if let Some(id) = given {
+        std::fs::write(&path, format!("{id}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        return Ok(id.to_string());
+    }
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let id = s.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let id = format!("node-{:08x}", rand_u32());
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // /dev/urandom always exists on Linux.
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    u32::from_le_bytes(b)
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(node(args))
+}
+
+async fn node(args: &Args) -> anyhow::Result<ExitCode> {
+    if !super::up::nix_is_root() {
+        bail!(
+            "arca node needs root (namespaces, cgroups, nftables); run it as root, and see `arca doctor`"
+        );
+    }
+    let token = cluster_token(args.token_file.as_deref())?;
+    let advertise = match args.advertise {
+        Some(ip) => ip,
+        None if !args.listen.ip().is_unspecified() => args.listen.ip(),
+        None => bail!(
+            "--listen {} is every address: say which one the api and proxies reach this node at with --advertise IP",
+            args.listen
+        ),
+    };
+    let home = args.home.clone();
+    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+    let node_id = node_id(&home, args.node_id.as_deref())?;
+    let rpc_listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the node RPC (--listen)",
+                args.listen
+            )
+        })?;
+    let edge_listener = tokio::net::TcpListener::bind(args.edge_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the edge proxy (--edge-listen)",
+                args.edge_listen
+            )
+        })?;
+    let rpc_port = rpc_listener.local_addr()?.port();
+    let edge_port = edge_listener.local_addr()?.port();
+
+    if let Some(other) = &args.base_from {
+        let (h, o) = (home.clone(), other.clone());
+        tokio::task::spawn_blocking(move || {
+            arca_node::templates::TemplateStore::open(&h)?
+                .share_base_from(&arca_node::templates::TemplateStore::open(&o)?)
+        })
+        .await?
+        .with_context(|| format!("using the base template of {}", other.display()))?;
+    } else if args.build_base {
+        super::up::ensure_base(&home).await?;
+    }
+    let has_base = {
+        let h = home.clone();
+        tokio::task::spawn_blocking(move || {
+            arca_node::templates::TemplateStore::open(&h).map(|s| s.has_base())
+        })
+        .await??
+    };
+    let mut config = args.node.node_config(&home, has_base)?;
+    config.cluster_token = Some(token.clone());
+    config.max_sandboxes = args.max_sandboxes;
+    let node = arca_node::Node::start(config)
+        .await
+        .context("starting the node (try `arca doctor`)")?;
+
+    let svc: Arc<dyn NodeService> = Arc::new(node.clone());
+    let builder: Arc<dyn BuildService> = Arc::new(node.clone());
+    let transfer = arca_node::transfer::router(node.clone());
+    let rpc = arca_node::rpc::router(svc, builder, token.clone(), Some(transfer));
+    let mut rpc_task = tokio::spawn(async move { axum::serve(rpc_listener, rpc).await });
+    let routes: Arc<dyn RouteSource> = Arc::new(node.clone());
+    let mut edge_task = tokio::spawn(arca_proxy::serve(
+        edge_listener,
+        routes,
+        arca_proxy::ProxyConfig::default(),
+    ));
+
+    let rpc_url = format!("http://{}", SocketAddr::new(advertise, rpc_port));
+    let edge_addr = SocketAddr::new(advertise, edge_port).to_string();
+    eprintln!(
+        "arca: node {node_id}: RPC on {rpc_url}, edge on {edge_addr}; joining {}",
+        args.api
+    );
+    let capacity = NodeCapacity {
+        max_sandboxes: args.max_sandboxes,
+        cpu_count: u32::try_from(std::thread::available_parallelism().map_or(1, usize::from))
+            .unwrap_or(u32::MAX),
+        memory_mb: meminfo_mb("MemTotal:"),
+    };
+    let member = Member {
+        http: HttpJson::new(&args.api, &token)?,
+        node: node.clone(),
+        home: home.clone(),
+        registration: NodeRegistration {
+            node_id: node_id.clone(),
+            rpc_url,
+            edge_addr,
+            capacity,
+            runtimes: vec!["ns".to_string()],
+            builds: Vec::new(),
+            load: NodeLoad::default(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    };
+    let mut member_task = tokio::spawn(member.run());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = &mut rpc_task => { r??; bail!("the node RPC server stopped") }
+        r = &mut edge_task => { r??; bail!("the edge proxy stopped") }
+        r = &mut member_task => { r?; bail!("the heartbeat loop stopped") }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    member_task.abort();
+    node.stop().await;
+    eprintln!(
+        "arca: node stopping; running sandboxes stay up and are reattached on the next start"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Registration and heartbeats.
+struct Member {
+    http: HttpJson,
+    node: arca_node::Node,
+    home: PathBuf,
+    registration: NodeRegistration,
+}
+
+impl Member {
+    async fn register(&mut self) -> anyhow::Result<RegistrationReply> {
+        self.registration.builds = builds(&self.home).await;
+        self.registration.load = load(&self.node).await;
+        let path = format!("{CLUSTER_PREFIX}/nodes");
+        let (status, body) = self.http.post(&path, &self.registration).await?;
+        if !status.is_success() {
+            bail!("the api refused the registration ({status}): {body}");
+        }
+        serde_json::from_str(&body).context("reading the api's registration answer")
+    }
+
+    /// Registers (retrying until the api answers), then heartbeats; a
+    /// heartbeat the api does not know leads to a new registration.
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let reply = match self.register().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not register with the api; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            eprintln!(
+                "arca: node {} registered ({} builds)",
+                self.registration.node_id,
+                self.registration.builds.len()
+            );
+            let period = Duration::from_millis(reply.heartbeat_ms.clamp(100, 60_000));
+            let mut last_builds = self.registration.builds.clone();
+            let path = format!(
+                "{CLUSTER_PREFIX}/nodes/{}/heartbeat",
+                self.registration.node_id
+            );
+            loop {
+                tokio::time::sleep(period).await;
+                let now_builds = builds(&self.home).await;
+                let beat = Heartbeat {
+                    load: load(&self.node).await,
+                    builds: (now_builds != last_builds).then(|| now_builds.clone()),
+                };
+                match self.http.post(&path, &beat).await {
+                    Ok((s, _)) if s.is_success() => last_builds = now_builds,
+                    Ok((s, _)) if s == http::StatusCode::NOT_FOUND => break,
+                    Ok((s, body)) => {
+                        tracing::warn!(status = %s, %body, "the api refused a heartbeat");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+}
