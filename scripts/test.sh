@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The one command that runs every check and test (CI runs it through .ci/run):
 #   setup -> rustfmt -> clippy -> static musl build of arca-envd -> debug build of arca -> base
-#   template cache -> nextest -> SDK compatibility suites (Python e2b 2.63.0 and 2.45.1, JS e2b
-#   2.51.0) against that envd -> end-to-end suites (the same SDKs against `arca up`, as root;
-#   tests/e2e).
+#   template cache -> PostgreSQL server for the api tests -> nextest -> SDK compatibility suites
+#   (Python e2b 2.63.0 and 2.45.1, JS e2b 2.51.0) against that envd -> end-to-end suites (the
+#   same SDKs against `arca up`, as root; tests/e2e) -> cluster suite (PostgreSQL, api, proxy and
+#   three nodes; tests/cluster).
 #
 # Environment:
 #   ARCA_TEST_SKIP_CARGO=1  skip fmt/clippy/nextest/build and test existing binaries
 #   ARCA_ENVD_BIN           envd for the SDK suites and in sandboxes (default: musl release build)
 #   ARCA_BIN                arca for the end-to-end suites (default: target/debug/arca)
 #   ARCA_E2E_CACHE          where `arca up` builds the base template once (tests/e2e/harness.py)
+#   ARCA_TEST_PG_URL        PostgreSQL server for the api tests (default: a throw-away one started
+#                           with scripts/pg.sh; the role must be allowed to create databases)
 # Exits non-zero when any step fails; the SDK suites all run even if one of them fails.
 set -euo pipefail
 
@@ -22,12 +25,14 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/arca-test.XXXXXX")"
 export ENVD_PIDFILE="$work/envd.pids" # run-envd.sh appends every envd it starts
 : >"$ENVD_PIDFILE"
 
-# Stop whatever envd the suites started and did not stop themselves (e.g. after a timeout).
+# Stop whatever envd the suites started and did not stop themselves (e.g. after a timeout), and
+# the PostgreSQL server of the api tests.
 cleanup() {
   local pid
   while read -r pid; do
     [[ -n "$pid" ]] && "$repo/tests/compat/stop-envd.sh" "$pid" >/dev/null 2>&1 || true
   done <"$ENVD_PIDFILE"
+  "$repo/scripts/pg.sh" stop "$work/pg" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -58,6 +63,16 @@ if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
     ARCA_ENVD_BIN="$repo/target/x86_64-unknown-linux-musl/release/arca-envd" \
     "$repo/.cache/venv/e2b-2.63.0/bin/python" tests/e2e/harness.py cache)"
   export ARCA_TEST_BASE_HOME
+
+  # The api's database tests run on SQLite and, given ARCA_TEST_PG_URL, on PostgreSQL too: by
+  # default on a throw-away server (run by the postgres user, who needs to reach it: chmod 711).
+  step "PostgreSQL for the api tests"
+  if [[ -z "${ARCA_TEST_PG_URL:-}" ]]; then
+    chmod 711 "$work"
+    ARCA_TEST_PG_URL="$(scripts/pg.sh start "$work/pg")"
+  fi
+  export ARCA_TEST_PG_URL
+  echo "$ARCA_TEST_PG_URL"
 
   step "cargo nextest"
   ARCA_TEST_PRIVILEGED=1 cargo nextest run --workspace --locked 2>&1 | tee "$work/nextest.log"
@@ -115,6 +130,9 @@ for ver in 2.63.0 2.45.1; do
 done
 run_suite "e2e-js-e2b-2.51.0" 0 tests/e2e "$repo/.cache/venv/e2b-2.63.0/bin/python" harness.py run -- \
   node --test --test-timeout=120000 --test-reporter=tap js/sandbox.test.mjs
+# Cluster mode: PostgreSQL, `arca api` (and a second replica), `arca proxy` and three `arca node`s
+# in network namespaces of their own, through the current Python SDK (tests/cluster).
+run_suite "cluster-python-e2b-2.63.0" 0 tests/cluster "$repo/.cache/venv/e2b-2.63.0/bin/python" -m pytest
 
 step "summary"
 printf '%s\n' "${summaries[@]}"
