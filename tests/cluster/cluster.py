@@ -131,6 +131,8 @@ class Cluster:
     )
     token: str = field(default_factory=lambda: secrets.token_hex(24))
     nodes: list[Node] = field(default_factory=list)
+    # Every namespace made here, removed by close() even if a start failed half-way.
+    namespaces: list[str] = field(default_factory=list)
     apis: list[Proc] = field(default_factory=list)
     proxy: Proc | None = None
     pg_url: str = ""
@@ -156,6 +158,7 @@ class Cluster:
         ip = f"10.{self.x}.{self.y}.{10 + i}"
         host_end, ns_end = f"{self.prefix}v{i}", f"{self.prefix}p{i}"
         sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
         sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
         sh("ip", "link", "set", host_end, "master", self.bridge)
         sh("ip", "link", "set", host_end, "up")
@@ -369,8 +372,9 @@ class Cluster:
             self.proxy.stop()
         for a in self.apis:
             a.stop()
-        for n in self.nodes:
-            sh("ip", "netns", "del", n.netns, check=False)
+        # A node's sandbox veths and nft table live in its namespace and go with it.
+        for ns in self.namespaces:
+            sh("ip", "netns", "del", ns, check=False)
         if getattr(self, "bridge", None):
             sh("ip", "link", "del", self.bridge, check=False)
         if self.pg_url:

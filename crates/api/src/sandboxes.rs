@@ -428,10 +428,17 @@ pub(crate) async fn mark_started(
             }
             Ok(rec)
         }
-        Ok(false) => Err(ApiError::Internal(format!(
-            "sandbox {} ended while it was starting",
-            rec.id
-        ))),
+        Ok(false) => {
+            // The record went (the sandbox ended, or its node was forgotten
+            // or reconciled meanwhile): no sandbox may run without one.
+            if let Ok(node) = api.node_of(&rec) {
+                undo_create(api, node.as_ref(), &rec.id).await;
+            }
+            Err(ApiError::Internal(format!(
+                "sandbox {} ended while it was starting",
+                rec.id
+            )))
+        }
         Err(e) => {
             if let Ok(node) = api.node_of(&rec) {
                 undo_create(api, node.as_ref(), &rec.id).await;
@@ -517,7 +524,7 @@ pub(crate) async fn kill(
     SandboxPath(id): SandboxPath,
 ) -> Result<StatusCode, ApiError> {
     let rec = find(&api, &team, &id).await?;
-    match api.node_of(&rec) {
+    match api.nodes().node_fresh(&rec.node_id).await {
         Ok(node) => match node.kill(&id).await {
             Ok(()) | Err(NodeError::SandboxNotFound(_)) => {}
             Err(e) => return Err(ApiError::from_node(e)),

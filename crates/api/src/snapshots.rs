@@ -293,6 +293,11 @@ async fn snapshot(
     }
     // From here a failure also takes the node's copy away again.
     let recorded = async {
+        // Placement finds the build on the source's node, from the moment
+        // it is ready.
+        api.db()
+            .add_node_build(&source.node_id, &build.template_id, &build.id)
+            .await?;
         if !api
             .db()
             .finish_ready(&build.id, &envd_version, now())
@@ -302,10 +307,6 @@ async fn snapshot(
         }
         api.db()
             .snapshot_made(&build.template_id, source.id.as_str(), &tag, now())
-            .await?;
-        // Placement finds the build on the source's node.
-        api.db()
-            .add_node_build(&source.node_id, &build.template_id, &build.id)
             .await?;
         Ok::<bool, ApiError>(true)
     }

@@ -77,12 +77,14 @@ pub(crate) async fn reconcile_node(
         if !stale {
             // The node is the authority on paused vs running (it pauses
             // by itself at deadlines, events can be missed across restarts).
+            // So is it on the deadline (a resume on traffic moves it).
             if let Some(s) = live.iter().find(|s| s.sandbox_id.as_str() == id) {
                 let node_state = RecordState::from(s.state);
-                if !creating && node_state != rec.state {
+                let moved = s.end_at.timestamp_micros() != rec.end_at.timestamp_micros();
+                if !creating && (node_state != rec.state || moved) {
                     api.db().set_state(&s.sandbox_id, node_state).await?;
                     api.db().set_end_at(&s.sandbox_id, s.end_at).await?;
-                    tracing::info!(sandbox_id = %id, state = node_state.as_str(), "record follows the node's state");
+                    tracing::info!(sandbox_id = %id, state = node_state.as_str(), end_at = %s.end_at, "record follows the node's state");
                 }
             }
             continue;
@@ -110,10 +112,10 @@ pub(crate) async fn reconcile_node(
         .iter()
         .filter(|s| !known.contains(s.sandbox_id.as_str()))
     {
-        // Its record may have been written after the records were read (a
-        // record naming another node means an abandoned placement here).
-        if !exclusive && api.db().node_of(s.sandbox_id.as_str()).await?.as_deref() == Some(node_id)
-        {
+        // Its record may have been written after the records were read.
+        // One naming another node is left alone too: killing is only for
+        // sandboxes no record claims.
+        if !exclusive && api.db().node_of(s.sandbox_id.as_str()).await?.is_some() {
             continue;
         }
         tracing::warn!(
@@ -188,7 +190,13 @@ pub(crate) fn spawn_event_loop_until(
                     }
                 }
                 Ok(SandboxEvent::Ended { sandbox_id, reason }) => {
-                    match api.db().delete_sandbox(sandbox_id.as_str()).await {
+                    // Only this node's record: an id is never on two nodes,
+                    // but a stream from a stale address must not end others.
+                    match api
+                        .db()
+                        .delete_sandbox_on(sandbox_id.as_str(), &node_id)
+                        .await
+                    {
                         Ok(true) => {
                             tracing::info!(sandbox_id = %sandbox_id, %node_id, ?reason, "sandbox ended");
                         }

@@ -1179,7 +1179,8 @@ async fn a_node_without_the_build_is_told_where_to_pull_it() {
     assert_eq!(spec.build_id, BASE_BUILD_ID);
     assert_eq!(c.list().await[&second]["nodeID"], "n2");
 
-    // The holder goes silent: no ready node has the build (or can pull it).
+    // The holder goes silent: no node that answers has the build, so it
+    // cannot be pulled either (503: it comes back with its node).
     nodes[0].stop_heartbeats();
     until("n1 lost", async || {
         c.node_status("n1").await == Some(NodeStatus::Lost)
@@ -1187,7 +1188,7 @@ async fn a_node_without_the_build_is_told_where_to_pull_it() {
     .await;
     let tried = nodes[1].fake.specs().len();
     let a = c.create().await;
-    assert_e2b_error(&a, 404);
+    assert_e2b_error(&a, 503);
     assert_eq!(nodes[1].fake.specs().len(), tried);
     assert_eq!(c.list().await.len(), 2);
     assert_eq!(

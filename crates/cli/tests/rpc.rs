@@ -435,11 +435,14 @@ impl Server {
                 bound_tx.send(listener.local_addr().unwrap()).unwrap();
                 let transfer =
                     axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
-                let app = arca_node::rpc::router(
-                    Arc::clone(&fake) as Arc<dyn NodeService>,
-                    fake as Arc<dyn BuildService>,
-                    TOKEN.into(),
-                    Some(transfer),
+                let app = arca_node::rpc::identify(
+                    arca_node::rpc::router(
+                        Arc::clone(&fake) as Arc<dyn NodeService>,
+                        fake as Arc<dyn BuildService>,
+                        TOKEN.into(),
+                        Some(transfer),
+                    ),
+                    "n1",
                 );
                 tokio::select! {
                     r = axum::serve(listener, app) => r.unwrap(),
@@ -521,6 +524,33 @@ async fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+#[tokio::test]
+async fn a_client_for_one_node_refuses_answers_from_another() {
+    let fake = Fake::new();
+    let server = Server::start(Arc::clone(&fake), any_port());
+    // The node at the address is n1.
+    let right = NodeClient::for_node(&server.url(), TOKEN, "n1").unwrap();
+    right.create(spec("abc")).await.unwrap();
+    assert_eq!(right.list().await.unwrap().len(), 1);
+    // A client made for n2 (which used to be there, say) gets nothing
+    // from n1: no list to reconcile against, no kill reaching it.
+    let wrong = NodeClient::for_node(&server.url(), TOKEN, "n2").unwrap();
+    let err = wrong.list().await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::Unavailable(m) if m.contains("'n1'") && m.contains("'n2'")),
+        "{err:?}"
+    );
+    assert!(matches!(
+        wrong.kill(&id("abc")).await,
+        Err(NodeError::Unavailable(_))
+    ));
+    assert_eq!(fake_count(&right).await, 1);
+}
+
+async fn fake_count(node: &NodeClient) -> usize {
+    node.list().await.unwrap().len()
 }
 
 #[tokio::test]
@@ -736,7 +766,7 @@ async fn bad_bodies_are_invalid_input_and_big_ones_are_refused() {
 }
 
 #[tokio::test]
-async fn an_unreachable_node_is_an_internal_error_naming_it() {
+async fn an_unreachable_node_is_unavailable_naming_it() {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -746,7 +776,8 @@ async fn an_unreachable_node_is_an_internal_error_naming_it() {
     let node = NodeClient::new(&url, TOKEN).unwrap();
     let err = node.get(&id("abc")).await.unwrap_err();
     assert!(
-        matches!(&err, NodeError::Internal(m) if m.contains(&url) && m.contains("get")),
+        // Nothing reached it, so placement may try another node.
+        matches!(&err, NodeError::Unavailable(m) if m.contains(&url) && m.contains("get")),
         "{err:?}"
     );
     let failure = node

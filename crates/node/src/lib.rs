@@ -1949,18 +1949,23 @@ fn sample(inst: &Instance) {
 }
 
 impl NodeService for Node {
+    // Creates and kills run as tasks of their own, as pauses and forks do:
+    // a caller that goes away (an RPC connection closed by an api restart,
+    // a timeout) cannot leave one half done.
     fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<SandboxStatus, NodeError>> {
-        Box::pin(self.create_sandbox(spec))
+        let node = self.clone();
+        Box::pin(detached(async move { node.create_sandbox(spec).await }))
     }
 
     fn kill<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(async move {
-            if self.end(id, EndReason::Killed).await {
+        let (node, id) = (self.clone(), id.clone());
+        Box::pin(detached(async move {
+            if node.end(&id, EndReason::Killed).await {
                 Ok(())
             } else {
-                Err(NodeError::SandboxNotFound(id.clone()))
+                Err(NodeError::SandboxNotFound(id))
             }
-        })
+        }))
     }
 
     fn set_end_at<'a>(

@@ -44,6 +44,37 @@ struct Rpc {
     builder: Arc<dyn BuildService>,
 }
 
+/// `router` as the node `node_id`: a request naming another node in
+/// [`rpc::NODE_ID_HEADER`] is refused (421) before it does anything, and
+/// every answer names this node, so a client made for another node never
+/// acts on this one (an address reused by another machine is never taken
+/// for the node that had it).
+pub fn identify(router: Router, node_id: &str) -> Router {
+    let value = HeaderValue::from_str(node_id).ok();
+    router.layer(middleware::from_fn(move |req: Request, next: Next| {
+        let value = value.clone();
+        async move {
+            let misdirected = match (req.headers().get(rpc::NODE_ID_HEADER), &value) {
+                (Some(asked), Some(me)) => asked != me,
+                _ => false,
+            };
+            let mut resp = if misdirected {
+                let mut r = Response::new(Body::from(
+                    "this is another node; the caller's node is no longer at this address",
+                ));
+                *r.status_mut() = StatusCode::MISDIRECTED_REQUEST;
+                r
+            } else {
+                next.run(req).await
+            };
+            if let Some(v) = value {
+                resp.headers_mut().insert(rpc::NODE_ID_HEADER, v);
+            }
+            resp
+        }
+    }))
+}
+
 /// The RPC routes of a node, under [`rpc::PREFIX`], with `extra` (the
 /// template transfer routes) nested under [`rpc::TRANSFER`].
 ///

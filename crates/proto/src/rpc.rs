@@ -61,6 +61,11 @@ use crate::node::{NodeError, PauseMode, SandboxEvent, SandboxId, SandboxSpec};
 /// Prefix of every node RPC path.
 pub const PREFIX: &str = "/rpc/v1";
 
+/// Response header naming the node that answered (`arca node` sets it
+/// through `arca_node::rpc::identify`), so a client can tell when another
+/// node now answers at an address.
+pub const NODE_ID_HEADER: &str = "arca-node-id";
+
 /// [`NodeService::create`](crate::node::NodeService::create): body a
 /// [`SandboxSpec`], answer a `SandboxStatus`.
 pub const CREATE: &str = "/rpc/v1/create";
@@ -425,7 +430,7 @@ mod tests {
     #[test]
     fn each_error_has_its_status() {
         let statuses: Vec<u16> = every_error().iter().map(status_of).collect();
-        assert_eq!(statuses, [404, 404, 503, 400, 409, 500]);
+        assert_eq!(statuses, [404, 404, 503, 400, 409, 500, 503]);
     }
 
     #[test]

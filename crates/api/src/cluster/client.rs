@@ -88,6 +88,8 @@ struct Conn {
     base: Arc<str>,
     auth: HeaderValue,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// The node id answers must carry, when they carry one at all.
+    expected: Option<Arc<str>>,
 }
 
 impl fmt::Debug for NodeClient {
@@ -108,6 +110,18 @@ impl NodeClient {
     /// A URL that is not `http://host[:port]` or an empty token is
     /// [`NodeError::InvalidInput`]; no runtime is [`NodeError::Internal`].
     pub fn new(rpc_url: &str, token: &str) -> Result<NodeClient, NodeError> {
+        NodeClient::make(rpc_url, token, None)
+    }
+
+    /// As [`NodeClient::new`], for the node `node_id`: an answer naming
+    /// another node (in [`rpc::NODE_ID_HEADER`]) is refused as
+    /// [`NodeError::Unavailable`], so a machine that took over the address
+    /// is never taken for this node.
+    pub fn for_node(rpc_url: &str, token: &str, node_id: &str) -> Result<NodeClient, NodeError> {
+        NodeClient::make(rpc_url, token, Some(node_id))
+    }
+
+    fn make(rpc_url: &str, token: &str, node_id: Option<&str>) -> Result<NodeClient, NodeError> {
         let base = base_url(rpc_url)?;
         if token.is_empty() {
             return Err(NodeError::InvalidInput("the cluster token is empty".into()));
@@ -127,6 +141,7 @@ impl NodeClient {
             base: base.into(),
             auth,
             http: Client::builder(TokioExecutor::new()).build(connector),
+            expected: node_id.map(Arc::from),
         };
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let (count, reconnects) = watch::channel(0);
@@ -236,14 +251,19 @@ impl Conn {
         path: &str,
         body: Bytes,
     ) -> Result<http::Response<Incoming>, NodeError> {
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(verb)
             .uri(format!("{}{path}", self.base))
             .header(header::AUTHORIZATION, self.auth.clone())
-            .header(header::CONTENT_TYPE, rpc::JSON)
+            .header(header::CONTENT_TYPE, rpc::JSON);
+        if let Some(expected) = &self.expected {
+            // The node refuses a request meant for another node.
+            req = req.header(rpc::NODE_ID_HEADER, expected.as_ref());
+        }
+        let req = req
             .body(Full::new(body))
             .map_err(|e| self.failure(method, &e.to_string()))?;
-        self.http.request(req).await.map_err(|e| {
+        let resp = self.http.request(req).await.map_err(|e| {
             let why = arca_proto::error_chain(&e);
             if e.is_connect() {
                 // Nothing was sent: another node may be tried.
@@ -251,7 +271,19 @@ impl Conn {
             } else {
                 self.failure(method, &why)
             }
-        })
+        })?;
+        if let (Some(expected), Some(answered)) =
+            (&self.expected, resp.headers().get(rpc::NODE_ID_HEADER))
+        {
+            if answered.as_bytes() != expected.as_bytes() {
+                return Err(NodeError::Unavailable(format!(
+                    "node {}: {method}: answered by node '{}', not '{expected}'",
+                    self.base,
+                    String::from_utf8_lossy(answered.as_bytes())
+                )));
+            }
+        }
+        Ok(resp)
     }
 
     /// A unary call: its result, or the error the answer stands for.

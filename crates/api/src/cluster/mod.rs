@@ -103,6 +103,18 @@ impl Nodes {
         }
     }
 
+    /// As [`Nodes::node`], reading the node table again first when this
+    /// replica does not know the node yet (it may have registered through
+    /// another replica a moment ago).
+    pub(crate) async fn node_fresh(&self, node_id: &str) -> Result<Arc<dyn NodeService>, ApiError> {
+        if let Nodes::Cluster(reg) = self {
+            if !reg.read().nodes.iter().any(|n| n.row.id == node_id) {
+                reg.refresh().await?;
+            }
+        }
+        self.node(node_id)
+    }
+
     /// Cluster mode: a node's health (`None` under `arca up`).
     pub(crate) fn status(&self, node_id: &str) -> Option<NodeStatus> {
         match self {
@@ -154,8 +166,6 @@ struct NodeView {
 #[derive(Default)]
 struct View {
     nodes: Vec<NodeView>,
-    /// `(template, build)` -> nodes holding it.
-    builds: HashMap<(String, String), Vec<String>>,
     /// Records per node.
     placed: HashMap<String, i64>,
 }
@@ -179,10 +189,14 @@ pub(crate) struct Registry {
     /// replaces the view of one that read it later (a registration's
     /// refresh overtaken by the periodic one would hide the node again).
     refreshing: tokio::sync::Mutex<()>,
-    /// When this replica started: nodes get `lost_after` from then before
+    /// When this replica started, or last read the table after failing to:
+    /// nodes get `lost_after` from then before
     /// a silence counts, so a replica that starts after an outage does
     /// not report every node lost until their next heartbeat.
-    started: DateTime<Utc>,
+    started: Mutex<DateTime<Utc>>,
+    /// The last read of the table failed (the database stalled: heartbeats
+    /// could not be recorded either).
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -195,12 +209,14 @@ impl Registry {
             followed: Mutex::default(),
             returned: Mutex::default(),
             refreshing: tokio::sync::Mutex::default(),
-            started: Utc::now(),
+            started: Mutex::new(Utc::now()),
+            stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn status_of(&self, row: &NodeRow, now: DateTime<Utc>) -> NodeStatus {
-        let silent = (now - row.last_seen.max(self.started))
+        let since = *self.started.lock().unwrap_or_else(PoisonError::into_inner);
+        let silent = (now - row.last_seen.max(since))
             .to_std()
             .unwrap_or_default();
         if silent > self.config.lost_after {
@@ -215,25 +231,36 @@ impl Registry {
     /// Re-reads the node table.
     pub(crate) async fn refresh(&self) -> Result<(), ApiError> {
         let _one_at_a_time = self.refreshing.lock().await;
-        let rows = self.db.nodes().await?;
-        let builds = self.db.node_builds().await?;
-        let placed = self.db.sandboxes_per_node().await?;
+        let read = async {
+            Ok::<_, ApiError>((self.db.nodes().await?, self.db.sandboxes_per_node().await?))
+        };
+        let (rows, placed) = match read.await {
+            Ok(r) => r,
+            Err(e) => {
+                self.stalled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         let now = Utc::now();
-        let mut view = View::default();
-        for (node, b) in builds {
-            view.builds
-                .entry((b.template_id, b.build_id))
-                .or_default()
-                .push(node);
+        // After a database stall no node could heartbeat: count their
+        // silences from now, not from before the stall.
+        if self
+            .stalled
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            *self.started.lock().unwrap_or_else(PoisonError::into_inner) = now;
         }
-        view.placed = placed.into_iter().collect();
-        view.nodes = rows
-            .into_iter()
-            .map(|row| NodeView {
-                status: self.status_of(&row, now),
-                row,
-            })
-            .collect();
+        let view = View {
+            placed: placed.into_iter().collect(),
+            nodes: rows
+                .into_iter()
+                .map(|row| NodeView {
+                    status: self.status_of(&row, now),
+                    row,
+                })
+                .collect(),
+        };
         let mut current = self.view.write().unwrap_or_else(PoisonError::into_inner);
         let back = view.nodes.iter().filter(|n| {
             n.status != NodeStatus::Lost
@@ -286,7 +313,9 @@ impl Registry {
                 return Ok(c.clone());
             }
         }
-        let c = NodeClient::new(&row.rpc_url, &self.config.token)
+        // The client checks every answer comes from this node: another
+        // node now at the address must not be reconciled under this id.
+        let c = NodeClient::for_node(&row.rpc_url, &self.config.token, &row.id)
             .map_err(|e| ApiError::Internal(format!("node {} has a bad RPC URL: {e}", row.id)))?;
         clients.insert(row.id.clone(), (row.rpc_url.clone(), c.clone()));
         Ok(c)
@@ -324,7 +353,9 @@ impl Registry {
         // replica already have their records.
         let placed: HashMap<String, i64> =
             self.db.sandboxes_per_node().await?.into_iter().collect();
-        let (mut ready, holders) = {
+        // Read now too: a build finished a moment ago is already recorded.
+        let holders = self.db.nodes_with_build(template_id, build_id).await?;
+        let (mut ready, sources) = {
             let view = self.read();
             let ready: Vec<NodeView> = view
                 .nodes
@@ -332,22 +363,23 @@ impl Registry {
                 .filter(|n| n.status == NodeStatus::Ready)
                 .cloned()
                 .collect();
-            let holders = view
-                .builds
-                .get(&(template_id.to_string(), build_id.to_string()))
-                .cloned()
-                .unwrap_or_default();
-            (ready, holders)
+            // Any holder that answers can serve a pull, draining ones too;
+            // ready ones first.
+            let mut sources: Vec<&NodeView> = view
+                .nodes
+                .iter()
+                .filter(|n| n.status != NodeStatus::Lost && holders.contains(&n.row.id))
+                .collect();
+            sources.sort_by_key(|n| n.status != NodeStatus::Ready);
+            let sources: Vec<String> = sources.iter().map(|n| n.row.rpc_url.clone()).collect();
+            (ready, sources)
         };
         if ready.is_empty() {
             return Err(ApiError::Capacity(
                 "no node is ready (none registered, or all lost or draining)".into(),
             ));
         }
-        let source = ready
-            .iter()
-            .find(|n| holders.contains(&n.row.id))
-            .map(|n| n.row.rpc_url.clone());
+        let source = sources.first().cloned();
         let score = |n: &NodeView| -> f64 {
             let count = placed
                 .get(&n.row.id)
@@ -384,9 +416,15 @@ impl Registry {
             });
         }
         if out.is_empty() {
-            return Err(ApiError::NotFound(format!(
-                "template '{template_id}' (build {build_id}) is on no ready node"
-            )));
+            return Err(if holders.is_empty() {
+                ApiError::NotFound(format!(
+                    "template '{template_id}' (build {build_id}) is on no node"
+                ))
+            } else {
+                ApiError::NodeUnavailable(format!(
+                    "template '{template_id}' (build {build_id}) is only on nodes that are lost now"
+                ))
+            });
         }
         Ok(out)
     }
@@ -464,6 +502,13 @@ impl Registry {
     fn to_follow(&self) -> Vec<(NodeRow, watch::Receiver<()>)> {
         let rows: Vec<NodeRow> = self.read().nodes.iter().map(|n| n.row.clone()).collect();
         let mut followed = self.followed.lock().unwrap_or_else(PoisonError::into_inner);
+        // Forgotten nodes: stop following them and drop their clients.
+        let known: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        followed.retain(|id, _| known.contains(id.as_str()));
+        self.clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| known.contains(id.as_str()));
         let mut out = Vec::new();
         for r in rows {
             if followed

@@ -837,6 +837,11 @@ mod tests {
         let mut b = record("ib", "t", micros(now), &[]);
         b.node_id = "n1".into();
         b.state = RecordState::Creating;
+        // Expired too, but it pauses at its deadline: not gone.
+        let mut d = record("id", "t", micros(now) - 10_000_000, &[]);
+        d.node_id = "n1".into();
+        d.auto_pause = true;
+        db.insert_sandbox(&d).await.unwrap();
         let mut c = record("ic", "t", micros(now), &[]);
         c.node_id = "n2".into();
         c.end_at = now + chrono::TimeDelta::seconds(60);
@@ -855,12 +860,12 @@ mod tests {
             .map(|s| s.id)
             .collect();
         on1.sort();
-        assert_eq!(on1, ["ia", "ib"]);
+        assert_eq!(on1, ["ia", "ib", "id"]);
         assert_eq!(db.node_of("ic").await.unwrap().as_deref(), Some("n2"));
         assert_eq!(db.node_of("zz").await.unwrap(), None);
         let mut per: Vec<(String, i64)> = db.sandboxes_per_node().await.unwrap();
         per.sort();
-        assert_eq!(per, [("n1".into(), 2), ("n2".into(), 1)]);
+        assert_eq!(per, [("n1".into(), 3), ("n2".into(), 1)]);
         // Only a record still being created moves to another node.
         assert!(db.set_node_of_creating("ib", "n2").await.unwrap());
         assert!(!db.set_node_of_creating("ia", "n2").await.unwrap());
@@ -872,6 +877,7 @@ mod tests {
         assert_eq!(gone, ["ia"]);
         assert!(db.node_of("ib").await.unwrap().is_some());
         assert!(db.node_of("ic").await.unwrap().is_some());
+        assert!(db.node_of("id").await.unwrap().is_some());
     }
     on_both_backends!(records_know_their_node);
 

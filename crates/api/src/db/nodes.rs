@@ -27,6 +27,7 @@ pub(crate) struct NodeSandbox {
     pub(crate) id: String,
     pub(crate) state: RecordState,
     pub(crate) started_at: DateTime<Utc>,
+    pub(crate) end_at: DateTime<Utc>,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, ApiError> {
@@ -35,7 +36,8 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String, ApiError> {
 
 impl Db {
     /// Inserts or refreshes a node's row and replaces its builds, in one
-    /// transaction. A registration makes the node `ready` again.
+    /// transaction. A new node is `ready`; a known one keeps its status (a
+    /// drained node restarted for maintenance stays drained).
     pub(crate) async fn register_node(
         &self,
         reg: &NodeRegistration,
@@ -49,7 +51,7 @@ impl Db {
              version, registered_at, last_seen) \
              VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $8) \
              ON CONFLICT (id) DO UPDATE SET rpc_url = excluded.rpc_url, \
-             edge_addr = excluded.edge_addr, status = 'ready', capacity = excluded.capacity, \
+             edge_addr = excluded.edge_addr, capacity = excluded.capacity, \
              load = excluded.load, runtimes = excluded.runtimes, version = excluded.version, \
              last_seen = excluded.last_seen",
         )
@@ -163,22 +165,22 @@ impl Db {
         Ok(out)
     }
 
-    /// `(node, template, build)` of every build some node holds.
-    pub(crate) async fn node_builds(&self) -> Result<Vec<(String, CachedBuild)>, ApiError> {
-        let rows = sqlx::query("SELECT node_id, template_id, build_id FROM node_builds")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push((
-                r.try_get(0)?,
-                CachedBuild {
-                    template_id: r.try_get(1)?,
-                    build_id: r.try_get(2)?,
-                },
-            ));
-        }
-        Ok(out)
+    /// Nodes holding a build.
+    pub(crate) async fn nodes_with_build(
+        &self,
+        template_id: &str,
+        build_id: &str,
+    ) -> Result<Vec<String>, ApiError> {
+        let rows =
+            sqlx::query("SELECT node_id FROM node_builds WHERE template_id = $1 AND build_id = $2")
+                .bind(template_id)
+                .bind(build_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?)
     }
 
     /// Notes that `node_id` holds a build (it made it, or pulled it).
@@ -219,19 +221,34 @@ impl Db {
 
     /// Every record placed on `node_id`.
     pub(crate) async fn sandboxes_on(&self, node_id: &str) -> Result<Vec<NodeSandbox>, ApiError> {
-        let rows = sqlx::query("SELECT id, state, started_at FROM sandboxes WHERE node_id = $1")
-            .bind(node_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, state, started_at, end_at FROM sandboxes WHERE node_id = $1")
+                .bind(node_id)
+                .fetch_all(&self.pool)
+                .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(NodeSandbox {
                 id: r.try_get(0)?,
                 state: RecordState::parse(&r.try_get::<String, _>(1)?)?,
                 started_at: from_micros(r.try_get(2)?)?,
+                end_at: from_micros(r.try_get(3)?)?,
             });
         }
         Ok(out)
+    }
+
+    /// Deletes the record of sandbox `id` if it is on `node_id`; `false`
+    /// if there was none there.
+    pub(crate) async fn delete_sandbox_on(
+        &self,
+        id: &str,
+        node_id: &str,
+    ) -> Result<bool, ApiError> {
+        match self.node_of(id).await? {
+            Some(n) if n == node_id => self.delete_sandbox(id).await,
+            _ => Ok(false),
+        }
     }
 
     /// The node of sandbox `id` (any team, any state), if the record exists.
@@ -260,8 +277,9 @@ impl Db {
     }
 
     /// Deletes the records of running sandboxes on `node_ids` whose
-    /// deadline passed before `now` (their node ends them by itself, so
-    /// they are gone even if the node cannot say so). Returns the ids.
+    /// deadline passed before `now` and that end (not pause) at it: their
+    /// node ends them by itself, so they are gone even if the node cannot
+    /// say so. Returns the ids.
     pub(crate) async fn delete_expired_on(
         &self,
         node_ids: &[String],
@@ -270,7 +288,8 @@ impl Db {
         let mut gone = Vec::new();
         for node in node_ids {
             let rows = sqlx::query(
-                "SELECT id FROM sandboxes WHERE node_id = $1 AND state = 'running' AND end_at < $2",
+                "SELECT id FROM sandboxes WHERE node_id = $1 AND state = 'running' \
+                 AND auto_pause = 0 AND end_at < $2",
             )
             .bind(node.as_str())
             .bind(micros(now))
@@ -374,24 +393,17 @@ mod tests {
         let n2 = db.nodes().await.unwrap().remove(1);
         assert_eq!(n2.load, load);
         assert_eq!(micros(n2.last_seen), micros(t1));
-        let mut held: Vec<(String, String)> = db
-            .node_builds()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(n, b)| (n, b.build_id))
-            .collect();
-        held.sort();
-        assert_eq!(
-            held,
-            [("n1".into(), "b0".into()), ("n2".into(), "b".into())]
-        );
+        assert_eq!(db.nodes_with_build("base", "b0").await.unwrap(), ["n1"]);
+        assert_eq!(db.nodes_with_build("t", "b").await.unwrap(), ["n2"]);
+        assert!(db.nodes_with_build("t", "b0").await.unwrap().is_empty());
         // Recording a build twice is fine.
         db.add_node_build("n2", "t", "b").await.unwrap();
         assert!(db.set_node_status("n1", "draining").await.unwrap());
         assert!(!db.set_node_status("ghost", "draining").await.unwrap());
-        // A new registration makes it ready again.
+        // A restart (a new registration) keeps a drained node drained.
         db.register_node(&reg("n1", &[]), t1).await.unwrap();
+        assert_eq!(db.nodes().await.unwrap()[0].status, "draining");
+        assert!(db.set_node_status("n1", "ready").await.unwrap());
         assert_eq!(db.nodes().await.unwrap()[0].status, "ready");
     }
     on_both_backends!(nodes_register_heartbeat_and_hold_builds);

@@ -381,6 +381,14 @@ async fn run_build(api: Api, spec: BuildSpec) {
                 built = result.built_steps,
                 "template build finished"
             );
+            // Where it is, before anyone can see it ready and create from
+            // it (the node reports it with its next heartbeat anyway).
+            if let Err(e) = db
+                .add_node_build(&builder_node, &template_id, &build_id)
+                .await
+            {
+                tracing::warn!(error = %chain(&e), "could not record which node holds the build");
+            }
             let r = db
                 .finish_ready(&build_id, &result.envd_version, now())
                 .await;
@@ -389,12 +397,6 @@ async fn run_build(api: Api, spec: BuildSpec) {
                 if let Err(e) = builder.delete_build(&template_id, &build_id).await {
                     tracing::warn!(error = %chain(&e), "could not delete the build of a deleted template");
                 }
-            } else if let Err(e) = db
-                .add_node_build(&builder_node, &template_id, &build_id)
-                .await
-            {
-                // The node reports it with its next registration anyway.
-                tracing::warn!(error = %chain(&e), "could not record which node holds the build");
             }
             r
         }

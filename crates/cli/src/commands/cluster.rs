@@ -60,11 +60,13 @@ impl HttpJson {
         })
     }
 
-    /// POSTs `body` as JSON; the status and the answer's text.
+    /// POSTs `body` as JSON; the status and the answer's text, within
+    /// `limit`.
     pub(crate) async fn post<T: serde::Serialize>(
         &self,
         path: &str,
         body: &T,
+        limit: Duration,
     ) -> anyhow::Result<(http::StatusCode, String)> {
         let json = serde_json::to_vec(body)?;
         let req = http::Request::post(format!("{}{path}", self.base))
@@ -77,9 +79,9 @@ impl HttpJson {
             let body = resp.into_body().collect().await?.to_bytes();
             Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&body).into_owned()))
         };
-        tokio::time::timeout(Duration::from_secs(10), call)
+        tokio::time::timeout(limit, call)
             .await
-            .with_context(|| format!("{}{path}: no answer in 10 s", self.base))?
+            .with_context(|| format!("{}{path}: no answer in {limit:?}", self.base))?
             .with_context(|| format!("calling {}{path}", self.base))
     }
 }
@@ -224,11 +226,16 @@ async fn proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
         args.listen, args.api
     );
     println!("export E2B_SANDBOX_URL=http://{}", args.listen);
-    let mut task = tokio::spawn(arca_proxy::serve(
-        listener,
-        routes,
-        arca_proxy::ProxyConfig::default(),
-    ));
+    let config = arca_proxy::ProxyConfig {
+        // Idle connections to the edges are dropped before the edges drop
+        // them (their header-read timeout), so a request never goes out on
+        // a connection the edge is closing.
+        pool_idle_timeout: arca_proxy::ProxyConfig::default()
+            .header_read_timeout
+            .saturating_sub(Duration::from_secs(10)),
+        ..arca_proxy::ProxyConfig::default()
+    };
+    let mut task = tokio::spawn(arca_proxy::serve(listener, routes, config));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut task => { r??; bail!("the proxy stopped") }

@@ -100,26 +100,32 @@ fn mem_available_mb() -> u64 {
     meminfo_mb("MemAvailable:")
 }
 
-/// Builds this node holds.
-async fn builds(home: &Path) -> Vec<CachedBuild> {
-    let h = home.to_path_buf();
-    let all = tokio::task::spawn_blocking(move || {
-        arca_node::templates::TemplateStore::open(&h).map(|s| s.all())
-    })
-    .await;
-    let mut out: Vec<CachedBuild> = match all {
-        Ok(Ok(all)) => all
-            .into_iter()
-            .map(|b| CachedBuild {
-                template_id: b.template_id,
-                build_id: b.build_id,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
+/// Builds this node holds, from the running node's own store (opening the
+/// store again would clean up under it, e.g. a build step's mounts).
+async fn builds(node: &arca_node::Node) -> Vec<CachedBuild> {
+    let store = arca_node::templates::TemplateStore::from(node.clone());
+    let mut out: Vec<CachedBuild> = tokio::task::spawn_blocking(move || store.all())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| CachedBuild {
+            template_id: b.template_id,
+            build_id: b.build_id,
+        })
+        .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// The api's address when its URL names one by IP.
+fn api_ip(url: &str) -> Option<std::net::IpAddr> {
+    let authority = url.strip_prefix("http://")?.split('/').next()?;
+    authority
+        .parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| authority.parse())
+        .ok()
 }
 
 /// The node id: given, or kept in `$ARCA_HOME/node_id` (made once).
@@ -217,6 +223,11 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
     let mut config = args.node.node_config(&home, has_base)?;
     config.cluster_token = Some(token.clone());
     config.max_sandboxes = args.max_sandboxes;
+    // Sandboxes never reach the api (the rest of the cluster's network:
+    // --deny-net, docs/cluster.md).
+    if let Some(ip) = api_ip(&args.api) {
+        config.net.egress.node_deny.push(ip.to_string());
+    }
     let node = arca_node::Node::start(config)
         .await
         .context("starting the node (try `arca doctor`)")?;
@@ -224,7 +235,10 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
     let svc: Arc<dyn NodeService> = Arc::new(node.clone());
     let builder: Arc<dyn BuildService> = Arc::new(node.clone());
     let transfer = arca_node::transfer::router(node.clone());
-    let rpc = arca_node::rpc::router(svc, builder, token.clone(), Some(transfer));
+    let rpc = arca_node::rpc::identify(
+        arca_node::rpc::router(svc, builder, token.clone(), Some(transfer)),
+        &node_id,
+    );
     let mut rpc_task = tokio::spawn(async move { axum::serve(rpc_listener, rpc).await });
     let routes: Arc<dyn RouteSource> = Arc::new(node.clone());
     let mut edge_task = tokio::spawn(arca_proxy::serve(
@@ -248,7 +262,6 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
     let member = Member {
         http: HttpJson::new(&args.api, &token)?,
         node: node.clone(),
-        home: home.clone(),
         registration: NodeRegistration {
             node_id: node_id.clone(),
             rpc_url,
@@ -282,16 +295,18 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
 struct Member {
     http: HttpJson,
     node: arca_node::Node,
-    home: PathBuf,
     registration: NodeRegistration,
 }
 
 impl Member {
     async fn register(&mut self) -> anyhow::Result<RegistrationReply> {
-        self.registration.builds = builds(&self.home).await;
+        self.registration.builds = builds(&self.node).await;
         self.registration.load = load(&self.node).await;
         let path = format!("{CLUSTER_PREFIX}/nodes");
-        let (status, body) = self.http.post(&path, &self.registration).await?;
+        let (status, body) = self
+            .http
+            .post(&path, &self.registration, Duration::from_secs(10))
+            .await?;
         if !status.is_success() {
             bail!("the api refused the registration ({status}): {body}");
         }
@@ -319,29 +334,64 @@ impl Member {
                 self.registration.builds.len()
             );
             let period = Duration::from_millis(reply.heartbeat_ms.clamp(100, 60_000));
+            // A beat that hangs must not outlive the api's patience: a third
+            // of the silence after which the node would be lost, at most.
+            let patience = Duration::from_millis((reply.lost_after_ms / 3).max(100)).min(period);
             let mut last_builds = self.registration.builds.clone();
             let path = format!(
                 "{CLUSTER_PREFIX}/nodes/{}/heartbeat",
                 self.registration.node_id
             );
+            // Beats at a fixed rate, whatever each one takes.
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut failing = false;
             loop {
-                tokio::time::sleep(period).await;
-                let now_builds = builds(&self.home).await;
+                tick.tick().await;
+                let now_builds = builds(&self.node).await;
                 let beat = Heartbeat {
                     load: load(&self.node).await,
                     builds: (now_builds != last_builds).then(|| now_builds.clone()),
                 };
-                match self.http.post(&path, &beat).await {
-                    Ok((s, _)) if s.is_success() => last_builds = now_builds,
+                let answer = self.http.post(&path, &beat, patience).await;
+                match answer {
+                    Ok((s, _)) if s.is_success() => {
+                        last_builds = now_builds;
+                        if failing {
+                            failing = false;
+                            eprintln!("arca: heartbeats reach the api again");
+                        }
+                    }
                     Ok((s, _)) if s == http::StatusCode::NOT_FOUND => break,
-                    Ok((s, body)) => {
+                    // Said once per outage, not every beat.
+                    Ok((s, body)) if !failing => {
+                        failing = true;
                         tracing::warn!(status = %s, %body, "the api refused a heartbeat");
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %format!("{e:#}"), "heartbeat failed; retrying every beat");
                     }
+                    Ok(_) | Err(_) => {}
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_addresses_come_from_ip_urls_only() {
+        assert_eq!(
+            super::api_ip("http://10.0.0.2:3000").map(|i| i.to_string()),
+            Some("10.0.0.2".into())
+        );
+        assert_eq!(
+            super::api_ip("http://10.0.0.2/").map(|i| i.to_string()),
+            Some("10.0.0.2".into())
+        );
+        assert_eq!(super::api_ip("http://api.internal:3000"), None);
     }
 }
