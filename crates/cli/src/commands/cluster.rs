@@ -122,11 +122,7 @@ pub(crate) struct ApiArgs {
 }
 
 pub(crate) fn run_api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(api(args))
+    super::serve(api(args))
 }
 
 async fn api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
@@ -140,9 +136,7 @@ async fn api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.home)
         .with_context(|| format!("creating {}", args.home.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for the API (--listen)", args.listen))?;
+    let listener = super::listen(args.listen, "the API (--listen)").await?;
     let config = arca_api::ApiConfig {
         domain: args.domain.clone(),
         uploads_dir: args.home.join("uploads"),
@@ -182,11 +176,9 @@ async fn api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
         println!("export E2B_API_KEY={}", key.trim());
     }
     let mut task = tokio::spawn(api.serve(listener));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut task => { r??; bail!("the API server stopped") }
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        () = super::stop_signal()? => {}
     }
     eprintln!("arca: api stopping; nodes keep their sandboxes and deadlines");
     Ok(ExitCode::SUCCESS)
@@ -207,18 +199,12 @@ pub(crate) struct ProxyArgs {
 }
 
 pub(crate) fn run_proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(proxy(args))
+    super::serve(proxy(args))
 }
 
 async fn proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
     let token = cluster_token(args.token_file.as_deref())?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for the proxy (--listen)", args.listen))?;
+    let listener = super::listen(args.listen, "the proxy (--listen)").await?;
     let routes = arca_proxy::ClusterRoutes::new(&args.api, &token)
         .with_context(|| format!("using the api at {}", args.api))?;
     eprintln!(
@@ -236,11 +222,9 @@ async fn proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
         ..arca_proxy::ProxyConfig::default()
     };
     let mut task = tokio::spawn(arca_proxy::serve(listener, routes, config));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut task => { r??; bail!("the proxy stopped") }
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        () = super::stop_signal()? => {}
     }
     Ok(ExitCode::SUCCESS)
 }

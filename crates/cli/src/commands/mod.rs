@@ -40,6 +40,38 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output
     Ok(rt.block_on(f))
 }
 
+/// Runs a server command's `f` on a multi-threaded runtime.
+pub(crate) fn serve<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
+    f: F,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?
+        .block_on(f)
+}
+
+/// Binds `addr` for `what`; a failure says which flag to change.
+pub(crate) async fn listen(
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM: how a server command is told to stop.
+pub(crate) fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
 /// Writes one line of data to stdout.
 pub(crate) fn out(line: impl std::fmt::Display) -> std::io::Result<()> {
     let mut o = std::io::stdout().lock();

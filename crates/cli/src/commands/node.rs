@@ -158,11 +158,7 @@ fn rand_u32() -> u32 {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(node(args))
+    super::serve(node(args))
 }
 
 async fn node(args: &Args) -> anyhow::Result<ExitCode> {
@@ -183,22 +179,8 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
     let home = args.home.clone();
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
     let node_id = node_id(&home, args.node_id.as_deref())?;
-    let rpc_listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for the node RPC (--listen)",
-                args.listen
-            )
-        })?;
-    let edge_listener = tokio::net::TcpListener::bind(args.edge_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for the edge proxy (--edge-listen)",
-                args.edge_listen
-            )
-        })?;
+    let rpc_listener = super::listen(args.listen, "the node RPC (--listen)").await?;
+    let edge_listener = super::listen(args.edge_listen, "the edge proxy (--edge-listen)").await?;
     let rpc_port = rpc_listener.local_addr()?.port();
     let edge_port = edge_listener.local_addr()?.port();
 
@@ -275,13 +257,11 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let mut member_task = tokio::spawn(member.run());
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut rpc_task => { r??; bail!("the node RPC server stopped") }
         r = &mut edge_task => { r??; bail!("the edge proxy stopped") }
         r = &mut member_task => { r?; bail!("the heartbeat loop stopped") }
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        () = super::stop_signal()? => {}
     }
     member_task.abort();
     node.stop().await;

@@ -282,11 +282,7 @@ pub(crate) fn write_key(home: &Path, key: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(up(args))
+    super::serve(up(args))
 }
 
 async fn up(args: &Args) -> anyhow::Result<ExitCode> {
@@ -374,12 +370,10 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         routes,
         arca_proxy::ProxyConfig::default(),
     ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut api_task => { r??; bail!("the API server stopped") }
         r = &mut proxy_task => { r??; bail!("the proxy stopped") }
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        () = super::stop_signal()? => {}
     }
     // Warm sandboxes and unused slots belong to nobody: remove them.
     // Handed-out sandboxes keep running; the next `arca up` reattaches them.
