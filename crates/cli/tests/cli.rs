@@ -82,6 +82,31 @@ fn keys(home: &Path, args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
+fn keys_can_live_in_a_database_named_by_url() {
+    // A cluster's database (PostgreSQL there; any URL arca api takes).
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let url = format!("sqlite:{}", dir.path().join("cluster/arca.db").display());
+    let (code, first, err) = keys(&home, &["--database-url", &url, "create"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(first.trim().starts_with("e2b_"));
+    assert!(dir.path().join("cluster/arca.db").is_file());
+    // Not the home's database: that one does not exist.
+    assert!(!home.join("arca.db").exists());
+    let (code, out, err) = keys(&home, &["--database-url", &url, "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("default")).count(),
+        1,
+        "{out}"
+    );
+    let (code, _, err) = keys(&home, &["list"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no Arca database"), "{err}");
+}
+
+#[test]
 fn keys_create_list_revoke_on_a_fresh_home() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");

@@ -3,7 +3,6 @@
 //! and its first key, and saves that key to `$ARCA_HOME/api_key`.
 //! With `--json`: `{"key", "team"}`.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -18,15 +17,15 @@ pub(crate) struct Args {
     team: String,
 }
 
-pub(crate) fn run(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    block_on(create(args, home, ctx))?
+pub(crate) fn run(args: &Args, at: &super::Where<'_>, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    block_on(create(args, at, ctx))?
 }
 
-async fn create(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let store = super::open(home, true).await?;
+async fn create(args: &Args, at: &super::Where<'_>, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let store = super::open(at, true).await?;
     let mut team = args.team.as_str();
     let key = if let Some(first) = store.ensure_bootstrap().await? {
-        let path = crate::commands::up::write_key(home, &first)?;
+        let path = crate::commands::up::write_key(at.home, &first)?;
         eprintln!(
             "arca: created the team `default` and its first key, also saved to {}",
             path.display()

@@ -2,7 +2,6 @@
 //! mask). With `--json`, one record per key: `id`, `teamId`, `team`,
 //! `mask`, `createdAt`, `revoked`.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use crate::commands::{Ctx, block_on, out, out_json};
@@ -11,9 +10,9 @@ use crate::commands::{Ctx, block_on, out, out_json};
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {}
 
-pub(crate) fn run(_args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(_args: &Args, at: &super::Where<'_>, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let keys = block_on(async {
-        super::open(home, false)
+        super::open(at, false)
             .await?
             .list_keys()
             .await

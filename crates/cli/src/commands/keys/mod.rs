@@ -1,6 +1,6 @@
 //! `arca keys ...`: teams' API keys, straight in the database of
-//! `$ARCA_HOME` (works beside a running `arca up`, and without one; never
-//! touches sandboxes).
+//! `$ARCA_HOME` or the one `--database-url` names (a cluster's; works
+//! beside running servers, and without them; never touches sandboxes).
 
 pub(crate) mod create;
 pub(crate) mod list;
@@ -21,6 +21,10 @@ pub(crate) struct Args {
     /// Arca's state directory (holds arca.db).
     #[arg(long, global = true, env = "ARCA_HOME", default_value = DEFAULT_HOME)]
     home: PathBuf,
+    /// A cluster's database (as `arca api --database-url`) instead of
+    /// `$ARCA_HOME/arca.db`.
+    #[arg(long, global = true, env = "ARCA_DATABASE_URL")]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,19 +40,35 @@ enum Command {
 }
 
 pub(crate) fn run(args: &Args, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let at = Where {
+        home: &args.home,
+        url: args.database_url.as_deref(),
+    };
     super::quiet_pipe(match &args.command {
-        Command::Create(a) => create::run(a, &args.home, ctx),
-        Command::List(a) => list::run(a, &args.home, ctx),
-        Command::Revoke(a) => revoke::run(a, &args.home, ctx),
+        Command::Create(a) => create::run(a, &at, ctx),
+        Command::List(a) => list::run(a, &at, ctx),
+        Command::Revoke(a) => revoke::run(a, &at, ctx),
     })
+}
+
+/// Where the keys are: `home`'s SQLite file, or the database at `url`.
+pub(crate) struct Where<'a> {
+    pub(crate) home: &'a Path,
+    url: Option<&'a str>,
 }
 
 fn database(home: &Path) -> PathBuf {
     home.join("arca.db")
 }
 
-/// Opens the key store of `home`; unless `create`, the database must exist.
-async fn open(home: &Path, create: bool) -> anyhow::Result<KeyStore> {
+/// Opens the key store; unless `create`, a SQLite file must exist.
+async fn open(at: &Where<'_>, create: bool) -> anyhow::Result<KeyStore> {
+    if let Some(url) = at.url {
+        return arca_api::keys_only(url)
+            .await
+            .context("opening the database of --database-url");
+    }
+    let home = at.home;
     let db = database(home);
     if !create && !db.is_file() {
         anyhow::bail!(

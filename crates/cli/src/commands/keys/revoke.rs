@@ -2,7 +2,6 @@
 //! going on past failures. Exit code: 0 all revoked, 1 some did not exist,
 //! 2 some other failure. With `--json`: `{"id", "revoked", "error"?}` each.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use crate::commands::{Ctx, EXIT_ERROR, EXIT_NOT_FOUND, block_on, out_json};
@@ -15,9 +14,9 @@ pub(crate) struct Args {
     ids: Vec<String>,
 }
 
-pub(crate) fn run(args: &Args, home: &Path, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: &Args, at: &super::Where<'_>, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let results = block_on(async {
-        let store = super::open(home, false).await?;
+        let store = super::open(at, false).await?;
         let mut r = Vec::new();
         for id in &args.ids {
             r.push((id, store.revoke_key(id).await));
