@@ -17,21 +17,47 @@ use hyper_util::rt::TokioExecutor;
 /// Shortest cluster token accepted.
 const MIN_TOKEN_LEN: usize = 16;
 
-/// The cluster token from `file`, else from `$ARCA_CLUSTER_TOKEN`.
-pub(crate) fn cluster_token(file: Option<&Path>) -> anyhow::Result<String> {
+/// Where the cluster token comes from (`arca api`, `proxy`, `node`).
+#[derive(clap::Args)]
+pub(crate) struct TokenArgs {
+    /// The cluster token, the same on the api, proxies and nodes (at least
+    /// 16 characters). Given here it shows in `ps`: prefer the variable or
+    /// --token-file.
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the cluster token (wins over --token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for TokenArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenArgs")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+impl TokenArgs {
+    /// The token, checked.
+    pub(crate) fn get(&self) -> anyhow::Result<String> {
+        cluster_token(self.token_file.as_deref(), self.token.as_deref())
+    }
+}
+
+/// The cluster token from `file`, else `given`.
+fn cluster_token(file: Option<&Path>, given: Option<&str>) -> anyhow::Result<String> {
     let token = match file {
         Some(f) => std::fs::read_to_string(f)
             .with_context(|| format!("reading the cluster token from {}", f.display()))?
             .trim()
             .to_string(),
-        None => std::env::var(TOKEN_ENV)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        None => given.unwrap_or_default().trim().to_string(),
     };
     if token.len() < MIN_TOKEN_LEN {
         bail!(
-            "no cluster token: set {TOKEN_ENV} (or --token-file) to the same secret of at least {MIN_TOKEN_LEN} characters on the api, proxies and nodes (e.g. `openssl rand -hex 32`)"
+            "no cluster token: set {TOKEN_ENV} (or --token / --token-file) to the same secret of at least {MIN_TOKEN_LEN} characters on the api, proxies and nodes (e.g. `openssl rand -hex 32`)"
         );
     }
     Ok(token)
@@ -100,9 +126,8 @@ pub(crate) struct ApiArgs {
     /// archives are kept.
     #[arg(long, env = "ARCA_HOME", default_value = super::up::DEFAULT_HOME)]
     home: PathBuf,
-    /// A file holding the cluster token (default: $ARCA_CLUSTER_TOKEN).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: TokenArgs,
     /// How often nodes heartbeat, seconds.
     #[arg(long, default_value_t = 2)]
     heartbeat_secs: u64,
@@ -126,7 +151,7 @@ pub(crate) fn run_api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
-    let token = cluster_token(args.token_file.as_deref())?;
+    let token = args.token.get()?;
     if args.node_lost_after <= args.heartbeat_secs {
         bail!(
             "--node-lost-after ({} s) must be longer than --heartbeat-secs ({} s)",
@@ -193,9 +218,8 @@ pub(crate) struct ProxyArgs {
     /// Address of the sandbox proxy (E2B_SANDBOX_URL).
     #[arg(long, default_value = "127.0.0.1:3001")]
     listen: SocketAddr,
-    /// A file holding the cluster token (default: $ARCA_CLUSTER_TOKEN).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: TokenArgs,
 }
 
 pub(crate) fn run_proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
@@ -203,7 +227,7 @@ pub(crate) fn run_proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
-    let token = cluster_token(args.token_file.as_deref())?;
+    let token = args.token.get()?;
     let listener = super::listen(args.listen, "the proxy (--listen)").await?;
     let routes = arca_proxy::ClusterRoutes::new(&args.api, &token)
         .with_context(|| format!("using the api at {}", args.api))?;
@@ -227,4 +251,36 @@ async fn proxy(args: &ProxyArgs) -> anyhow::Result<ExitCode> {
         () = super::stop_signal()? => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_a_file_first_and_must_be_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-the-file-0123456789\n").unwrap();
+        assert_eq!(
+            cluster_token(Some(&file), Some("given-on-the-line-0123")).unwrap(),
+            "from-the-file-0123456789"
+        );
+        assert_eq!(
+            cluster_token(None, Some(" given-on-the-line-0123 ")).unwrap(),
+            "given-on-the-line-0123"
+        );
+        let short = cluster_token(None, Some("short")).unwrap_err().to_string();
+        assert!(short.contains(TOKEN_ENV) && short.contains("16"), "{short}");
+        assert!(cluster_token(None, None).is_err());
+        assert!(cluster_token(Some(&dir.path().join("missing")), None).is_err());
+        let shown = format!(
+            "{:?}",
+            TokenArgs {
+                token: Some("secret-secret-secret".into()),
+                token_file: None
+            }
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+    }
 }

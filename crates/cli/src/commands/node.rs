@@ -20,7 +20,7 @@ use arca_proto::cluster::{
 };
 use arca_proto::node::{NodeService, RouteSource, SandboxState};
 
-use super::cluster::{HttpJson, cluster_token};
+use super::cluster::{HttpJson, TokenArgs};
 use super::up::NodeArgs;
 
 /// Options of `arca node`.
@@ -32,9 +32,8 @@ pub(crate) struct Args {
     /// The api's URL (any replica), e.g. http://10.0.0.2:3000.
     #[arg(long, env = "ARCA_API_URL")]
     api: String,
-    /// A file holding the cluster token (default: $ARCA_CLUSTER_TOKEN).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: TokenArgs,
     /// This node's id (default: the one kept in $ARCA_HOME/node_id, made on
     /// the first start).
     #[arg(long)]
@@ -167,7 +166,7 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
             "arca node needs root (namespaces, cgroups, nftables); run it as root, and see `arca doctor`"
         );
     }
-    let token = cluster_token(args.token_file.as_deref())?;
+    let token = args.token.get()?;
     let advertise = match args.advertise {
         Some(ip) => ip,
         None if !args.listen.ip().is_unspecified() => args.listen.ip(),
