@@ -111,7 +111,29 @@ pub struct NodeConfig {
     /// Cluster mode: the token this node presents to other nodes when it
     /// pulls a template build it lacks from them
     /// ([`SandboxSpec::template_source`]); `None` outside a cluster.
-    pub cluster_token: Option<String>,
+    pub cluster_token: Option<ClusterToken>,
+}
+
+/// The cluster token, kept out of `Debug` output (of [`NodeConfig`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterToken(String);
+
+impl ClusterToken {
+    /// The token as given.
+    pub fn new(token: impl Into<String>) -> ClusterToken {
+        ClusterToken(token.into())
+    }
+
+    /// The token itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClusterToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterToken(<redacted>)")
+    }
 }
 
 /// Whether this host has a CRIU the node can use (the one `explicit`
@@ -1138,7 +1160,12 @@ impl Node {
             // (not by a node that would refuse the sandbox anyway).
             None => {
                 self.check_capacity(1)?;
-                let token = self.inner.config.cluster_token.as_deref();
+                let token = self
+                    .inner
+                    .config
+                    .cluster_token
+                    .as_ref()
+                    .map(ClusterToken::as_str);
                 transfer::pull_for(&self.inner.templates, &spec, token).await?
             }
         };

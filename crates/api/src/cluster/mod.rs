@@ -50,8 +50,8 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// sandbox belongs to a create that died with its api.
 const STALE_CREATING: Duration = Duration::from_secs(600);
 
-/// Settings of cluster mode (`arca api`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Settings of cluster mode (`arca api`). `Debug` leaves the token out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// Shared secret of nodes, proxies and api replicas.
     pub token: String,
@@ -61,6 +61,17 @@ pub struct ClusterConfig {
     pub lost_after: Duration,
     /// K: ready nodes sampled per placement.
     pub placement_choices: usize,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("token", &"<redacted>")
+            .field("heartbeat", &self.heartbeat)
+            .field("lost_after", &self.lost_after)
+            .field("placement_choices", &self.placement_choices)
+            .finish()
+    }
 }
 
 impl ClusterConfig {
@@ -804,4 +815,16 @@ pub(crate) async fn route(
 /// The age after which a `creating` record of a node is stale.
 pub(crate) fn stale_creating() -> Duration {
     STALE_CREATING
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_token_stays_out_of_debug_output() {
+        let shown = format!("{:?}", super::ClusterConfig::new("s3cr3t-s3cr3t-s3cr3t"));
+        assert!(
+            !shown.contains("s3cr3t") && shown.contains("lost_after"),
+            "{shown}"
+        );
+    }
 }

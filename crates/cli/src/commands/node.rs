@@ -202,7 +202,7 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
         .await??
     };
     let mut config = args.node.node_config(&home, has_base)?;
-    config.cluster_token = Some(token.clone());
+    config.cluster_token = Some(arca_node::ClusterToken::new(token.clone()));
     config.max_sandboxes = args.max_sandboxes;
     // Sandboxes never reach the api (the rest of the cluster's network:
     // --deny-net, docs/cluster.md).
@@ -372,5 +372,12 @@ mod tests {
             Some("10.0.0.2".into())
         );
         assert_eq!(super::api_ip("http://api.internal:3000"), None);
+    }
+
+    #[test]
+    fn the_nodes_token_stays_out_of_debug_output() {
+        let token = arca_node::ClusterToken::new("s3cr3t-s3cr3t-s3cr3t");
+        assert_eq!(token.as_str(), "s3cr3t-s3cr3t-s3cr3t");
+        assert!(!format!("{token:?}").contains("s3cr3t"));
     }
 }
