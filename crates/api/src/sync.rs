@@ -43,7 +43,7 @@ pub(crate) async fn reconcile_at_start(api: &Api) {
 /// `exclusive`: this api is the only one (`arca up` at start), so records
 /// left `creating` belong to a create that died with the previous process.
 /// Otherwise a `creating` record may be another replica's create in
-/// flight and is only removed once it is [`crate::cluster::stale_creating`]
+/// flight and is only removed once it is [`crate::cluster::STALE_CREATING`]
 /// old and the node does not have the sandbox.
 ///
 /// The node is listed before the records are read, so a sandbox being
@@ -70,7 +70,7 @@ pub(crate) async fn reconcile_node(
         } else if creating {
             !on_node
                 && (now - rec.started_at).to_std().unwrap_or_default()
-                    > crate::cluster::stale_creating()
+                    > crate::cluster::STALE_CREATING
         } else {
             !on_node
         };

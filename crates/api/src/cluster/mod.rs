@@ -48,7 +48,7 @@ pub const DEFAULT_PLACEMENT_CHOICES: usize = 3;
 const REFRESH: Duration = Duration::from_secs(1);
 /// A `creating` record older than this on a node that does not have the
 /// sandbox belongs to a create that died with its api.
-const STALE_CREATING: Duration = Duration::from_secs(600);
+pub(crate) const STALE_CREATING: Duration = Duration::from_secs(600);
 
 /// Settings of cluster mode (`arca api`). `Debug` leaves the token out.
 #[derive(Clone, PartialEq, Eq)]
@@ -177,8 +177,6 @@ struct NodeView {
 #[derive(Default)]
 struct View {
     nodes: Vec<NodeView>,
-    /// Records per node.
-    placed: HashMap<String, i64>,
 }
 
 /// Cluster mode's node table, clients and followers of one api replica.
@@ -242,10 +240,7 @@ impl Registry {
     /// Re-reads the node table.
     pub(crate) async fn refresh(&self) -> Result<(), ApiError> {
         let _one_at_a_time = self.refreshing.lock().await;
-        let read = async {
-            Ok::<_, ApiError>((self.db.nodes().await?, self.db.sandboxes_per_node().await?))
-        };
-        let (rows, placed) = match read.await {
+        let rows = match self.db.nodes().await {
             Ok(r) => r,
             Err(e) => {
                 self.stalled
@@ -263,7 +258,6 @@ impl Registry {
             *self.started.lock().unwrap_or_else(PoisonError::into_inner) = now;
         }
         let view = View {
-            placed: placed.into_iter().collect(),
             nodes: rows
                 .into_iter()
                 .map(|row| NodeView {
@@ -470,10 +464,11 @@ impl Registry {
             .collect()
     }
 
-    /// Every node as `GET /cluster/v1/nodes` lists it.
-    pub(crate) fn infos(&self) -> Vec<NodeInfo> {
-        let view = self.read();
-        view.nodes
+    /// Every node as `GET /cluster/v1/nodes` lists it, with `placed`
+    /// records per node.
+    fn infos(&self, placed: &HashMap<String, i64>) -> Vec<NodeInfo> {
+        self.read()
+            .nodes
             .iter()
             .map(|n| NodeInfo {
                 node_id: n.row.id.clone(),
@@ -482,7 +477,7 @@ impl Registry {
                 edge_addr: n.row.edge_addr.clone(),
                 capacity: n.row.capacity,
                 load: n.row.load,
-                sandboxes: u32::try_from(view.placed.get(&n.row.id).copied().unwrap_or(0))
+                sandboxes: u32::try_from(placed.get(&n.row.id).copied().unwrap_or(0))
                     .unwrap_or(u32::MAX),
                 last_seen: n.row.last_seen.to_rfc3339(),
             })
@@ -763,7 +758,9 @@ pub(crate) async fn list_nodes(
 ) -> Result<axum::Json<Vec<NodeInfo>>, ApiError> {
     let reg = authorize(&api, &headers)?;
     reg.refresh().await?;
-    Ok(axum::Json(reg.infos()))
+    // Counted here, not at every refresh: only this listing needs them.
+    let placed = api.db().sandboxes_per_node().await?.into_iter().collect();
+    Ok(axum::Json(reg.infos(&placed)))
 }
 
 /// `POST /cluster/v1/nodes/{id}/drain` and `/ready`.
@@ -810,11 +807,6 @@ pub(crate) async fn route(
         edge_addr,
         node_status,
     }))
-}
-
-/// The age after which a `creating` record of a node is stale.
-pub(crate) fn stale_creating() -> Duration {
-    STALE_CREATING
 }
 
 #[cfg(test)]
