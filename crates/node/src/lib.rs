@@ -1916,15 +1916,24 @@ fn memory_short(min_free_pct: u8) -> bool {
     std::fs::read_to_string("/proc/meminfo").is_ok_and(|info| short_of_memory(&info, min_free_pct))
 }
 
+/// The field `name` (`"MemAvailable:"`, ...) of this host's
+/// `/proc/meminfo`, in KiB.
+pub fn meminfo_kib(name: &str) -> Option<u64> {
+    meminfo_field(&std::fs::read_to_string("/proc/meminfo").ok()?, name)
+}
+
+/// The field `name` of `/proc/meminfo` text, in KiB.
+fn meminfo_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Whether `/proc/meminfo` text shows less than `min_free_pct` percent of
 /// the memory available.
 fn short_of_memory(info: &str, min_free_pct: u8) -> bool {
-    let field = |name: &str| -> Option<u64> {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
+    let field = |name: &str| meminfo_field(info, name);
     match (field("MemTotal:"), field("MemAvailable:")) {
         (Some(total), Some(avail)) => {
             u128::from(avail) * 100 < u128::from(total) * u128::from(min_free_pct)
@@ -2362,5 +2371,10 @@ mod tests {
         assert!(!super::short_of_memory(info, 5));
         assert!(super::short_of_memory(info, 100));
         assert!(!super::short_of_memory("garbage", 100));
+        assert_eq!(super::meminfo_field(info, "MemAvailable:"), Some(95000));
+        assert_eq!(super::meminfo_field(info, "MemTotal:"), Some(1_000_000));
+        assert_eq!(super::meminfo_field(info, "SwapTotal:"), None);
+        // This host has the fields the node and `arca node` read.
+        assert!(super::meminfo_kib("MemTotal:").is_some_and(|k| k > 0));
     }
 }

@@ -116,12 +116,7 @@ fn new_id(i: usize) -> anyhow::Result<SandboxId> {
 }
 
 fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    arca_node::meminfo_kib("MemAvailable:").map_or(0, |kib| kib * 1024)
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {

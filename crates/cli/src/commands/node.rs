@@ -71,7 +71,7 @@ async fn load(node: &arca_node::Node) -> NodeLoad {
     let list = node.list().await.unwrap_or_default();
     let mut l = NodeLoad {
         sandboxes: u32::try_from(list.len()).unwrap_or(u32::MAX),
-        memory_available_mb: mem_available_mb(),
+        memory_available_mb: meminfo_mb("MemAvailable:"),
         ..NodeLoad::default()
     };
     for s in list.iter().filter(|s| s.state == SandboxState::Running) {
@@ -82,21 +82,8 @@ async fn load(node: &arca_node::Node) -> NodeLoad {
     l
 }
 
-fn meminfo_mb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines().find_map(|l| {
-                l.strip_prefix(key)
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb / 1024)
-}
-
-fn mem_available_mb() -> u64 {
-    meminfo_mb("MemAvailable:")
+fn meminfo_mb(name: &str) -> u64 {
+    arca_node::meminfo_kib(name).map_or(0, |kib| kib / 1024)
 }
 
 /// Builds this node holds, from the running node's own store (opening the
