@@ -165,13 +165,7 @@ async fn api(args: &ApiArgs) -> anyhow::Result<ExitCode> {
     let config = arca_api::ApiConfig {
         domain: args.domain.clone(),
         uploads_dir: args.home.join("uploads"),
-        public_url: args.public_url.clone().unwrap_or_else(|| {
-            let mut addr = args.listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{addr}")
-        }),
+        public_url: super::public_url(args.public_url.as_deref(), args.listen),
         ..arca_api::ApiConfig::default()
     };
     let cluster = arca_api::ClusterConfig {

@@ -51,6 +51,19 @@ pub(crate) fn serve<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
         .block_on(f)
 }
 
+/// The API's URL as clients reach it: `given`, else the listen address
+/// (127.0.0.1 when it listens on all addresses).
+pub(crate) fn public_url(given: Option<&str>, listen: std::net::SocketAddr) -> String {
+    if let Some(url) = given {
+        return url.to_string();
+    }
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
 /// Binds `addr` for `what`; a failure says which flag to change.
 pub(crate) async fn listen(
     addr: std::net::SocketAddr,
@@ -117,6 +130,20 @@ mod tests {
         assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
         assert_eq!(parse_kv("a="), Ok(("a".into(), String::new())));
         assert!(parse_kv("=b").is_err() && parse_kv("ab").is_err());
+    }
+
+    #[test]
+    fn public_urls_default_to_a_reachable_listen_address() {
+        let any = "0.0.0.0:3000".parse().unwrap();
+        assert_eq!(public_url(None, any), "http://127.0.0.1:3000");
+        assert_eq!(
+            public_url(None, "10.0.0.2:3000".parse().unwrap()),
+            "http://10.0.0.2:3000"
+        );
+        assert_eq!(
+            public_url(Some("https://api.example"), any),
+            "https://api.example"
+        );
     }
 
     #[test]

@@ -323,13 +323,7 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         domain: args.domain.clone(),
         // Shared with the node, which reads COPY archives from there.
         uploads_dir: home.join("uploads"),
-        public_url: args.public_url.clone().unwrap_or_else(|| {
-            let mut addr = args.api_listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{addr}")
-        }),
+        public_url: super::public_url(args.public_url.as_deref(), args.api_listen),
         ..arca_api::ApiConfig::default()
     };
     let node_svc: Arc<dyn NodeService> = Arc::new(node.clone());
