@@ -128,19 +128,10 @@ fn node_id(home: &Path, given: Option<&str>) -> anyhow::Result<String> {
             return Ok(id.to_string());
         }
     }
-    let id = format!("node-{:08x}", rand_u32());
+    let id = format!("node-{:08x}", rand::random::<u32>());
     std::fs::write(&path, format!("{id}\n"))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // /dev/urandom always exists on Linux.
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    u32::from_le_bytes(b)
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -359,6 +350,16 @@ mod tests {
             Some("10.0.0.2".into())
         );
         assert_eq!(super::api_ip("http://api.internal:3000"), None);
+    }
+
+    #[test]
+    fn node_ids_are_made_once_and_kept() {
+        let home = tempfile::tempdir().unwrap();
+        let made = super::node_id(home.path(), None).unwrap();
+        assert!(made.starts_with("node-") && made.len() == 13, "{made}");
+        assert_eq!(super::node_id(home.path(), None).unwrap(), made);
+        assert_eq!(super::node_id(home.path(), Some("n7")).unwrap(), "n7");
+        assert_eq!(super::node_id(home.path(), None).unwrap(), "n7");
     }
 
     #[test]
