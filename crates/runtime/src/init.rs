@@ -156,6 +156,19 @@ fn stage1(cfg: &InitConfig) -> Res<i32> {
 /// Mounts the sandbox's disk (if any) and its overlay root on
 /// `cfg.root_dir`. Host root, in stage 1's private mount namespace.
 pub(crate) fn mount_root(cfg: &InitConfig) -> Res<()> {
+    mount_root_idmapped(cfg, None)
+}
+
+/// [`mount_root`], with every layer seen through an idmapped mount of the
+/// user namespace `idmap` (held open by the caller) when given, so that
+/// files stored shifted by [`InitConfig::id_map`] appear with their
+/// sandbox owners to whoever reads the root from outside a user namespace
+/// (gVisor's gofer). The idmapped copies are attached under
+/// `<root_dir>.layers/` in the caller's mount namespace.
+pub(crate) fn mount_root_idmapped(
+    cfg: &InitConfig,
+    idmap: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Res<()> {
     if let Some(disk) = &cfg.disk {
         // The writable layer lives on the sandbox's own disk; the loop device
         // detaches itself when the last mount namespace holding it ends.
@@ -188,16 +201,44 @@ pub(crate) fn mount_root(cfg: &InitConfig) -> Res<()> {
         fs::set_permissions(&cfg.upper_dir, fs::Permissions::from_mode(0o755)),
         || "chmod of the upper dir".into(),
     )?;
-    let lower: Vec<String> = cfg
-        .lower_dirs
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
+    let (mut lower_dirs, mut upper_dir, mut work_dir) = (
+        cfg.lower_dirs.clone(),
+        cfg.upper_dir.clone(),
+        cfg.work_dir.clone(),
+    );
+    if let Some(userns) = idmap {
+        // Seen through the map, overlayfs's work dir must belong to the
+        // mapped root as well.
+        ctx(
+            std::os::unix::fs::chown(&cfg.work_dir, root_id, root_id),
+            || "chown of the work dir".into(),
+        )?;
+        let Some(disk) = &cfg.disk else {
+            return Err("an idmapped root needs the sandbox's own disk".into());
+        };
+        let base = cfg.root_dir.with_extension("layers");
+        let rel = |p: &Path| -> Res<std::path::PathBuf> {
+            p.strip_prefix(&disk.mount_point)
+                .map(Path::to_path_buf)
+                .map_err(|_| format!("{} is not on the sandbox's disk", p.display()))
+        };
+        let (upper_rel, work_rel) = (rel(&cfg.upper_dir)?, rel(&cfg.work_dir)?);
+        let disk_view = idmapped_copy(&disk.mount_point, &base.join("disk"), userns)?;
+        upper_dir = disk_view.join(upper_rel);
+        work_dir = disk_view.join(work_rel);
+        lower_dirs = cfg
+            .lower_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, l)| idmapped_copy(l, &base.join(format!("l{i}")), userns))
+            .collect::<Res<_>>()?;
+    }
+    let lower: Vec<String> = lower_dirs.iter().map(|p| p.display().to_string()).collect();
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.join(":"),
-        cfg.upper_dir.display(),
-        cfg.work_dir.display()
+        upper_dir.display(),
+        work_dir.display()
     );
     // The kernel takes mount options up to a page long.
     if opts.len() >= 4096 {
@@ -242,6 +283,36 @@ fn mnt(
             target.display()
         )
     })
+}
+
+/// Attaches an idmapped copy of the mount tree at `src` on `at` (made
+/// empty if missing) and returns `at`.
+fn idmapped_copy(
+    src: &Path,
+    at: &Path,
+    userns: std::os::fd::BorrowedFd<'_>,
+) -> Res<std::path::PathBuf> {
+    use std::os::fd::AsFd;
+    ensure_dir(at)?;
+    let dir = ctx(fs::File::open(src), || format!("opening {}", src.display()))?;
+    let tree = ctx(sys::clone_tree(dir.as_fd(), false), || {
+        format!("copying the mount at {}", src.display())
+    })?;
+    ctx(sys::idmap_tree(tree.as_fd(), userns), || {
+        format!("idmapping {}", src.display())
+    })?;
+    let target = ctx(fs::File::open(at), || format!("opening {}", at.display()))?;
+    ctx(
+        sys::attach_tree(tree.as_fd(), Some(target.as_fd()), c""),
+        || {
+            format!(
+                "attaching the idmapped {} on {}",
+                src.display(),
+                at.display()
+            )
+        },
+    )?;
+    Ok(at.to_path_buf())
 }
 
 fn ensure_dir(p: &Path) -> Res<()> {

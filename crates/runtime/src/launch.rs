@@ -12,9 +12,20 @@ use crate::config::InitConfig;
 /// binary itself). Blocking: call it from a blocking thread. Returns the host
 /// pid of the sandbox's PID 1 (envd), which is not a child of the caller.
 pub fn launch(init_exe: &Path, config: &InitConfig) -> Result<i32, RuntimeError> {
+    run_helper(init_exe, "__init", config)
+}
+
+/// Runs `exe <command>` (a hidden subcommand of the `arca` binary) with
+/// `config` as JSON on its stdin, and reads `{"pid": N}` or
+/// `{"error": "..."}` from its stdout.
+pub(crate) fn run_helper(
+    init_exe: &Path,
+    command: &str,
+    config: &impl serde::Serialize,
+) -> Result<i32, RuntimeError> {
     let json = serde_json::to_vec(config).map_err(|e| RuntimeError::Init(e.to_string()))?;
     let mut child = Command::new(init_exe)
-        .arg("__init")
+        .arg(command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

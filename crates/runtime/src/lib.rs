@@ -20,17 +20,20 @@
 mod apply;
 pub mod cgroup;
 mod config;
+pub mod gvisor;
 mod init;
 mod launch;
 mod restore;
 pub mod seccomp;
 #[allow(unsafe_code)]
 mod sys;
+pub mod vm;
 
 use std::path::PathBuf;
 
 pub use apply::{ApplyOptions, apply, apply_main};
 pub use config::{DEFAULT_ID_MAP, DiskSpec, ENVD_PATH, IdMap, InitConfig};
+pub use gvisor::{GvisorConfig, gvisor_main};
 pub use init::init_main;
 pub use launch::launch;
 pub use restore::{RestoreConfig, restore_main};

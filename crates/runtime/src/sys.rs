@@ -309,3 +309,83 @@ pub(crate) fn attach_loop(
     }
     Err(io::Error::other("no free loop device after 64 attempts"))
 }
+
+/// Marks the detached mount tree `tree` (from [`clone_tree`]) as idmapped
+/// through the user namespace `userns` (mount_setattr(2) with
+/// `MOUNT_ATTR_IDMAP`): files appear owned by the namespace's ids for
+/// their owners on disk, and new files are stored with the reverse map.
+pub(crate) fn idmap_tree(
+    tree: std::os::fd::BorrowedFd<'_>,
+    userns: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: u64::try_from(userns.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?,
+    };
+    let flags =
+        libc::c_uint::try_from(libc::AT_EMPTY_PATH).map_err(|_| io::Error::other("flag"))?;
+    // SAFETY: an empty NUL-terminated path, and `attr` is a properly laid
+    // out `struct mount_attr` (size passed) that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A user namespace whose only mapping is `count` ids from `inside` (in
+/// it) to `outside` (in the caller's), for idmapped mounts: a child is
+/// cloned into it, held while its maps are written and the namespace is
+/// opened, then let go. Single-threaded callers only ([`clone_into`]).
+pub(crate) fn mapping_userns(
+    inside: u32,
+    outside: u32,
+    count: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    let (rd, wr) = nix::unistd::pipe()?;
+    match clone_into(nix::sched::CloneFlags::CLONE_NEWUSER)? {
+        None => {
+            // The child: wait until the parent closes its end, then go.
+            drop(wr);
+            let mut b = [0u8; 1];
+            let _ = nix::unistd::read(&rd, &mut b);
+            // SAFETY: _exit ends the child without running the parent's
+            // destructors or atexit handlers on its copy of the memory.
+            unsafe { libc::_exit(0) }
+        }
+        Some(child) => {
+            drop(rd);
+            let line = format!("{inside} {outside} {count}\n");
+            let result = (|| {
+                for file in ["uid_map", "gid_map"] {
+                    std::fs::write(format!("/proc/{}/{file}", child.as_raw()), &line)?;
+                }
+                std::fs::File::open(format!("/proc/{}/ns/user", child.as_raw()))
+                    .map(std::os::fd::OwnedFd::from)
+            })();
+            drop(wr);
+            let _ = nix::sys::wait::waitpid(child, None);
+            result
+        }
+    }
+}

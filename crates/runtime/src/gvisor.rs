@@ -1,0 +1,373 @@
+//! The `gvisor` backend: the sandbox runs on gVisor's user-space kernel
+//! (`runsc`), which answers its system calls itself, so untrusted code
+//! meets a small, memory-safe surface instead of the host kernel's.
+//!
+//! Arca prepares everything as for `ns` (cgroup, network slot, disk and
+//! overlay root, envd) and hands the root to `runsc` as an OCI bundle.
+//! `arca __gvisor` (a re-exec of the `arca` binary, like `__init`) joins the
+//! sandbox's cgroups and its slot's network namespace, mounts the root in a
+//! private mount namespace (the layers through idmapped mounts, because the
+//! template store keeps files shifted by [`InitConfig::id_map`] and gVisor's
+//! file server reads them as host root), writes `config.json` and runs
+//! `runsc create` and `runsc start`. runsc's processes (sandbox and gofer)
+//! inherit the cgroups, the network and the mount namespace, which ends
+//! with them: nothing stays mounted on the host. It prints
+//! `{"pid": <runsc sandbox pid>}`.
+//!
+//! runsc runs with `--network=host` inside the slot's own namespace:
+//! Debian 12's runsc (2022) refuses its own network stack on kernels newer
+//! than it knows (it takes every namespace for the host's), and the host
+//! stack of a namespace with only the slot's interface, behind the node's
+//! nftables rules, is what the `ns` backend has too (ADR 0007).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, setns, unshare};
+use serde::{Deserialize, Serialize};
+
+use crate::RuntimeError;
+use crate::config::{ENVD_PATH, InitConfig};
+
+/// What `arca __gvisor` reads on its stdin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GvisorConfig {
+    /// The sandbox as `ns` would boot it: its root (`disk`, `lower_dirs`,
+    /// `upper_dir`, `work_dir`, `root_dir`), cgroups, envd, environment,
+    /// host name and id map are used; `files` and `own_netns` are not
+    /// (the node writes the files through envd).
+    pub init: InitConfig,
+    /// The network namespace to run in (the slot's, configured).
+    pub netns: PathBuf,
+    /// The `runsc` binary.
+    pub runsc: PathBuf,
+    /// runsc's platform (`ptrace`, `systrap`, `kvm`).
+    pub platform: String,
+    /// runsc's state directory (`--root`); the sandbox's own.
+    pub state_dir: PathBuf,
+    /// Where the OCI bundle (`config.json`) is written.
+    pub bundle_dir: PathBuf,
+    /// Container id (the sandbox's instance name).
+    pub container_id: String,
+    /// runsc's debug logs go to this directory (`--debug-log`), for
+    /// operators chasing a problem (`ARCA_RUNSC_DEBUG_LOG`).
+    #[serde(default)]
+    pub debug_log: Option<PathBuf>,
+}
+
+impl GvisorConfig {
+    /// runsc's arguments before its subcommand.
+    pub fn global_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--root={}", self.state_dir.display()),
+            format!("--platform={}", self.platform),
+            "--network=host".into(),
+            "--ignore-cgroups".into(),
+        ];
+        if let Some(dir) = &self.debug_log {
+            args.push("--debug".into());
+            args.push(format!("--debug-log={}/", dir.display()));
+        }
+        args
+    }
+}
+
+/// Starts a sandbox under gVisor by re-executing `exe __gvisor`. Blocking.
+/// Returns the pid of runsc's sandbox process.
+pub fn launch(exe: &Path, config: &GvisorConfig) -> Result<i32, RuntimeError> {
+    crate::launch::run_helper(exe, "__gvisor", config)
+}
+
+/// Entry point of `arca __gvisor`: prints `{"pid": N}` or `{"error": ...}`
+/// and returns the exit status.
+pub fn gvisor_main() -> i32 {
+    let mut input = String::new();
+    let result = std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("reading the config: {e}"))
+        .and_then(|_| {
+            serde_json::from_str::<GvisorConfig>(&input).map_err(|e| format!("bad config: {e}"))
+        })
+        .and_then(|cfg| boot(&cfg));
+    let (line, code) = match result {
+        Ok(pid) => (serde_json::json!({ "pid": pid }), 0),
+        Err(e) => (serde_json::json!({ "error": e }), 1),
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    code
+}
+
+fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
+    let me = std::process::id().to_string();
+    for dir in &cfg.init.cgroup_dirs {
+        fs::write(dir.join("cgroup.procs"), &me)
+            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+    }
+    let netns =
+        fs::File::open(&cfg.netns).map_err(|e| format!("opening {}: {e}", cfg.netns.display()))?;
+    setns(&netns, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("joining {}: {e}", cfg.netns.display()))?;
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))?;
+    {
+        use std::os::fd::AsFd;
+        let userns = crate::sys::mapping_userns(cfg.init.id_map.outside, 0, cfg.init.id_map.count)
+            .map_err(|e| format!("making the id-mapping user namespace: {e}"))?;
+        crate::init::mount_root_idmapped(&cfg.init, Some(userns.as_fd()))?;
+    }
+    fs::create_dir_all(&cfg.bundle_dir)
+        .and_then(|()| fs::create_dir_all(&cfg.state_dir))
+        .map_err(|e| format!("creating the bundle: {e}"))?;
+    let spec = oci_spec(cfg);
+    fs::write(
+        cfg.bundle_dir.join("config.json"),
+        serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("writing config.json: {e}"))?;
+    let pid_file = cfg.bundle_dir.join("pid");
+    run_runsc(
+        cfg,
+        &[
+            "create",
+            "--bundle",
+            &cfg.bundle_dir.display().to_string(),
+            "--pid-file",
+            &pid_file.display().to_string(),
+            &cfg.container_id,
+        ],
+    )?;
+    run_runsc(cfg, &["start", &cfg.container_id])?;
+    let pid = fs::read_to_string(&pid_file)
+        .map_err(|e| format!("reading runsc's pid file: {e}"))?
+        .trim()
+        .parse::<i32>()
+        .map_err(|e| format!("runsc's pid file: {e}"))?;
+    Ok(pid)
+}
+
+/// Runs one runsc command. Its output goes to a file, never a pipe: the
+/// processes `runsc create` leaves running (sandbox, gofer) inherit it,
+/// and the container's stdio is runsc's own, so a pipe would stay open
+/// for the sandbox's life.
+fn run_runsc(cfg: &GvisorConfig, args: &[&str]) -> Result<(), String> {
+    let log_path = cfg.bundle_dir.join(format!("runsc-{}.log", args[0]));
+    let log = fs::File::create(&log_path)
+        .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+    let status = Command::new(&cfg.runsc)
+        .args(cfg.global_args())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .status()
+        .map_err(|e| format!("running {}: {e}", cfg.runsc.display()))?;
+    if !status.success() {
+        let err = fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        return Err(format!(
+            "runsc {} failed ({status}): {}",
+            args[0],
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    Ok(())
+}
+
+/// Capabilities of the sandbox's root inside gVisor: the `ns` backend's
+/// set (Docker's default without NET_RAW).
+const CAPS: [&str; 13] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+];
+
+/// The OCI runtime spec of the sandbox: envd as its init, the root as
+/// mounted, gVisor's own `/proc`, `/dev`, `/sys`, and no network
+/// namespace of its own (runsc stays in the slot's).
+pub(crate) fn oci_spec(cfg: &GvisorConfig) -> serde_json::Value {
+    let init = &cfg.init;
+    let mut args = vec![ENVD_PATH.to_string()];
+    args.extend(init.envd_args.iter().cloned());
+    let env: Vec<String> = init.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": args,
+            "env": env,
+            "cwd": "/",
+            "capabilities": {
+                "bounding": CAPS, "effective": CAPS, "permitted": CAPS,
+            },
+            "noNewPrivileges": init.no_new_privs,
+        },
+        "root": { "path": init.root_dir, "readonly": false },
+        "hostname": init.hostname,
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] },
+            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["nosuid", "noexec", "nodev", "ro"] },
+            { "destination": "/run", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "nodev", "mode=755"] },
+            { "destination": ENVD_PATH, "type": "bind", "source": init.envd_binary,
+              "options": ["bind", "ro"] },
+        ],
+        "linux": {
+            "namespaces": [
+                { "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" },
+            ],
+        },
+    })
+}
+
+/// Runs `runsc <global args> <args>` from inside the network namespace
+/// `netns` (runsc reaches a sandbox's control socket there), for
+/// `checkpoint`, `kill` and the like. Blocking; output of a failure in the
+/// error.
+pub fn runsc_in(cfg: &GvisorConfig, args: &[&str]) -> Result<(), String> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", cfg.netns.display()))
+        .arg("--")
+        .arg(&cfg.runsc)
+        .args(cfg.global_args())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running nsenter {}: {e}", cfg.runsc.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "runsc {} failed ({}): {}",
+            args.first().copied().unwrap_or(""),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// runsc's version line, or why it cannot run. Blocking.
+pub fn runsc_version(runsc: &Path) -> Result<String, String> {
+    let out = Command::new(runsc)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", runsc.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --version failed ({})",
+            runsc.display(),
+            out.status
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_ID_MAP;
+
+    fn cfg() -> GvisorConfig {
+        GvisorConfig {
+            init: InitConfig {
+                sandbox_id: "i1".into(),
+                hostname: "i1".into(),
+                lower_dirs: vec!["/l".into()],
+                upper_dir: "/d/upper".into(),
+                work_dir: "/d/work".into(),
+                root_dir: "/s/root".into(),
+                envd_binary: "/bin/envd".into(),
+                envd_args: vec!["--port".into(), "1".into()],
+                env: vec![("PATH".into(), "/bin".into())],
+                own_netns: false,
+                cgroup_dirs: vec![],
+                id_map: DEFAULT_ID_MAP,
+                boot_id: "b".into(),
+                no_new_privs: false,
+                disk: None,
+                files: vec![],
+            },
+            netns: "/run/netns/x".into(),
+            runsc: "/usr/bin/runsc".into(),
+            platform: "ptrace".into(),
+            state_dir: "/s/runsc".into(),
+            bundle_dir: "/s/bundle".into(),
+            container_id: "i1".into(),
+            debug_log: None,
+        }
+    }
+
+    #[test]
+    fn spec_runs_envd_from_its_mount_in_the_callers_network() {
+        let s = oci_spec(&cfg());
+        assert_eq!(s["process"]["args"][0], ENVD_PATH);
+        assert_eq!(s["process"]["args"][2], "1");
+        assert_eq!(s["root"]["path"], "/s/root");
+        assert_eq!(s["hostname"], "i1");
+        let mounts = s["mounts"].as_array().unwrap();
+        let envd = mounts
+            .iter()
+            .find(|m| m["destination"] == ENVD_PATH)
+            .unwrap();
+        assert_eq!(envd["source"], "/bin/envd");
+        assert!(
+            envd["options"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("ro"))
+        );
+        let ns = s["linux"]["namespaces"].as_array().unwrap();
+        assert!(
+            ns.iter()
+                .all(|n| n["type"] != "network" && n["type"] != "user")
+        );
+        let caps = s["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(!caps.contains(&serde_json::json!("CAP_NET_RAW")));
+        assert!(!caps.contains(&serde_json::json!("CAP_SYS_ADMIN")));
+    }
+
+    #[test]
+    fn runsc_keeps_to_its_own_state_and_the_callers_cgroups() {
+        let a = cfg().global_args();
+        assert!(a.contains(&"--root=/s/runsc".to_string()));
+        assert!(a.contains(&"--platform=ptrace".to_string()));
+        assert!(a.contains(&"--ignore-cgroups".to_string()));
+    }
+}
