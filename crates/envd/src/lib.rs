@@ -26,6 +26,8 @@ mod rpc;
 #[allow(unsafe_code)]
 mod sys;
 mod users;
+#[allow(unsafe_code)]
+pub mod vminit;
 mod watch;
 
 use std::collections::BTreeMap;

@@ -22,7 +22,15 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    // PID 1 of a VM (the initramfs' /init): boot the guest first. The kernel
+    // hands init its unknown command-line words as arguments: ignore them.
+    let vm = arca_envd::vminit::is_vm_init();
+    let args = if vm {
+        arca_envd::vminit::boot();
+        Args::parse_from(["arca-envd"])
+    } else {
+        Args::parse()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log_level))
         .with_writer(std::io::stderr)
@@ -40,7 +48,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args));
+    if vm {
+        // A VM's init must not exit (the kernel would panic): power off.
+        if let Err(e) = &result {
+            eprintln!("arca-envd: {e}");
+        }
+        arca_envd::vminit::power_off();
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("arca-envd: {e}");
