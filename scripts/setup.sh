@@ -71,6 +71,8 @@ for comp in rustfmt clippy; do
     rustup component add "${comp}"
   fi
 done
+# gVisor's runsc for the `gvisor` runtime (Debian 12's own is too old; see the script).
+"$repo/scripts/install-runsc.sh"
 if [[ "${1:-}" == --runtime ]]; then
   exit 0
 fi

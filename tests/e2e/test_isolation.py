@@ -22,6 +22,12 @@ from conftest import unique, wait_until
 from harness import base_layer_dir
 
 
+@pytest.fixture(params=["ns", "gvisor"])
+def runtime(request) -> str:
+    """Every attempt is made against each isolation backend that runs here (issue 8)."""
+    return request.param
+
+
 def sh(sbx, cmd: str, user: str = "root", timeout: float = 60):
     """Runs `cmd` in the sandbox with stderr folded into stdout; never raises on exit codes."""
     try:

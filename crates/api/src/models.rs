@@ -41,6 +41,9 @@ pub(crate) struct NewSandbox {
     /// `SandboxNetworkConfig` (CONTRACT 2.6), checked by
     /// [`crate::network::NetworkConfig::from_create`].
     pub(crate) network: Option<NetworkBody>,
+    /// Arca's isolation backend (`ns`, `gvisor`, `vm`); the metadata key
+    /// `arca.runtime` says the same for SDKs that send no extra fields.
+    pub(crate) runtime: Option<String>,
 }
 
 /// `SandboxNetworkConfig` as a create request sends it. What this server

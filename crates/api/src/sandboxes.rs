@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use arca_proto::node::{
-    NodeError, NodeService, PauseMode, SandboxId, SandboxSpec, SandboxStatus, TimeoutAction,
+    NodeError, NodeService, PauseMode, RUNTIME_METADATA_KEY, Runtime, SandboxId, SandboxSpec,
+    SandboxStatus, TimeoutAction,
 };
 use axum::Json;
 use axum::extract::State;
@@ -60,6 +61,32 @@ struct CreateRequest {
     metadata: BTreeMap<String, String>,
     env_vars: BTreeMap<String, String>,
     network: Option<NetworkConfig>,
+    /// The isolation backend asked for (else the template's or `ns`).
+    runtime: Option<Runtime>,
+}
+
+/// The isolation backend a create asks for: the body's `runtime` or the
+/// metadata key `arca.runtime` (which must agree when both are given).
+fn requested_runtime(
+    body: Option<&str>,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Option<Runtime>, ApiError> {
+    let from_meta = metadata.and_then(|m| m.get(RUNTIME_METADATA_KEY));
+    let parse = |s: &str| Runtime::parse(s).map_err(ApiError::BadRequest);
+    match (body, from_meta) {
+        (None, None) => Ok(None),
+        (Some(b), None) => parse(b).map(Some),
+        (None, Some(m)) => parse(m).map(Some),
+        (Some(b), Some(m)) => {
+            let (b, m) = (parse(b)?, parse(m)?);
+            if b != m {
+                return Err(ApiError::BadRequest(format!(
+                    "runtime '{b}' and metadata {RUNTIME_METADATA_KEY}='{m}' disagree; give one"
+                )));
+            }
+            Ok(Some(b))
+        }
+    }
 }
 
 impl CreateRequest {
@@ -88,6 +115,7 @@ impl CreateRequest {
             ));
         }
         let network = NetworkConfig::from_create(body.network, body.allow_internet_access)?;
+        let runtime = requested_runtime(body.runtime.as_deref(), body.metadata.as_ref())?;
         Ok(CreateRequest {
             template: TemplateRef::parse(&body.template_id, "templateID")?,
             timeout_secs,
@@ -98,6 +126,7 @@ impl CreateRequest {
             metadata: body.metadata.unwrap_or_default(),
             env_vars: body.env_vars.unwrap_or_default(),
             network,
+            runtime,
         })
     }
 }
@@ -329,6 +358,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
             req.timeout_secs,
         );
         spec.template_source = c.template_source;
+        spec.runtime = req.runtime;
         match c.node.create(spec).await {
             Ok(status) => return mark_started(&api, rec, status).await,
             // A full or unreachable node made nothing: try the next one.
@@ -391,6 +421,7 @@ pub(crate) fn spec_for(
             .unwrap_or_default(),
         ingress: ingress_spec(rec.network.as_ref(), rec.traffic_access_token.as_deref()),
         template_source: None,
+        runtime: None,
     }
 }
 
@@ -411,6 +442,11 @@ pub(crate) async fn mark_started(
     rec.memory_mb = status.memory_mb;
     rec.disk_size_mb = status.disk_size_mb;
     rec.state = RecordState::Running;
+    // The backend it runs under, where every SDK's get_info shows it.
+    rec.metadata.insert(
+        RUNTIME_METADATA_KEY.to_string(),
+        status.runtime.as_str().to_string(),
+    );
     let marked = api
         .db()
         .mark_running(
@@ -418,6 +454,7 @@ pub(crate) async fn mark_started(
             &rec.envd_version,
             rec.end_at,
             (rec.cpu_count, rec.memory_mb, rec.disk_size_mb),
+            &rec.metadata,
         )
         .await;
     match marked {

@@ -144,6 +144,7 @@ impl FakeNode {
             disk_size_mb: 1024,
             envd_version: "0.6.13".into(),
             pause_mode: None,
+            runtime: Default::default(),
         };
         self.sandboxes.lock().unwrap().insert(id, status);
     }
@@ -190,6 +191,7 @@ impl NodeService for FakeNode {
                 disk_size_mb: spec.disk_size_mb,
                 envd_version: "0.6.13".into(),
                 pause_mode: None,
+                runtime: Default::default(),
             };
             map.insert(spec.sandbox_id, status.clone());
             Ok(status)

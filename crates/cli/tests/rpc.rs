@@ -57,6 +57,7 @@ fn spec(sandbox: &str) -> SandboxSpec {
         network: NetworkSpec::default(),
         ingress: Default::default(),
         template_source: None,
+        runtime: None,
     }
 }
 
@@ -154,6 +155,7 @@ fn status_of(spec: &SandboxSpec) -> SandboxStatus {
         disk_size_mb: spec.disk_size_mb,
         envd_version: "0.6.13".into(),
         pause_mode: None,
+        runtime: Default::default(),
     }
 }
 

@@ -19,6 +19,7 @@ use arca_proto::build::{
     BuildBase, BuildFailure, BuildLog, BuildLogLevel, BuildLogSink, BuildResult, BuildSource,
     BuildSpec, E2bStep,
 };
+use arca_proto::node::{RUNTIME_METADATA_KEY, Runtime};
 use arca_runtime::ApplyOptions;
 use arca_runtime::cgroup::Limits;
 use arca_template::{Base, Command, CopyFrom, CopySpec, Instruction, Stage, StageConfig, Step};
@@ -260,6 +261,13 @@ impl Builder<'_> {
             .start_cmd
             .clone()
             .or_else(|| dockerfile.start_command().map(|argv| shell_join(&argv)));
+        let runtime = match last.config.labels.get(RUNTIME_METADATA_KEY) {
+            Some(name) => Some(
+                Runtime::parse(name)
+                    .map_err(|e| fail(Some("finalize"), format!("LABEL {e}")))?,
+            ),
+            None => None,
+        };
         let build = TemplateBuild {
             template_id: spec.template_id.clone(),
             build_id: spec.build_id.clone(),
@@ -270,6 +278,7 @@ impl Builder<'_> {
             start_cmd,
             ready_cmd: spec.ready_cmd.clone(),
             created_at: Utc::now(),
+            runtime,
         };
         if build.start_cmd.is_some() || build.ready_cmd.is_some() {
             self.check_start(&build).await?;
@@ -674,6 +683,7 @@ impl Builder<'_> {
             // layer afterwards.
             let image = writer.scratch_path("disk.img");
             let plan = BootPlan {
+                runtime: Runtime::Ns,
                 egress: None,
                 resume: None,
                 lowers,
@@ -1091,6 +1101,7 @@ impl Builder<'_> {
             std::fs::create_dir_all(d).map_err(|e| fail(label, e.to_string()))?;
         }
         let plan = BootPlan {
+            runtime: Runtime::Ns,
             egress: None,
             resume: None,
             lowers: self.lowers(&source.layers)?,
@@ -1140,6 +1151,7 @@ impl Builder<'_> {
             .map_err(|e| fail(step, e.to_string()))?;
         self.pin(&build.layers);
         let plan = BootPlan {
+            runtime: Runtime::Ns,
             egress: None,
             resume: None,
             lowers,

@@ -16,6 +16,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod backends;
 mod build;
 mod criu;
 mod disk;
@@ -29,6 +30,8 @@ mod state;
 pub mod templates;
 pub mod transfer;
 
+pub use backends::runtime_support;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -37,7 +40,8 @@ use std::time::{Duration, Instant};
 use arca_net::{NetConfig, Slot, SlotPool};
 use arca_proto::node::{
     BoxFuture, EndReason, LogEntry, MetricSample, NodeError, NodeService, PauseMode, Route,
-    RouteSource, SandboxEvent, SandboxId, SandboxSpec, SandboxState, SandboxStatus, TimeoutAction,
+    RouteSource, Runtime, RuntimeSupport, SandboxEvent, SandboxId, SandboxSpec, SandboxState,
+    SandboxStatus, TimeoutAction,
 };
 use arca_runtime::cgroup::{Cgroup, Layout, Limits};
 use arca_runtime::{DEFAULT_ID_MAP, InitConfig};
@@ -112,6 +116,15 @@ pub struct NodeConfig {
     /// pulls a template build it lacks from them
     /// ([`SandboxSpec::template_source`]); `None` outside a cluster.
     pub cluster_token: Option<ClusterToken>,
+    /// The `runsc` binary of the `gvisor` backend (default: `runsc` on
+    /// `PATH`); without one the backend is unavailable.
+    pub runsc: Option<PathBuf>,
+    /// runsc's platform (default: `systrap` where runsc has it, else
+    /// `ptrace`; `kvm` only when asked).
+    pub gvisor_platform: Option<String>,
+    /// Directory with the `vm` backend's kernel and modules
+    /// (`scripts/vm-assets.sh` fills it; default `$ARCA_HOME/vm`).
+    pub vm_assets: Option<PathBuf>,
 }
 
 /// The cluster token, kept out of `Debug` output (of [`NodeConfig`]).
@@ -309,7 +322,13 @@ impl Instance {
             memory_mb: self.spec.memory_mb,
             disk_size_mb: self.spec.disk_size_mb,
             envd_version: ENVD_VERSION.to_string(),
+            runtime: self.runtime(),
         }
+    }
+
+    /// The isolation backend it runs under (set at create).
+    fn runtime(&self) -> Runtime {
+        self.spec.runtime.unwrap_or_default()
     }
 
     fn is_paused(&self) -> bool {
@@ -381,6 +400,8 @@ struct Inner {
     layout: Layout,
     /// CRIU, when this host has a usable one.
     criu: Option<criu::Criu>,
+    /// The isolation backends this host can run.
+    backends: backends::Backends,
     slots: SlotPool,
     /// DNS forwarder and name checks of domain rules.
     egress: std::sync::OnceLock<arca_egress::Egress>,
@@ -544,6 +565,15 @@ impl Node {
             }
             Err(_) => None,
         };
+        let backends = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || backends::Backends::detect(&config))
+                .await
+                .map_err(|e| StartError::Missing(format!("detecting runtimes: {e}")))?
+        };
+        for s in &backends.support {
+            tracing::info!(runtime = %s.runtime, available = s.available, detail = %s.detail, "isolation backend");
+        }
         let (events, _) = broadcast::channel(1024);
         let (ended, _) = broadcast::channel(1024);
         let node = Node {
@@ -551,6 +581,7 @@ impl Node {
                 config,
                 layout,
                 criu,
+                backends,
                 slots,
                 egress: std::sync::OnceLock::from(egress_service),
                 sandboxes: Mutex::new(HashMap::new()),
@@ -861,6 +892,9 @@ impl Node {
         let cg = inst
             .cgroup()
             .ok_or_else(|| NodeError::Internal(format!("sandbox {id} has no cgroup")))?;
+        // Whatever a later move to disk, fork or snapshot copies is then on
+        // the disk (not in runsc's or the guest kernel's caches).
+        self.flush_guest(&inst).await;
         tokio::task::spawn_blocking(move || cg.set_frozen(true))
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
@@ -900,6 +934,32 @@ impl Node {
         Ok(())
     }
 
+    /// Has a sandbox whose file writes may sit in a kernel of its own
+    /// (gVisor's, a VM's) write them to its disk: `sync` through envd. An
+    /// `ns` sandbox's writes are the host's, which the node syncs itself.
+    pub(crate) async fn flush_guest(&self, inst: &Instance) {
+        if inst.runtime() == Runtime::Ns || inst.is_paused() {
+            return;
+        }
+        let Some((_, ip)) = inst.network() else {
+            return;
+        };
+        let argv = ["sync".to_string()];
+        let cmd = envd::RunCommand {
+            user: "root",
+            argv: &argv,
+            env: &[],
+            cwd: None,
+            timeout: Duration::from_secs(30),
+        };
+        let token = inst.spec.envd_access_token.clone();
+        match self.inner.envd.run(ip, Some(&token), &cmd, |_, _| {}).await {
+            Ok(0) => {}
+            Ok(code) => inst.log("warn", format!("sync before a pause or copy exited {code}")),
+            Err(e) => inst.log("warn", format!("sync before a pause or copy failed: {e}")),
+        }
+    }
+
     /// Moves a frozen sandbox to disk (files kept, processes ended, memory
     /// and slot released), for `why`; nothing if it was resumed, killed or
     /// moved meanwhile.
@@ -919,7 +979,9 @@ impl Node {
         // images falls back to its files.
         let restored = inst.restored.load(std::sync::atomic::Ordering::SeqCst);
         let dump = match (&self.inner.criu, inst.cgroup(), inst.init_pid()) {
-            (Some(criu), Some(cg), Some((pid, _))) if !restored => Some((criu.clone(), cg, pid)),
+            (Some(criu), Some(cg), Some((pid, _))) if !restored && inst.runtime() == Runtime::Ns => {
+                Some((criu.clone(), cg, pid))
+            }
             _ => None,
         };
         inst.checkpointed
@@ -1129,6 +1191,7 @@ impl Node {
             image,
         };
         plan.egress = Some(spec.clone());
+        plan.runtime = inst.runtime();
         plan.resume = Some(StateFile::load(&inst.dir).map_err(|e| {
             NodeError::Internal(format!(
                 "reading the state of sandbox {}: {e}",
@@ -1151,8 +1214,15 @@ impl Node {
             .ok_or_else(|| NodeError::SandboxNotFound(id.clone()))
     }
 
-    async fn create_sandbox(&self, spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
+    async fn create_sandbox(&self, mut spec: SandboxSpec) -> Result<SandboxStatus, NodeError> {
         let id = spec.sandbox_id.clone();
+        // A backend this node lacks is refused before anything is pulled.
+        if let Some(r) = spec.runtime {
+            self.inner
+                .backends
+                .check(r)
+                .map_err(NodeError::InvalidInput)?;
+        }
         let _booting = Booting::new(&self.inner, &spec.template_id, &spec.build_id);
         let build = match self.inner.templates.get(&spec.template_id, &spec.build_id) {
             Some(b) => Some(b),
@@ -1172,6 +1242,13 @@ impl Node {
         let build = build.map(Arc::new).ok_or_else(|| {
             NodeError::TemplateNotFound(format!("{} (build {})", spec.template_id, spec.build_id))
         })?;
+        // The request's backend, else the template's, else `ns`; recorded
+        // in the spec (and so in the state file) for resumes and restarts.
+        let runtime = spec.runtime.or(build.runtime).unwrap_or_default();
+        self.inner.backends.check(runtime).map_err(|e| {
+            NodeError::InvalidInput(format!("template {} asks for it: {e}", spec.template_id))
+        })?;
+        spec.runtime = Some(runtime);
         if lock(&self.inner.sandboxes).contains_key(&id)
             || !lock(&self.inner.creating).insert(id.clone())
         {
@@ -1186,13 +1263,19 @@ impl Node {
             spec.build_id.clone(),
             spec.disk_size_mb,
         );
-        let warm = lock(&self.inner.warm).get_mut(&key).and_then(Vec::pop);
+        // Warm sandboxes are `ns` ones: other backends boot on demand.
+        let warm = if runtime == Runtime::Ns {
+            lock(&self.inner.warm).get_mut(&key).and_then(Vec::pop)
+        } else {
+            None
+        };
         let result = async {
             let booted = match warm {
                 Some(b) => b,
                 None => {
                     let mut plan = self.sandbox_plan(build, spec.disk_size_mb)?;
                     plan.egress = Some(spec.clone());
+                    plan.runtime = runtime;
                     self.boot(id.to_string(), plan).await?
                 }
             };
@@ -1200,7 +1283,7 @@ impl Node {
         }
         .await;
         lock(&self.inner.creating).remove(&id);
-        if result.is_ok() {
+        if result.is_ok() && runtime == Runtime::Ns {
             // This template is in use: keep sandboxes of it ready.
             lock(&self.inner.hot).insert(key);
             self.inner.refill.notify_one();
@@ -1235,6 +1318,7 @@ impl Node {
             .lower_dirs(&build)
             .map_err(|e| NodeError::Internal(e.to_string()))?;
         Ok(BootPlan {
+            runtime: Runtime::Ns,
             egress: None,
             resume: None,
             lowers,
@@ -1267,6 +1351,7 @@ impl Node {
         );
         b.keep_dir = resuming;
         b.disk_size_mb = disk_size_mb;
+        b.runtime = plan.runtime;
         match self.boot_into(&mut b, st, plan).await {
             Ok(()) => Ok(b),
             Err(e) => {
@@ -1363,10 +1448,7 @@ impl Node {
         // gateway (the firewall redirects it), which applies the sandbox's
         // domain rules.
         let mut files = etc_files(&instance_id);
-        files.push((
-            "/etc/resolv.conf".to_string(),
-            format!("nameserver {}\n", slot_host_ip),
-        ));
+        files.push(("/etc/resolv.conf".to_string(), resolv_conf(slot_host_ip)));
         let cfg = InitConfig {
             sandbox_id: instance_id.clone(),
             hostname: instance_id.clone(),
@@ -1390,10 +1472,46 @@ impl Node {
         };
         let exe = inner.config.init_exe.clone();
         let t_disk = t0.elapsed();
-        let pid = tokio::task::spawn_blocking(move || arca_runtime::launch(&exe, &cfg))
-            .await
-            .map_err(|e| internal("init task", &e))?
-            .map_err(|e| internal("starting the sandbox", &e))?;
+        let pid = match plan.runtime {
+            Runtime::Ns => tokio::task::spawn_blocking(move || arca_runtime::launch(&exe, &cfg))
+                .await
+                .map_err(|e| internal("init task", &e))?
+                .map_err(|e| internal("starting the sandbox", &e))?,
+            Runtime::Gvisor => {
+                let slot = b
+                    .slot
+                    .as_ref()
+                    .ok_or_else(|| NodeError::Internal("a gvisor boot without a slot".into()))?;
+                // runsc joins the slot's own namespace, where its `eth0`
+                // already has the sandbox's address and route.
+                let g = inner.backends.gvisor.clone().ok_or_else(|| {
+                    NodeError::InvalidInput("runtime 'gvisor' is not available on this node".into())
+                })?;
+                let gcfg = arca_runtime::GvisorConfig {
+                    init: InitConfig {
+                        own_netns: false,
+                        files: Vec::new(),
+                        ..cfg
+                    },
+                    netns: slot.netns_path.clone(),
+                    runsc: g.runsc,
+                    platform: g.platform,
+                    state_dir: dir.join("runsc"),
+                    bundle_dir: dir.join("bundle"),
+                    container_id: instance_id.clone(),
+                    debug_log: std::env::var_os("ARCA_RUNSC_DEBUG_LOG").map(PathBuf::from),
+                };
+                tokio::task::spawn_blocking(move || arca_runtime::gvisor::launch(&exe, &gcfg))
+                    .await
+                    .map_err(|e| internal("runsc task", &e))?
+                    .map_err(|e| internal("starting the sandbox under gVisor", &e))?
+            }
+            Runtime::Vm => {
+                return Err(NodeError::InvalidInput(
+                    "runtime 'vm' is not available on this node".into(),
+                ));
+            }
+        };
         let t_launch = t0.elapsed();
         b.pid = pid;
         b.pid_start = state::process_start(pid)
@@ -1404,7 +1522,7 @@ impl Node {
             .map_err(|e| internal("writing the state file", &e))?;
         // The sandbox made its network namespace (its user namespace owns
         // it): the slot's interface moves in.
-        if let Some(slot) = &b.slot {
+        if let (Runtime::Ns, Some(slot)) = (plan.runtime, &b.slot) {
             inner
                 .slots
                 .attach(slot, pid)
@@ -1518,8 +1636,16 @@ impl Node {
             .init(sandbox_ip, b.envd_token.as_deref(), &init)
             .await
             .map_err(|e| internal("configuring envd", &e))?;
-        if renamed {
-            for (path, content) in etc_files(spec.sandbox_id.as_str()) {
+        if renamed || b.runtime != Runtime::Ns {
+            // Other backends' roots are not written from the host (a
+            // symlink in the template could lead there): envd writes them.
+            let mut files = etc_files(spec.sandbox_id.as_str());
+            if b.runtime != Runtime::Ns {
+                if let Some(s) = &b.slot {
+                    files.push(("/etc/resolv.conf".into(), resolv_conf(s.host_ip)));
+                }
+            }
+            for (path, content) in files {
                 inner
                     .envd
                     .write_file(sandbox_ip, &spec.envd_access_token, &path, content)
@@ -1615,6 +1741,13 @@ fn set_host_name(pid: i32, pid_start: u64, name: &str) -> std::io::Result<()> {
     .map_err(|_| std::io::Error::other("the host name thread panicked"))?
 }
 
+/// `/etc/resolv.conf` of a sandbox: the node's DNS forwarder, reached at
+/// the gateway (the firewall redirects it), which applies the sandbox's
+/// domain rules.
+fn resolv_conf(gateway: std::net::Ipv4Addr) -> String {
+    format!("nameserver {gateway}\n")
+}
+
 /// `/etc` files that name the sandbox.
 fn etc_files(host: &str) -> Vec<(String, String)> {
     vec![
@@ -1673,6 +1806,8 @@ struct BootPlan {
     /// (not for warm sandboxes and builds): loaded as soon as the slot is
     /// taken, before anything on the sandbox's disk runs.
     egress: Option<SandboxSpec>,
+    /// The isolation backend (builds and warm sandboxes: `ns`).
+    runtime: Runtime,
 }
 
 /// The writable layer of a sandbox.
@@ -1733,6 +1868,8 @@ struct Booted {
     pid: i32,
     pid_start: u64,
     disk_size_mb: u32,
+    /// Its isolation backend.
+    runtime: Runtime,
 }
 
 impl Booted {
@@ -1756,6 +1893,7 @@ impl Booted {
             pid: 0,
             pid_start: 0,
             disk_size_mb: 0,
+            runtime: Runtime::Ns,
         }
     }
 
@@ -1841,14 +1979,19 @@ fn teardown(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &SlotP
 /// gives its slot back; its files stay. Blocking.
 fn stop_runtime(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &SlotPool) {
     if let Some(cg) = cgroup {
+        let members = cg.procs();
         if let Err(e) = cg.kill_all() {
             tracing::warn!(error = %e, "killing a sandbox's processes");
         }
         // The node is the sandbox init's parent (child subreaper): reap it
         // now, or its zombie keeps the cgroup busy. After a restart the init
-        // belongs to the host's init and this returns at once.
+        // belongs to the host's init and this returns at once. runsc's
+        // gofer and QEMU's helpers are orphans of the node as well.
         if pid > 0 {
             reap(pid);
+        }
+        for p in members.into_iter().filter(|p| *p != pid && *p > 0) {
+            reap(p);
         }
         if let Err(e) = cg.remove() {
             tracing::warn!(error = ?e, "removing a sandbox's cgroup");
@@ -2056,7 +2199,11 @@ impl NodeService for Node {
         }))
     }
 
-    fn network_logs<'a>(
+fn runtimes(&self) -> Vec<RuntimeSupport> {
+        self.inner.backends.support.clone()
+    }
+
+        fn network_logs<'a>(
         &'a self,
         id: &'a SandboxId,
     ) -> BoxFuture<'a, Result<Vec<arca_proto::network::EgressLogEntry>, NodeError>> {

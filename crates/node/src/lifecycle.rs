@@ -32,9 +32,17 @@ impl Node {
             return Err(NodeError::SandboxNotFound(id));
         }
         let freeze = !inst.is_paused();
+        if freeze {
+            self.flush_guest(inst).await;
+        }
         let (cgroup, pid) = (inst.cgroup(), inst.init_pid().map(|p| p.0));
         let image = inst.dir.join("disk.img");
-        let criu = self.inner.criu.clone();
+        // CRIU saves `ns` sandboxes only (not runsc or QEMU).
+        let criu = self
+            .inner
+            .criu
+            .clone()
+            .filter(|_| inst.runtime() == arca_proto::node::Runtime::Ns);
         let sid = id.clone();
         tokio::task::spawn_blocking(move || -> Result<bool, String> {
             let frozen = match (&cgroup, freeze) {
@@ -100,6 +108,7 @@ impl Node {
                 s.cpu_count = inst.spec.cpu_count;
                 s.memory_mb = inst.spec.memory_mb;
                 s.disk_size_mb = inst.spec.disk_size_mb;
+                s.runtime = inst.spec.runtime;
                 s
             })
             .collect();
@@ -138,6 +147,7 @@ impl Node {
             .criu
             .as_ref()
             .filter(|_| !inst.restored.load(std::sync::atomic::Ordering::SeqCst))
+            .filter(|_| inst.runtime() == arca_proto::node::Runtime::Ns)
             .map(|_| home.join(format!("f{}", crate::random_suffix())));
         let mut memory = false;
         for (s, claim) in specs.iter().zip(claimed) {
@@ -212,6 +222,7 @@ impl Node {
                     image,
                 };
                 plan.egress = Some(spec.clone());
+                plan.runtime = spec.runtime.unwrap_or_default();
                 let booted = self.boot(spec.sandbox_id.to_string(), plan).await?;
                 self.activate(booted, spec).await
             }
@@ -339,6 +350,7 @@ impl Node {
             start_cmd: parent.start_cmd.clone(),
             ready_cmd: parent.ready_cmd.clone(),
             created_at: Utc::now(),
+            runtime: parent.runtime,
         };
         self.inner
             .templates

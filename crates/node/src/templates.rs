@@ -41,6 +41,10 @@ pub struct TemplateBuild {
     pub ready_cmd: Option<String>,
     /// When it was finished.
     pub created_at: DateTime<Utc>,
+    /// Isolation backend its sandboxes run under unless a create asks for
+    /// another (`LABEL arca.runtime=...`).
+    #[serde(default)]
+    pub runtime: Option<arca_proto::node::Runtime>,
 }
 
 /// Builds and layers on this node. Clones are handles to the same store
@@ -154,6 +158,7 @@ impl TemplateStore {
             start_cmd: None,
             ready_cmd: None,
             created_at: Utc::now(),
+            runtime: None,
         })?;
         let old = self.dir.join(BASE_TEMPLATE_ID).join("rootfs");
         if old.exists() {

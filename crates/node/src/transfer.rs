@@ -857,6 +857,7 @@ mod tests {
             start_cmd: Some("sleep infinity".into()),
             ready_cmd: None,
             created_at: Utc::now(),
+            runtime: None,
         }
     }
 

@@ -132,6 +132,71 @@ pub struct SandboxSpec {
     /// for a node that does not have it yet to pull it from (ADR 0006).
     #[serde(default)]
     pub template_source: Option<String>,
+    /// Isolation backend asked for (metadata key [`RUNTIME_METADATA_KEY`]);
+    /// `None`: the template's (`LABEL arca.runtime=...`), else `ns`.
+    #[serde(default)]
+    pub runtime: Option<Runtime>,
+}
+
+/// The metadata key (of a sandbox, and as a Dockerfile `LABEL` of a
+/// template) that names an isolation backend; the api also writes it into
+/// every sandbox's metadata with the backend it runs under.
+pub const RUNTIME_METADATA_KEY: &str = "arca.runtime";
+
+/// An isolation backend of a sandbox (ARCHITECTURE section 2, `runtime`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// Linux namespaces, cgroups, seccomp, Landlock (the default).
+    #[default]
+    Ns,
+    /// gVisor's `runsc`: a user-space kernel between the sandbox and the host's.
+    Gvisor,
+    /// A virtual machine (QEMU microvm; KVM where it works, else TCG).
+    Vm,
+}
+
+impl Runtime {
+    /// Every backend, weakest isolation first.
+    pub const ALL: [Runtime; 3] = [Runtime::Ns, Runtime::Gvisor, Runtime::Vm];
+
+    /// Its name on the wire and in metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Ns => "ns",
+            Runtime::Gvisor => "gvisor",
+            Runtime::Vm => "vm",
+        }
+    }
+
+    /// The backend named `s`, or a message that lists the names.
+    pub fn parse(s: &str) -> Result<Runtime, String> {
+        Runtime::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown runtime '{s}' in {RUNTIME_METADATA_KEY}; use one of: ns, gvisor, vm"
+                )
+            })
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a node can run one backend, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeSupport {
+    /// The backend.
+    pub runtime: Runtime,
+    /// It can start sandboxes here.
+    pub available: bool,
+    /// What it uses (binary, version, platform) or why it is unavailable.
+    pub detail: String,
 }
 
 /// State of a sandbox as a node reports it.
@@ -192,6 +257,9 @@ pub struct SandboxStatus {
     /// What the pause kept, while paused.
     #[serde(default)]
     pub pause_mode: Option<PauseMode>,
+    /// The isolation backend it runs under.
+    #[serde(default)]
+    pub runtime: Runtime,
 }
 
 /// One resource sample (CONTRACT `SandboxMetric`).
@@ -415,6 +483,16 @@ pub trait NodeService: Send + Sync + 'static {
                 "sandbox {id}: this node keeps no network log"
             )))
         })
+    }
+
+    /// The isolation backends this node can run, and why not the others
+    /// (default: `ns` only).
+    fn runtimes(&self) -> Vec<RuntimeSupport> {
+        vec![RuntimeSupport {
+            runtime: Runtime::Ns,
+            available: true,
+            detail: String::new(),
+        }]
     }
 }
 

@@ -403,16 +403,22 @@ impl Db {
 
     /// Marks a `creating` record running with what the node reported;
     /// `false` if the record is gone (the sandbox already ended).
+    /// `metadata` replaces the record's (the node adds what it decided,
+    /// such as the isolation backend).
     pub(crate) async fn mark_running(
         &self,
         id: &SandboxId,
         envd_version: &str,
         end_at: DateTime<Utc>,
         resources: (u32, u32, u32),
+        metadata: &BTreeMap<String, String>,
     ) -> Result<bool, ApiError> {
+        let encoded = serde_json::to_string(metadata)
+            .map_err(|e| ApiError::Internal(format!("encoding metadata: {e}")))?;
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE sandboxes SET state = 'running', envd_version = $2, end_at = $3, \
-             cpu_count = $4, memory_mb = $5, disk_size_mb = $6 WHERE id = $1",
+             cpu_count = $4, memory_mb = $5, disk_size_mb = $6, metadata = $7 WHERE id = $1",
         )
         .bind(id.as_str())
         .bind(envd_version)
@@ -420,9 +426,25 @@ impl Db {
         .bind(i64::from(resources.0))
         .bind(i64::from(resources.1))
         .bind(i64::from(resources.2))
-        .execute(&self.pool)
+        .bind(encoded)
+        .execute(&mut *tx)
         .await?;
-        Ok(r.rows_affected() > 0)
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for (k, v) in metadata {
+            sqlx::query(
+                "INSERT INTO sandbox_metadata (sandbox_id, meta_key, meta_value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (sandbox_id, meta_key) DO UPDATE SET meta_value = excluded.meta_value",
+            )
+            .bind(id.as_str())
+            .bind(k.as_str())
+            .bind(v.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Sets a record's state (running or paused); `false` if it is gone.

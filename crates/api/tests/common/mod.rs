@@ -171,6 +171,7 @@ fn status(id: &str, started: DateTime<Utc>, end: DateTime<Utc>) -> SandboxStatus
         disk_size_mb: 1024,
         envd_version: "0.6.13".into(),
         pause_mode: None,
+        runtime: Default::default(),
     }
 }
 

@@ -105,6 +105,7 @@ fn spec(id: &SandboxId) -> SandboxSpec {
         network: Default::default(),
         ingress: Default::default(),
         template_source: None,
+        runtime: None,
     }
 }
 
@@ -231,6 +232,9 @@ async fn run_bench(args: &Args, base: &Path, envd: &Path, work: &Path) -> anyhow
         min_free_memory_pct: arca_node::DEFAULT_MIN_FREE_MEMORY_PCT,
         max_sandboxes: 0,
         cluster_token: None,
+        runsc: None,
+        gvisor_platform: None,
+        vm_assets: None,
     })
     .await
     .context("starting a node for the benchmark (try `arca doctor`)")?;

@@ -226,7 +226,12 @@ async fn node(args: &Args) -> anyhow::Result<ExitCode> {
             rpc_url,
             edge_addr,
             capacity,
-            runtimes: vec!["ns".to_string()],
+            runtimes: node
+                .runtimes()
+                .into_iter()
+                .filter(|r| r.available)
+                .map(|r| r.runtime.as_str().to_string())
+                .collect(),
             builds: Vec::new(),
             load: NodeLoad::default(),
             version: env!("CARGO_PKG_VERSION").to_string(),

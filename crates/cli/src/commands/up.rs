@@ -110,6 +110,17 @@ pub(crate) struct NodeArgs {
     /// Default: /usr/local/sbin/criu, then criu on PATH.
     #[arg(long, env = "ARCA_CRIU")]
     criu: Option<PathBuf>,
+    /// The runsc binary of the `gvisor` runtime (default: runsc on PATH;
+    /// Debian's `runsc` package). Without one, `gvisor` is unavailable.
+    #[arg(long, env = "ARCA_RUNSC")]
+    runsc: Option<PathBuf>,
+    /// runsc's platform (default: systrap where runsc has it, else ptrace).
+    #[arg(long, value_name = "PLATFORM")]
+    gvisor_platform: Option<String>,
+    /// Kernel and modules of the `vm` runtime, as scripts/vm-assets.sh
+    /// makes them (default: $ARCA_HOME/vm).
+    #[arg(long, env = "ARCA_VM_ASSETS")]
+    vm_assets: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -169,6 +180,9 @@ impl NodeArgs {
             min_free_memory_pct: self.min_free_memory_pct,
             max_sandboxes: 0,
             cluster_token: None,
+            runsc: self.runsc.clone(),
+            gvisor_platform: self.gvisor_platform.clone(),
+            vm_assets: self.vm_assets.clone(),
         })
     }
 }

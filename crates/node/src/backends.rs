@@ -1,0 +1,166 @@
+//! Which isolation backends this node can run, and what each one uses.
+//! `ns` always works where the node starts at all; `gvisor` needs a
+//! `runsc`; `vm` needs QEMU and the kernel assets of
+//! `scripts/vm-assets.sh`.
+
+use std::path::{Path, PathBuf};
+
+use arca_proto::node::{Runtime, RuntimeSupport};
+
+use crate::NodeConfig;
+
+/// The `gvisor` backend's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Gvisor {
+    pub(crate) runsc: PathBuf,
+    pub(crate) platform: String,
+}
+
+/// What this node found at start.
+#[derive(Debug, Clone)]
+pub(crate) struct Backends {
+    pub(crate) gvisor: Option<Gvisor>,
+    pub(crate) support: Vec<RuntimeSupport>,
+}
+
+impl Backends {
+    /// Looks for each backend's parts. Blocking (runs `runsc --version`).
+    pub(crate) fn detect(config: &NodeConfig) -> Backends {
+        let mut support = vec![RuntimeSupport {
+            runtime: Runtime::Ns,
+            available: true,
+            detail: "namespaces, cgroups, seccomp, Landlock".into(),
+        }];
+        let gvisor = match detect_gvisor(config) {
+            Ok(g) => {
+                support.push(RuntimeSupport {
+                    runtime: Runtime::Gvisor,
+                    available: true,
+                    detail: format!(
+                        "{} ({}), platform {}, host network in the sandbox's namespace",
+                        g.0.runsc.display(),
+                        g.1,
+                        g.0.platform
+                    ),
+                });
+                Some(g.0)
+            }
+            Err(why) => {
+                support.push(RuntimeSupport {
+                    runtime: Runtime::Gvisor,
+                    available: false,
+                    detail: why,
+                });
+                None
+            }
+        };
+        support.push(RuntimeSupport {
+            runtime: Runtime::Vm,
+            available: false,
+            detail: "not built into this node yet".into(),
+        });
+        Backends { gvisor, support }
+    }
+
+    /// `Ok` when `runtime` can start sandboxes here, else the message of a
+    /// 400 that says what is missing.
+    pub(crate) fn check(&self, runtime: Runtime) -> Result<(), String> {
+        match self.support.iter().find(|s| s.runtime == runtime) {
+            Some(s) if s.available => Ok(()),
+            Some(s) => Err(format!(
+                "runtime '{runtime}' is not available on this node: {}; available: {}",
+                s.detail,
+                self.available().join(", ")
+            )),
+            None => Err(format!("runtime '{runtime}' is unknown to this node")),
+        }
+    }
+
+    /// Names of the backends that work here.
+    pub(crate) fn available(&self) -> Vec<String> {
+        self.support
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| s.runtime.as_str().to_string())
+            .collect()
+    }
+}
+
+fn detect_gvisor(config: &NodeConfig) -> Result<(Gvisor, String), String> {
+    let runsc = match &config.runsc {
+        Some(p) => p.clone(),
+        None => find_in_path("runsc").ok_or_else(|| {
+            "no runsc on PATH (install Debian's runsc package, or pass --runsc)".to_string()
+        })?,
+    };
+    let version = arca_runtime::gvisor::runsc_version(&runsc)?;
+    if release_date(&version).is_some_and(|d| d < MIN_RUNSC_DATE) {
+        return Err(format!(
+            "{} is too old ({version}: its statx refuses what coreutils asks, so `ls -l` fails \
+             inside); install a 2024 release with scripts/install-runsc.sh",
+            runsc.display()
+        ));
+    }
+    let platform = config
+        .gvisor_platform
+        .clone()
+        .unwrap_or_else(|| default_platform(&version).to_string());
+    Ok((Gvisor { runsc, platform }, version))
+}
+
+/// The oldest runsc release the backend accepts (Debian's bookworm-backports
+/// build; Debian 12's own 2022 one breaks coreutils).
+const MIN_RUNSC_DATE: u32 = 20_240_101;
+
+/// The release date in runsc's version line ("runsc version
+/// release-20240513.0", "runsc version 0.0~20221219.0").
+fn release_date(version_line: &str) -> Option<u32> {
+    version_line
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 8)
+        .and_then(|d| d.parse::<u32>().ok())
+}
+
+/// `systrap` for runsc releases that have it (mid 2023 on), `ptrace` for
+/// older ones; `kvm` is never chosen by itself (nested KVM hangs, see
+/// MACHINE.md).
+pub(crate) fn default_platform(version_line: &str) -> &'static str {
+    match release_date(version_line) {
+        Some(d) if d >= 20_230_601 => "systrap",
+        _ => "ptrace",
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// What each backend would use on this host with `config`, for `arca
+/// doctor`. Blocking.
+pub fn runtime_support(config: &NodeConfig) -> Vec<RuntimeSupport> {
+    Backends::detect(config).support
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_follows_the_runsc_release() {
+        assert_eq!(default_platform("runsc version 0.0~20221219.0"), "ptrace");
+        assert_eq!(
+            default_platform("runsc version release-20240513.0"),
+            "systrap"
+        );
+        assert_eq!(default_platform("runsc version unknown"), "ptrace");
+    }
+}
