@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2b import CommandExitException, NotFoundException, Sandbox
+from e2b import CommandExitException, NotFoundException, Sandbox, SandboxException
 
-from conftest import unique, wait_until
+from conftest import create_sandbox, unique, wait_until
 from harness import base_layer_dir
 
 
@@ -97,7 +97,7 @@ def probe_all(sbx, targets: list[tuple[str, int]]) -> dict[str, str]:
 # --- files ------------------------------------------------------------------------------------
 
 
-def test_host_files_invisible_and_unwritable(arca, sandbox):
+def test_host_files_invisible_and_unwritable(arca, sandbox, runtime):
     secret = f"/tmp/arca-e2e-secret-{unique()}"
     token = "host-file-" + unique()
     Path(secret).write_text(token)
@@ -118,15 +118,17 @@ def test_host_files_invisible_and_unwritable(arca, sandbox):
             sandbox,
             f"echo pwned > /{name} && echo pwned > /etc/{name} && "
             f"echo 'evil:x:0:0::/:/bin/sh' >> /etc/passwd && echo evil > /etc/hostname && "
-            f"echo pwned > /proc/1/root/etc/{name}-2 && echo written",
+            f"echo written; echo pwned > /proc/1/root/etc/{name}-2",
         )
-        assert out.strip().endswith("written"), out  # inside the sandbox these succeed
+        # Inside the sandbox these succeed (the last one may be refused: gVisor does not let
+        # a shell into envd's /proc/1/root; under ns it is the sandbox's own root).
+        assert "written" in out, out
         for p in (f"/{name}", f"/etc/{name}", f"/etc/{name}-2", f"{template_etc}/{name}"):
             assert not os.path.exists(p), f"sandbox wrote {p} on the host"
         assert {p: sha256(p) for p in before} == before
         assert sha256(str(template_etc / "passwd")) == template_passwd
         # A fresh sandbox from the same template does not see the changes either.
-        other = Sandbox.create(timeout=60)
+        other = create_sandbox(runtime, timeout=60)
         try:
             _, out = sh(other, f"ls /{name} /etc/{name}; grep -c evil /etc/passwd")
             assert "No such file" in out and out.strip().endswith("0"), out
@@ -254,7 +256,7 @@ def test_mount_and_remount_refused(arca, sandbox):
     assert arca.mounts() == []
 
 
-def test_network_and_host_name_cannot_be_changed_from_inside(arca, sandbox, sandbox_b):
+def test_network_and_host_name_cannot_be_changed_from_inside(arca, sandbox, sandbox_b, runtime):
     """The sandbox's user namespace owns its network and uts namespaces (ADR 0004), but sandbox
     root has no CAP_NET_ADMIN, CAP_SYS_ADMIN or CAP_NET_RAW: it cannot take its interface down,
     give itself another address (to pose as another sandbox), rename the host or open raw and
@@ -286,7 +288,11 @@ def test_network_and_host_name_cannot_be_changed_from_inside(arca, sandbox, sand
     _, out = sh(sandbox, "python3 /tmp/net.py")
     for made in ("DOWN", "READDRESSED", "RENAMED", "PACKET", "RAW"):
         assert made not in out, out
-    assert out.count("refused 1") == 5, out  # EPERM each time
+    if runtime == "ns":
+        assert out.count("refused 1") == 5, out  # EPERM each time
+    else:
+        # gVisor refuses too, interface ioctls with ENOTTY (its kernel has none of them).
+        assert out.count("refused") == 5, out
     # Ping still works without raw sockets (ping sockets), to the sandbox's own address.
     assert sh(sandbox, f"python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); print('ok')\"")[1].strip() == "ok"
     assert sandbox_ip(sandbox) == ip
@@ -349,26 +355,32 @@ def test_host_sysctls_and_clock_unchanged(sandbox):
 # --- limits -----------------------------------------------------------------------------------
 
 
-def test_fork_bomb_contained(arca, sandbox, sandbox_b):
+def test_fork_bomb_contained(arca, sandbox, sandbox_b, runtime):
     name = arca.handed_out()[sandbox.sandbox_id]  # its cgroups' name on the host
     pids_max = arca.cgroup_file(sandbox.sandbox_id, "pids.max")
     assert pids_max is not None, "no pids cgroup for the sandbox"
     limit = int(pids_max.read_text())
     events = pids_max.with_name("pids.events")
+
+    def limit_hit_or_ended():
+        try:
+            return int(events.read_text().split()[-1]) > 0
+        except FileNotFoundError:
+            # gVisor's tasks are not host processes: the bomb grows runsc's memory until the
+            # sandbox's memory limit ends the whole sandbox (its cgroups go with it).
+            return runtime != "ns"
+
     sandbox.commands.run("bomb() { bomb | bomb & }; bomb", background=True, timeout=0)
-    wait_until(
-        lambda: int(events.read_text().split()[-1]) > 0,
-        "the fork bomb hitting the pids limit",
-        limit_s=60,
-        every_s=0.5,
-    )
-    assert int(pids_max.with_name("pids.current").read_text()) <= limit
+    wait_until(limit_hit_or_ended, "the fork bomb hitting a limit", limit_s=90, every_s=0.5)
+    current = pids_max.with_name("pids.current")
+    if current.exists():
+        assert int(current.read_text()) <= limit
     # The host, the api and the other sandbox stay responsive.
     assert subprocess.run(["true"], timeout=30).returncode == 0
     assert arca.api("GET", "/health").status == 200
     assert sandbox_b.commands.run("echo fine", timeout=60).stdout == "fine\n"
-    # And the bombed sandbox can be killed, with all its processes.
-    assert Sandbox.kill(sandbox.sandbox_id) is True
+    # And the bombed sandbox can be killed, with all its processes (or has ended already).
+    assert Sandbox.kill(sandbox.sandbox_id) or runtime != "ns"
     wait_until(
         lambda: name not in {d.name for d in arca.cgroup_dirs()},
         "the bombed sandbox's cgroups removed",
@@ -388,17 +400,21 @@ def _cgroup_of(pid: int) -> str:
         return ""
 
 
-def test_oom_stays_inside(arca, sandbox, sandbox_b):
+def test_oom_stays_inside(arca, sandbox, sandbox_b, runtime):
     r = arca.api("GET", f"/sandboxes/{sandbox.sandbox_id}").json()
     mem_mb = r["memoryMB"]
     # Touch three times the sandbox's memory.
-    rc, out = sh(
-        sandbox,
-        f"python3 -c 'b = bytearray({3 * mem_mb} * 1024 * 1024); print(\"allocated\")'",
-        user="user",
-        timeout=120,
-    )
-    assert rc != 0 and "allocated" not in out, out
+    try:
+        rc, out = sh(
+            sandbox,
+            f"python3 -c 'b = bytearray({3 * mem_mb} * 1024 * 1024); print(\"allocated\")'",
+            user="user",
+            timeout=120,
+        )
+        assert rc != 0 and "allocated" not in out, out
+    except SandboxException:
+        # Under gVisor the memory limit holds runsc itself: the whole sandbox ends.
+        assert runtime != "ns"
     assert arca.proc.poll() is None, "arca up died"
     assert sandbox_b.commands.run("echo fine").stdout == "fine\n"
     try:
@@ -406,8 +422,17 @@ def test_oom_stays_inside(arca, sandbox, sandbox_b):
         assert sandbox.commands.run("echo survived").stdout == "survived\n"
     except Exception:
         # Or the sandbox ended alone: then it is gone from the api.
-        with pytest.raises(NotFoundException):
-            Sandbox.get_info(sandbox.sandbox_id)
+        wait_until(
+            lambda: _gone(sandbox.sandbox_id), "the ended sandbox gone from the api", limit_s=30
+        )
+
+
+def _gone(sandbox_id: str) -> bool:
+    try:
+        Sandbox.get_info(sandbox_id)
+        return False
+    except NotFoundException:
+        return True
 
 
 def test_disk_limit(arca, sandbox):

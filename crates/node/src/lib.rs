@@ -782,7 +782,9 @@ impl Node {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let all: Vec<Arc<Instance>> = lock(&inner.sandboxes).values().cloned().collect();
+                let prefix = inner.config.net.name_prefix.clone();
                 drop(inner);
+                let _ = tokio::task::spawn_blocking(move || reap_orphans(&prefix)).await;
                 for inst in all {
                     sample(&inst);
                 }
@@ -1999,6 +2001,45 @@ fn stop_runtime(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &S
     }
     if let Some(slot) = slot {
         slots.release(slot);
+    }
+}
+
+/// Reaps the zombies sandboxes left to the node (a child subreaper): a
+/// sandbox process whose parent ended first (runsc's gofer and stubs when
+/// its sandbox process dies, QEMU's helpers) becomes the node's child.
+/// Only zombies that died in a sandbox cgroup under `cgroup_parent`, and
+/// not the node's own `arca` helpers (whose waits are their launchers').
+fn reap_orphans(cgroup_parent: &str) {
+    let me = std::process::id().to_string();
+    let marker = format!("/{cgroup_parent}/");
+    let own_comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) S ppid ...": the comm may hold anything, so after
+        // its last ')'.
+        let mut rest = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_ascii_whitespace();
+        if rest.next() != Some("Z") || rest.next() != Some(me.as_str()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if comm != own_comm && cgroup.contains(&marker) {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
     }
 }
 

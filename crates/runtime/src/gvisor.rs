@@ -66,6 +66,10 @@ impl GvisorConfig {
             format!("--platform={}", self.platform),
             "--network=host".into(),
             "--ignore-cgroups".into(),
+            // Writes go to the sandbox's own disk (its overlay upper), not
+            // to an overlay runsc would keep inside its own memory file:
+            // pauses to disk, forks and snapshots copy that disk.
+            "--overlay2=none".into(),
         ];
         if let Some(dir) = &self.debug_log {
             args.push("--debug".into());
@@ -112,6 +116,15 @@ fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
         fs::File::open(&cfg.netns).map_err(|e| format!("opening {}: {e}", cfg.netns.display()))?;
     setns(&netns, CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("joining {}: {e}", cfg.netns.display()))?;
+    // runsc opens the sandbox's sockets in this namespace (host network
+    // mode): let them bind low ports and be ping sockets, as `ns` does.
+    for (knob, value) in [
+        ("ip_unprivileged_port_start", "0"),
+        ("ping_group_range", "0 65535"),
+    ] {
+        fs::write(Path::new("/proc/sys/net/ipv4").join(knob), value)
+            .map_err(|e| format!("setting {knob} in the sandbox's network: {e}"))?;
+    }
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
     mount(
         None::<&str>,
@@ -369,5 +382,6 @@ mod tests {
         assert!(a.contains(&"--root=/s/runsc".to_string()));
         assert!(a.contains(&"--platform=ptrace".to_string()));
         assert!(a.contains(&"--ignore-cgroups".to_string()));
+        assert!(a.contains(&"--overlay2=none".to_string()));
     }
 }
