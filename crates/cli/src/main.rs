@@ -62,6 +62,10 @@ fn main() -> ExitCode {
         let code = arca_runtime::gvisor_main();
         return ExitCode::from(u8::try_from(code).unwrap_or(2));
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__vm") {
+        let code = arca_runtime::vm_main();
+        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+    }
     if std::env::args_os().nth(1).is_some_and(|a| a == "__apply") {
         let code = arca_runtime::apply_main();
         return ExitCode::from(u8::try_from(code).unwrap_or(2));

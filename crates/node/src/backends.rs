@@ -16,10 +16,21 @@ pub(crate) struct Gvisor {
     pub(crate) platform: String,
 }
 
+/// The `vm` backend's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Vm {
+    pub(crate) assets: arca_runtime::vm::VmAssets,
+    /// The initramfs (envd as `/init`, the modules), made at start.
+    pub(crate) initramfs: PathBuf,
+    /// KVM rather than TCG.
+    pub(crate) kvm: bool,
+}
+
 /// What this node found at start.
 #[derive(Debug, Clone)]
 pub(crate) struct Backends {
     pub(crate) gvisor: Option<Gvisor>,
+    pub(crate) vm: Option<Vm>,
     pub(crate) support: Vec<RuntimeSupport>,
 }
 
@@ -54,12 +65,34 @@ impl Backends {
                 None
             }
         };
-        support.push(RuntimeSupport {
-            runtime: Runtime::Vm,
-            available: false,
-            detail: "not built into this node yet".into(),
-        });
-        Backends { gvisor, support }
+        let vm = match detect_vm(config) {
+            Ok(v) => {
+                support.push(RuntimeSupport {
+                    runtime: Runtime::Vm,
+                    available: true,
+                    detail: format!(
+                        "{} with {}, kernel {}",
+                        v.assets.qemu.display(),
+                        if v.kvm { "KVM" } else { "TCG (software emulation: slow)" },
+                        v.assets.kernel.display()
+                    ),
+                });
+                Some(v)
+            }
+            Err(why) => {
+                support.push(RuntimeSupport {
+                    runtime: Runtime::Vm,
+                    available: false,
+                    detail: why,
+                });
+                None
+            }
+        };
+        Backends {
+            gvisor,
+            vm,
+            support,
+        }
     }
 
     /// `Ok` when `runtime` can start sandboxes here, else the message of a
@@ -119,6 +152,23 @@ fn release_date(version_line: &str) -> Option<u32> {
         .split(|c: char| !c.is_ascii_digit())
         .find(|w| w.len() == 8)
         .and_then(|d| d.parse::<u32>().ok())
+}
+
+fn detect_vm(config: &NodeConfig) -> Result<Vm, String> {
+    let dir = config
+        .vm_assets
+        .clone()
+        .unwrap_or_else(|| config.home.join("vm"));
+    let assets = arca_runtime::vm::VmAssets::detect(&dir)?;
+    // Made anew at every start: it carries this node's envd.
+    let initramfs = config.home.join("vm-initramfs.cpio");
+    arca_runtime::vm::write_initramfs(&config.envd_binary, &assets.modules_dir, &initramfs)
+        .map_err(|e| format!("making {}: {e}", initramfs.display()))?;
+    Ok(Vm {
+        assets,
+        initramfs,
+        kvm: arca_runtime::vm::kvm_usable(),
+    })
 }
 
 /// `systrap` for runsc releases that have it (mid 2023 on), `ptrace` for

@@ -29,6 +29,7 @@ mod startcmd;
 mod state;
 pub mod templates;
 pub mod transfer;
+mod vmboot;
 
 pub use backends::runtime_support;
 
@@ -425,6 +426,8 @@ struct Inner {
     refill: Arc<tokio::sync::Notify>,
     /// Warm sandboxes wanted per hot template (starts at `warm_pool`).
     warm_target: std::sync::atomic::AtomicUsize,
+    /// One maker at a time per VM template image (by file name).
+    vm_images: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// (template, build, disk MiB) of interchangeable warm sandboxes.
@@ -597,6 +600,7 @@ impl Node {
                 templates,
                 pinned: Mutex::new(Vec::new()),
                 booting: Mutex::new(Vec::new()),
+                vm_images: Mutex::new(HashMap::new()),
             }),
         };
         let _ = cell.set(Arc::downgrade(&node.inner));
@@ -1396,17 +1400,25 @@ impl Node {
         }
 
         let t_slot = t0.elapsed();
+        // A VM's memory is all QEMU's from the start: its own limits now.
+        let limits = match (&plan.egress, plan.runtime) {
+            (Some(spec), Runtime::Vm) => Some(self.limits_of(spec)),
+            _ => plan.limits,
+        };
         let cgroup = inner
             .layout
             .create(
                 &instance_id,
-                plan.limits.unwrap_or(Limits {
+                limits.unwrap_or(Limits {
                     pids: inner.config.pids_limit,
                     ..WARM_LIMITS
                 }),
             )
             .map_err(|e| internal("creating the cgroup", &e))?;
         b.cgroup = Some(cgroup.clone());
+        if plan.runtime == Runtime::Vm {
+            return self.boot_vm_into(b, st, plan, t0).await;
+        }
 
         // The writable layer lives on the sandbox's own ext4 image so that
         // writes stop at diskSizeMB; it is mounted inside the sandbox only.
@@ -2316,12 +2328,14 @@ impl RouteSource for Node {
         if inst.is_paused() {
             return None;
         }
+        let (netns, ip) = inst.network()?;
         Some(Route {
             sandbox_id: id,
-            netns: inst.network()?.0,
+            netns,
             envd_access_token: Some(inst.spec.envd_access_token.clone()),
             ingress: inst.spec.ingress.clone(),
             relay: None,
+            address: (inst.runtime() == Runtime::Vm).then_some(ip),
         })
     }
 
@@ -2330,12 +2344,14 @@ impl RouteSource for Node {
             .values()
             .filter(|inst| !inst.is_paused())
             .filter_map(|inst| {
+                let (netns, ip) = inst.network()?;
                 Some(Route {
                     sandbox_id: inst.spec.sandbox_id.clone(),
-                    netns: inst.network()?.0,
+                    netns,
                     envd_access_token: Some(inst.spec.envd_access_token.clone()),
                     ingress: inst.spec.ingress.clone(),
                     relay: None,
+                    address: (inst.runtime() == Runtime::Vm).then_some(ip),
                 })
             })
             .collect()

@@ -97,6 +97,7 @@ impl Node {
         specs: Vec<SandboxSpec>,
     ) -> Result<Vec<Result<SandboxStatus, NodeError>>, NodeError> {
         let inst = self.instance(source)?;
+        refuse_vm(&inst, "forked")?;
         let build = self.build_of(&inst)?;
         // Every fork runs what its source runs, with its settings.
         let specs: Vec<SandboxSpec> = specs
@@ -284,6 +285,7 @@ impl Node {
         build_id: &str,
     ) -> Result<(), NodeError> {
         let inst = self.instance(source)?;
+        refuse_vm(&inst, "snapshotted")?;
         let parent = self.build_of(&inst)?;
         // The parent build's layers stay while the copy is made, even if
         // the source ends and its template is deleted meanwhile.
@@ -362,9 +364,14 @@ impl Node {
 
     /// The cgroup limits a sandbox was created with.
     pub(crate) fn limits_of(&self, spec: &SandboxSpec) -> arca_runtime::cgroup::Limits {
+        // A VM's limit holds QEMU too, beside the guest's memory.
+        let overhead = match spec.runtime {
+            Some(arca_proto::node::Runtime::Vm) => crate::vmboot::VM_OVERHEAD_MIB,
+            _ => 0,
+        };
         arca_runtime::cgroup::Limits {
             cpus: spec.cpu_count,
-            memory_mib: u64::from(spec.memory_mb),
+            memory_mib: u64::from(spec.memory_mb) + overhead,
             pids: self.inner.config.pids_limit,
         }
     }
@@ -383,6 +390,19 @@ impl Node {
                 ))
             })
     }
+}
+
+/// A VM's disk is a qcow2 layer over its template's image, not the layer
+/// directory forks and snapshots copy: they are refused with a 400.
+fn refuse_vm(inst: &Instance, what: &str) -> Result<(), NodeError> {
+    if inst.runtime() == arca_proto::node::Runtime::Vm {
+        return Err(NodeError::InvalidInput(format!(
+            "sandbox {} runs under the vm runtime and cannot be {what} yet; \
+             use the ns or gvisor runtime for that",
+            inst.spec.sandbox_id
+        )));
+    }
+    Ok(())
 }
 
 /// Flushes a sandbox's writes to its disk through its root (overlayfs

@@ -512,6 +512,10 @@ pub struct Route {
     /// `netns` is then unused, and so is `ingress` (the edge applies the
     /// sandbox's own settings).
     pub relay: Option<std::net::SocketAddr>,
+    /// The sandbox's own address, dialed from the host instead of
+    /// `127.0.0.1` in `netns`: a VM's loopback is the guest kernel's, so
+    /// only services listening on its address are reachable.
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// The proxy's view of live sandboxes.

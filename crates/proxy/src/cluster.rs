@@ -419,6 +419,7 @@ impl Inner {
             envd_access_token: None,
             ingress: IngressSpec::default(),
             relay: Some(relay),
+            address: None,
         }))
     }
 }

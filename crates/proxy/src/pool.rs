@@ -115,9 +115,11 @@ impl Pool {
         port: u16,
         token: CancellationToken,
     ) -> Result<Sender, ConnectError> {
-        let stream = match route.relay {
-            Some(addr) => dial_relay(addr, self.connect_timeout).await?,
-            None => dial(&route.netns, port, self.connect_timeout).await?,
+        let stream = match (route.relay, route.address) {
+            (Some(addr), _) => dial_relay(addr, self.connect_timeout).await?,
+            // A VM: its own address, from the host.
+            (None, Some(ip)) => dial_relay((ip, port).into(), self.connect_timeout).await?,
+            (None, None) => dial(&route.netns, port, self.connect_timeout).await?,
         };
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -195,6 +197,7 @@ mod tests {
             envd_access_token: None,
             ingress: Default::default(),
             relay: None,
+            address: None,
         };
         let netns = Key::new(&route, 8080);
         route.relay = Some("10.0.0.5:3101".parse().unwrap());

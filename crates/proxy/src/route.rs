@@ -278,6 +278,7 @@ mod tests {
             envd_access_token: token.map(str::to_string),
             ingress: Default::default(),
             relay: None,
+            address: None,
         }
     }
 

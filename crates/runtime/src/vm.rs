@@ -415,13 +415,11 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 ///   translated-code cache defaults to 1 GiB per guest, filled lazily but
 ///   never given back; 128 MiB bounds it and holds a sandbox's hot code).
 /// - The disk is a `virtio-blk-device` (virtio-mmio) on the qcow2 overlay
-///   with `cache=unsafe`: guest flushes do not reach the host disk. A
-///   sandbox disk does not outlive a host crash usefully anyway, and
-///   consistency between QEMU processes is unaffected: migration
-///   inactivates the image, writing QEMU's qcow2 caches to the file (page
-///   cache) before the saved state completes, and the restoring QEMU reads
-///   the same file through the same page cache. A caller that wants the
-///   saved state durable syncs the overlay and state files itself.
+///   with `cache=writeback`: a guest flush (its `sync`) writes QEMU's qcow2
+///   metadata to the file, so a QEMU killed after the guest synced (a
+///   pause to disk keeps only files) leaves a consistent image. Migration
+///   inactivates the image the same way before the saved state completes,
+///   and the restoring QEMU reads the same file.
 /// - The network is a `virtio-net-device` on the existing tap `cfg.tap`,
 ///   without vhost (not needed; `/dev/vhost-net` may be missing).
 /// - QMP on a unix socket, the console to a file, `-no-reboot` so a guest
@@ -454,7 +452,7 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<String> {
         kernel_cmdline(cfg),
         "-drive".to_string(),
         format!(
-            "id=root,if=none,format=qcow2,cache=unsafe,discard=unmap,file={}",
+            "id=root,if=none,format=qcow2,cache=writeback,discard=unmap,file={}",
             qemu_opt_escape(&cfg.disk.display().to_string())
         ),
         "-device".to_string(),
@@ -887,4 +885,95 @@ mod tests {
         assert_eq!(at, bytes.len());
         assert_eq!(names[names.len() - 2], "modules.order");
     }
+}
+
+/// What `arca __vm` reads on its stdin: how to start one guest's QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmLaunch {
+    /// cgroup directories QEMU runs in (the sandbox's: its memory, CPU and
+    /// pids limits hold the whole guest).
+    pub cgroup_dirs: Vec<PathBuf>,
+    /// The network namespace it runs in (the slot's, wired by
+    /// [`setup_tap`]).
+    pub netns: PathBuf,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// Its arguments ([`qemu_args`]).
+    pub args: Vec<String>,
+    /// QEMU's own stdout and stderr go here.
+    pub log: PathBuf,
+}
+
+/// Starts a guest's QEMU by re-executing `exe __vm` (the `arca` binary),
+/// which joins the cgroups and netns, forks QEMU off and reports its pid;
+/// QEMU is then the caller's child only through `PR_SET_CHILD_SUBREAPER`.
+/// Blocking.
+pub fn launch(exe: &Path, launch: &VmLaunch) -> Result<i32, crate::RuntimeError> {
+    crate::launch::run_helper(exe, "__vm", launch)
+}
+
+/// Entry point of `arca __vm`: prints `{"pid": N}` (QEMU's) or
+/// `{"error": ...}` and returns the exit status.
+pub fn vm_main() -> i32 {
+    use std::io::Read as _;
+    let mut input = String::new();
+    let result = std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("reading the config: {e}"))
+        .and_then(|_| {
+            serde_json::from_str::<VmLaunch>(&input).map_err(|e| format!("bad config: {e}"))
+        })
+        .and_then(|cfg| start_qemu(&cfg));
+    let (line, code) = match result {
+        Ok(pid) => (json!({ "pid": pid }), 0),
+        Err(e) => (json!({ "error": e }), 1),
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    code
+}
+
+fn start_qemu(cfg: &VmLaunch) -> Result<i32, String> {
+    use std::os::unix::process::CommandExt as _;
+    let me = std::process::id().to_string();
+    for dir in &cfg.cgroup_dirs {
+        std::fs::write(dir.join("cgroup.procs"), &me)
+            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+    }
+    let netns = std::fs::File::open(&cfg.netns)
+        .map_err(|e| format!("opening {}: {e}", cfg.netns.display()))?;
+    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("joining {}: {e}", cfg.netns.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.log)
+        .map_err(|e| format!("opening {}: {e}", cfg.log.display()))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| format!("opening {}: {e}", cfg.log.display()))?;
+    // QEMU in a session of its own, not a child this helper waits for: it
+    // is orphaned to the node (a child subreaper) when this exits.
+    let child = Command::new(&cfg.qemu)
+        .args(&cfg.args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("running {}: {e}", cfg.qemu.display()))?;
+    let pid = i32::try_from(child.id()).map_err(|_| "bad pid".to_string())?;
+    // A QEMU that refuses its command line exits at once: say why.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut child = child;
+    if let Ok(Some(status)) = child.try_wait() {
+        let tail = std::fs::read_to_string(&cfg.log).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+        return Err(format!(
+            "QEMU exited at once ({status}): {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    Ok(pid)
 }

@@ -147,6 +147,7 @@ impl FakeRouteSource {
             envd_access_token: token.map(str::to_string),
             ingress: Default::default(),
             relay: None,
+            address: None,
         };
         self.routes.lock().unwrap().insert(id.to_string(), route);
     }

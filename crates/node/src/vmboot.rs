@@ -1,0 +1,194 @@
+//! Booting a sandbox of the `vm` backend: the template as a read-only ext4
+//! image (one per build and disk size, made on first use), a qcow2 layer of
+//! the sandbox's own over it, the guest wired into the slot's namespace by
+//! a tap, and QEMU started in the sandbox's cgroups (which hold the whole
+//! guest: its memory, CPUs and processes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arca_proto::node::NodeError;
+use arca_runtime::vm::{VmConfig, VmLaunch};
+
+use crate::state::StateFile;
+use crate::templates::TemplateBuild;
+use crate::{BootPlan, Booted, Node, Upper, lock, state};
+
+/// The sandbox's disk: a qcow2 layer over the template's image.
+pub(crate) const VM_DISK: &str = "disk.qcow2";
+/// The guest's tap in the slot's namespace.
+const TAP: &str = "tap0";
+/// What QEMU itself takes beyond the guest's memory (TCG's translation
+/// cache is capped at 128 MiB), added to the sandbox's memory limit.
+pub(crate) const VM_OVERHEAD_MIB: u64 = 256;
+/// A guest boots in about 4 s under TCG; a busy host takes longer.
+const VM_READY_WITHIN: Duration = Duration::from_secs(90);
+
+impl Node {
+    /// [`Node::boot`]'s steps for a VM once its slot and cgroup exist.
+    pub(crate) async fn boot_vm_into(
+        &self,
+        b: &mut Booted,
+        mut st: StateFile,
+        plan: BootPlan,
+        t0: Instant,
+    ) -> Result<(), NodeError> {
+        let inner = &self.inner;
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
+        let vm = inner.backends.vm.clone().ok_or_else(|| {
+            NodeError::InvalidInput("runtime 'vm' is not available on this node".into())
+        })?;
+        let build = plan
+            .template
+            .clone()
+            .ok_or_else(|| NodeError::Internal("a vm boot without its template".into()))?;
+        let (disk_mb, fresh) = match &plan.upper {
+            Upper::Disk(mb) => (*mb, true),
+            Upper::Existing { mb, .. } => (*mb, false),
+            Upper::DiskAt { .. } | Upper::Dir { .. } => {
+                return Err(NodeError::Internal(
+                    "template builds run under ns, not vm".into(),
+                ));
+            }
+        };
+        let dir = b.dir.clone();
+        let disk = dir.join(VM_DISK);
+        if fresh || !disk.exists() {
+            if !fresh {
+                return Err(NodeError::Internal(format!(
+                    "{} is gone: the sandbox's files cannot come back",
+                    disk.display()
+                )));
+            }
+            let base = self.vm_image(&build, disk_mb).await?;
+            let d = disk.clone();
+            tokio::task::spawn_blocking(move || arca_runtime::vm::make_overlay(&base, &d))
+                .await
+                .map_err(|e| internal("disk task", &e))?
+                .map_err(|e| internal("making the sandbox's disk", &e))?;
+        }
+        let slot = b
+            .slot
+            .as_ref()
+            .ok_or_else(|| NodeError::Internal("a vm boot without a slot".into()))?;
+        let (netns_name, netns, ip, gateway) = (
+            slot.netns_name.clone(),
+            slot.netns_path.clone(),
+            slot.sandbox_ip,
+            slot.host_ip,
+        );
+        tokio::task::spawn_blocking(move || arca_runtime::vm::setup_tap(&netns_name, "eth0", TAP))
+            .await
+            .map_err(|e| internal("tap task", &e))?
+            .map_err(|e| internal("wiring the guest into its network slot", &e))?;
+        let spec = plan.egress.as_ref();
+        let cfg = VmConfig {
+            memory_mb: spec.map_or(512, |s| s.memory_mb.max(128)),
+            vcpus: spec.map_or(1, |s| s.cpu_count.max(1)),
+            kernel: vm.assets.kernel.clone(),
+            initramfs: vm.initramfs.clone(),
+            disk,
+            tap: TAP.into(),
+            mac: arca_runtime::vm::mac_for(ip),
+            ip,
+            prefix: 30,
+            gateway,
+            hostname: b.instance_id.clone(),
+            qmp_socket: dir.join("qmp.sock"),
+            console_log: dir.join("console.log"),
+            incoming: None,
+            kvm: vm.kvm,
+        };
+        let launch = VmLaunch {
+            cgroup_dirs: b
+                .cgroup
+                .as_ref()
+                .map(|c| c.dirs().to_vec())
+                .unwrap_or_default(),
+            netns,
+            qemu: vm.assets.qemu.clone(),
+            args: arca_runtime::vm::qemu_args(&cfg),
+            log: dir.join("qemu.log"),
+        };
+        let exe = inner.config.init_exe.clone();
+        let pid = tokio::task::spawn_blocking(move || arca_runtime::vm::launch(&exe, &launch))
+            .await
+            .map_err(|e| internal("qemu task", &e))?
+            .map_err(|e| internal("starting the sandbox's VM", &e))?;
+        b.pid = pid;
+        b.pid_start = state::process_start(pid)
+            .ok_or_else(|| NodeError::Internal("QEMU exited at once".into()))?;
+        st.pid = Some(pid);
+        st.pid_start = Some(b.pid_start);
+        st.save(&dir)
+            .map_err(|e| internal("writing the state file", &e))?;
+        if let Err(e) = inner.envd.wait_ready(ip, VM_READY_WITHIN).await {
+            let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(5).collect();
+            return Err(NodeError::Internal(format!(
+                "waiting for envd in the VM: {e}; its console ended with: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )));
+        }
+        if let Some(build) = &plan.template {
+            self.start_template_process(ip, build, None)
+                .await
+                .map_err(NodeError::Internal)?;
+        }
+        tracing::debug!(
+            instance = %b.instance_id,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "VM booted"
+        );
+        Ok(())
+    }
+
+    /// The read-only ext4 image of `build` with room for `disk_mb` MiB of
+    /// the sandbox's own writes, made once (owners moved back out of the
+    /// store's shifted range) and kept in `$ARCA_HOME/vm-images`.
+    async fn vm_image(&self, build: &Arc<TemplateBuild>, disk_mb: u32) -> Result<PathBuf, NodeError> {
+        let dir = self.inner.config.home.join("vm-images");
+        let name = format!("{}-{}-{disk_mb}.ext4", build.template_id, build.build_id);
+        let image = dir.join(&name);
+        // One maker per image; the others wait for it.
+        let gate = {
+            let mut gates = lock(&self.inner.vm_images);
+            gates
+                .entry(name)
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        };
+        let _made = gate.lock().await;
+        if image.is_file() {
+            return Ok(image);
+        }
+        let layers = self
+            .inner
+            .templates
+            .lower_dirs(build)
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let out = image.clone();
+        tokio::task::spawn_blocking(move || make_image(&layers, &out, disk_mb))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(format!("making the template's VM image: {e}")))?;
+        Ok(image)
+    }
+}
+
+fn make_image(layers: &[PathBuf], out: &Path, disk_mb: u32) -> Result<(), String> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    let used: u64 = layers
+        .iter()
+        .filter_map(|l| arca_image::disk_usage(l).ok())
+        .sum();
+    // The template, the sandbox's disk, and ext4's own overhead.
+    let size_mb = used / (1024 * 1024) + used / (1024 * 1024) / 8 + u64::from(disk_mb) + 64;
+    let mut opts = arca_image::Ext4Options::new(size_mb);
+    opts.unshift = arca_runtime::DEFAULT_ID_MAP.outside;
+    arca_image::export_ext4_with(layers, out, &opts).map_err(|e| e.to_string())
+}
