@@ -91,6 +91,12 @@ if ! scripts/build-criu.sh; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# The `vm` runtime's guest kernel and modules (Debian's cloud kernel, not installed into /boot)
+# and QEMU, for its tests; scripts/test.sh points the suites at them (ARCA_VM_ASSETS).
+# ---------------------------------------------------------------------------------------------
+scripts/vm-assets.sh "${ARCA_VM_ASSETS:-/var/cache/arca-test/vm}"
+
+# ---------------------------------------------------------------------------------------------
 # Python venvs with the official SDK, one per version, from fully pinned requirement files.
 # ---------------------------------------------------------------------------------------------
 py="${ARCA_PYTHON:-python3}"

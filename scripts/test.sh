@@ -11,6 +11,7 @@
 #   ARCA_ENVD_BIN           envd for the SDK suites and in sandboxes (default: musl release build)
 #   ARCA_BIN                arca for the end-to-end suites (default: target/debug/arca)
 #   ARCA_E2E_CACHE          where `arca up` builds the base template once (tests/e2e/harness.py)
+#   ARCA_VM_ASSETS          guest kernel and modules of the vm runtime (default /var/cache/arca-test/vm)
 #   ARCA_TEST_PG_URL        PostgreSQL server for the api tests (default: a throw-away one started
 #                           with scripts/pg.sh; the role must be allowed to create databases)
 # Exits non-zero when any step fails; the SDK suites all run even if one of them fails.
@@ -40,6 +41,8 @@ trap 'exit 130' INT TERM
 
 step "setup"
 scripts/setup.sh
+# The vm runtime's kernel and modules, fetched by setup.sh.
+export ARCA_VM_ASSETS="${ARCA_VM_ASSETS:-/var/cache/arca-test/vm}"
 
 if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
   step "cargo fmt"

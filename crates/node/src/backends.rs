@@ -42,7 +42,7 @@ impl Backends {
             available: true,
             detail: "namespaces, cgroups, seccomp, Landlock".into(),
         }];
-        let gvisor = match detect_gvisor(config) {
+        let gvisor = match detect_gvisor(config.runsc.as_ref(), config.gvisor_platform.as_ref()) {
             Ok(g) => {
                 support.push(RuntimeSupport {
                     runtime: Runtime::Gvisor,
@@ -119,8 +119,11 @@ impl Backends {
     }
 }
 
-fn detect_gvisor(config: &NodeConfig) -> Result<(Gvisor, String), String> {
-    let runsc = match &config.runsc {
+fn detect_gvisor(
+    runsc: Option<&PathBuf>,
+    platform: Option<&String>,
+) -> Result<(Gvisor, String), String> {
+    let runsc = match runsc {
         Some(p) => p.clone(),
         None => find_in_path("runsc").ok_or_else(|| {
             "no runsc on PATH (install Debian's runsc package, or pass --runsc)".to_string()
@@ -134,9 +137,8 @@ fn detect_gvisor(config: &NodeConfig) -> Result<(Gvisor, String), String> {
             runsc.display()
         ));
     }
-    let platform = config
-        .gvisor_platform
-        .clone()
+    let platform = platform
+        .cloned()
         .unwrap_or_else(|| default_platform(&version).to_string());
     Ok((Gvisor { runsc, platform }, version))
 }
@@ -194,10 +196,40 @@ fn is_executable(p: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// What each backend would use on this host with `config`, for `arca
-/// doctor`. Blocking.
-pub fn runtime_support(config: &NodeConfig) -> Vec<RuntimeSupport> {
-    Backends::detect(config).support
+/// Whether the `gvisor` and `vm` backends could run here, for `arca
+/// doctor`: the runsc given or on `PATH`, the VM assets in `vm_assets`.
+/// Changes nothing on the host. Blocking.
+pub fn runtime_support(runsc: Option<PathBuf>, vm_assets: &Path) -> Vec<RuntimeSupport> {
+    let gvisor = match detect_gvisor(runsc.as_ref(), None) {
+        Ok((g, version)) => RuntimeSupport {
+            runtime: Runtime::Gvisor,
+            available: true,
+            detail: format!("{} ({version}), platform {}", g.runsc.display(), g.platform),
+        },
+        Err(why) => RuntimeSupport {
+            runtime: Runtime::Gvisor,
+            available: false,
+            detail: why,
+        },
+    };
+    let vm = match arca_runtime::vm::VmAssets::detect(vm_assets) {
+        Ok(a) => RuntimeSupport {
+            runtime: Runtime::Vm,
+            available: true,
+            detail: format!(
+                "{} with {}, kernel {}",
+                a.qemu.display(),
+                if arca_runtime::vm::kvm_usable() { "KVM" } else { "TCG (software emulation: slow)" },
+                a.kernel.display()
+            ),
+        },
+        Err(why) => RuntimeSupport {
+            runtime: Runtime::Vm,
+            available: false,
+            detail: why,
+        },
+    };
+    vec![gvisor, vm]
 }
 
 #[cfg(test)]

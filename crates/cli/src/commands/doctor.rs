@@ -122,6 +122,35 @@ fn checks() -> Vec<Check> {
         kvm(),
         criu(),
     ]
+    .into_iter()
+    .chain(runtimes())
+    .collect()
+}
+
+/// The isolation backends beyond `ns` (optional): where `arca up` and
+/// `arca node` would find runsc and the VM assets (`ARCA_RUNSC`,
+/// `ARCA_VM_ASSETS`, else `$ARCA_HOME/vm`).
+fn runtimes() -> Vec<Check> {
+    let runsc = std::env::var_os("ARCA_RUNSC").map(std::path::PathBuf::from);
+    let vm_assets = std::env::var_os("ARCA_VM_ASSETS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("ARCA_HOME")
+                .map_or_else(|| Path::new(super::up::DEFAULT_HOME).to_path_buf(), Into::into)
+                .join("vm")
+        });
+    arca_node::runtime_support(runsc, &vm_assets)
+        .into_iter()
+        .map(|s| {
+            let name = match s.runtime {
+                arca_proto::node::Runtime::Gvisor => "gvisor",
+                arca_proto::node::Runtime::Vm => "vm",
+                arca_proto::node::Runtime::Ns => "ns",
+            };
+            let state = if s.available { "runtime available" } else { "runtime unavailable" };
+            info(name, format!("{state}: {}", s.detail))
+        })
+        .collect()
 }
 
 fn read(path: &str) -> Option<String> {
