@@ -188,3 +188,51 @@ def test_vm_guest_cannot_reach_the_host_or_its_files(arca):
     finally:
         sbx.kill()
         os.unlink(secret)
+
+
+def _qemu_of(sandbox_id: str) -> list[int]:
+    """Host pids of the QEMU running the VM of a sandbox (its disk is in its directory)."""
+    marker = f"/{sandbox_id}/disk.qcow2".encode()
+    found = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(p))
+            except OSError:
+                pass
+    return found
+
+
+def test_vm_saved_to_a_file_survives_a_node_restart_and_resumes(arca):
+    """A paused VM moved to disk (`--pause-to-disk-after 0`) is QEMU's migration saved to a
+    file: QEMU ends and gives its memory back; after `kill -9` and a restart of `arca up`,
+    connect loads the machine again, with its processes and what only its memory held."""
+    os.environ.update(arca.restart("--pause-to-disk-after", "0"))
+    sbx = create_sandbox("vm", timeout=900)
+    sid = sbx.sandbox_id
+    try:
+        pid = sbx.commands.run("nohup sleep 1000 >/dev/null 2>&1 & echo $!").stdout.strip()
+        sbx.files.write("/home/user/kept.txt", "on its disk")
+        # /dev/shm is the guest's memory: only a saved machine brings it back.
+        sh(sbx, "head -c 2000000 /dev/urandom > /dev/shm/in-memory")
+        digest = sh(sbx, "md5sum < /dev/shm/in-memory")
+        assert _qemu_of(sid)
+        assert sbx.pause() is True
+        wait_until(lambda: _qemu_of(sid) == [], "QEMU to end once the VM is saved", limit_s=180)
+        saved = list((arca.home / "sandboxes").glob(f"{sid}/checkpoint/vm.state"))
+        assert saved and saved[0].stat().st_size > 0, "no saved machine"
+        info = arca.api("GET", f"/sandboxes/{sid}").json()
+        assert (info["state"], info.get("pauseMode")) == ("paused", "full"), info
+        arca.kill9()
+        os.environ.update(arca.start())
+        assert Sandbox.get_info(sid).state == "paused"
+        again = Sandbox.connect(sid, timeout=300)
+        assert f"{pid} " in sh(again, "ps -eo pid,args | grep 'sleep 1000'")
+        assert sh(again, "md5sum < /dev/shm/in-memory") == digest
+        assert again.files.read("/home/user/kept.txt") == "on its disk"
+        assert "checkpoint" not in {p.name for p in (arca.home / "sandboxes" / sid).iterdir()}
+    finally:
+        Sandbox.kill(sid)
+        os.environ.update(arca.restart())

@@ -73,7 +73,11 @@ impl Backends {
                     detail: format!(
                         "{} with {}, kernel {}",
                         v.assets.qemu.display(),
-                        if v.kvm { "KVM" } else { "TCG (software emulation: slow)" },
+                        if v.kvm {
+                            "KVM"
+                        } else {
+                            "TCG (software emulation: slow)"
+                        },
                         v.assets.kernel.display()
                     ),
                 });
@@ -219,7 +223,11 @@ pub fn runtime_support(runsc: Option<PathBuf>, vm_assets: &Path) -> Vec<RuntimeS
             detail: format!(
                 "{} with {}, kernel {}",
                 a.qemu.display(),
-                if arca_runtime::vm::kvm_usable() { "KVM" } else { "TCG (software emulation: slow)" },
+                if arca_runtime::vm::kvm_usable() {
+                    "KVM"
+                } else {
+                    "TCG (software emulation: slow)"
+                },
                 a.kernel.display()
             ),
         },

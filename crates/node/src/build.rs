@@ -263,8 +263,7 @@ impl Builder<'_> {
             .or_else(|| dockerfile.start_command().map(|argv| shell_join(&argv)));
         let runtime = match last.config.labels.get(RUNTIME_METADATA_KEY) {
             Some(name) => Some(
-                Runtime::parse(name)
-                    .map_err(|e| fail(Some("finalize"), format!("LABEL {e}")))?,
+                Runtime::parse(name).map_err(|e| fail(Some("finalize"), format!("LABEL {e}")))?,
             ),
             None => None,
         };

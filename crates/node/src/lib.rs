@@ -208,6 +208,9 @@ struct Instance {
     end_at: Mutex<DateTime<Utc>>,
     /// Gone while paused to disk (filesystem-only).
     run: Mutex<Option<Running>>,
+    /// The network slot of a VM saved to a file: its memory holds the
+    /// slot's address, so the slot waits for it.
+    kept_slot: Mutex<Option<Slot>>,
     dir: PathBuf,
     logs: Mutex<VecDeque<LogEntry>>,
     metrics: Mutex<VecDeque<MetricSample>>,
@@ -246,6 +249,7 @@ impl Instance {
             started_at: st.started_at,
             end_at: Mutex::new(st.end_at),
             run: Mutex::new(run),
+            kept_slot: Mutex::new(None),
             logs: Mutex::new(VecDeque::new()),
             metrics: Mutex::new(VecDeque::new()),
             last_cpu: Mutex::new(None),
@@ -367,7 +371,10 @@ impl Instance {
             let run = lock(&self.run);
             (
                 run.as_ref().map(|r| (r.pid, r.pid_start)),
-                run.as_ref().and_then(|r| r.slot.as_ref()).map(|s| s.index),
+                run.as_ref()
+                    .and_then(|r| r.slot.as_ref())
+                    .or(lock(&self.kept_slot).as_ref())
+                    .map(|s| s.index),
             )
         };
         let st = StateFile {
@@ -698,6 +705,12 @@ impl Node {
         let name = dir_name(&dir).unwrap_or_default();
         let cgroup = self.inner.layout.open(&name).ok();
         let slot = st.slot_index.and_then(|i| self.inner.slots.take_adopted(i));
+        // A VM saved to a file keeps the slot its memory names.
+        let (slot, kept) = if st.checkpoint && spec.runtime == Some(Runtime::Vm) {
+            (None, slot)
+        } else {
+            (slot, None)
+        };
         let (inner, image) = (self.inner.clone(), dir.join("disk.img"));
         let _ = tokio::task::spawn_blocking(move || {
             stop_runtime(cgroup.as_ref(), 0, slot, &inner.slots);
@@ -705,6 +718,7 @@ impl Node {
         })
         .await;
         let inst = Arc::new(Instance::new(spec, &st, dir, None));
+        *lock(&inst.kept_slot) = kept;
         inst.save_state();
         inst.log("info", "reattached after a node restart (paused to disk)");
         tracing::info!(sandbox_id = %inst.spec.sandbox_id, "reattached a sandbox paused to disk");
@@ -847,11 +861,12 @@ impl Node {
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let run = lock(&inst.run).take();
+            let kept = lock(&inst.kept_slot).take();
             let (cgroup, pid, slot) = match run {
                 Some(r) => (Some(r.cgroup), r.pid, r.slot),
                 None => (None, 0, None),
             };
-            teardown(cgroup.as_ref(), pid, slot, &inner.slots, &inst.dir);
+            teardown(cgroup.as_ref(), pid, slot.or(kept), &inner.slots, &inst.dir);
         })
         .await;
         // Again: a query in the moments before the kill may have made the
@@ -901,6 +916,13 @@ impl Node {
         // Whatever a later move to disk, fork or snapshot copies is then on
         // the disk (not in runsc's or the guest kernel's caches).
         self.flush_guest(&inst).await;
+        if inst.runtime() == Runtime::Vm {
+            // Its vCPUs stop first: a later save to a file thaws QEMU, and
+            // the guest must not run meanwhile.
+            vmboot::qmp(&inst.dir, |q| q.stop())
+                .await
+                .map_err(|e| NodeError::Internal(format!("stopping sandbox {id}'s VM: {e}")))?;
+        }
         tokio::task::spawn_blocking(move || cg.set_frozen(true))
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
@@ -924,6 +946,9 @@ impl Node {
             *lock(&inst.paused_since) = None;
             if let Some(cg) = inst.cgroup() {
                 let _ = tokio::task::spawn_blocking(move || cg.set_frozen(false)).await;
+            }
+            if inst.runtime() == Runtime::Vm {
+                let _ = vmboot::qmp(&inst.dir, |q| q.cont()).await;
             }
             return Err(NodeError::Internal(format!(
                 "sandbox {id}: cannot record the pause (is the disk of the Arca home full?)"
@@ -985,13 +1010,19 @@ impl Node {
         // images falls back to its files.
         let restored = inst.restored.load(std::sync::atomic::Ordering::SeqCst);
         let dump = match (&self.inner.criu, inst.cgroup(), inst.init_pid()) {
-            (Some(criu), Some(cg), Some((pid, _))) if !restored && inst.runtime() == Runtime::Ns => {
+            (Some(criu), Some(cg), Some((pid, _)))
+                if !restored && inst.runtime() == Runtime::Ns =>
+            {
                 Some((criu.clone(), cg, pid))
             }
             _ => None,
         };
-        inst.checkpointed
-            .store(dump.is_some(), std::sync::atomic::Ordering::SeqCst);
+        // A VM's whole machine goes to a file (QEMU's migration).
+        let vm_save = inst.runtime() == Runtime::Vm;
+        inst.checkpointed.store(
+            dump.is_some() || vm_save,
+            std::sync::atomic::Ordering::SeqCst,
+        );
         inst.on_disk
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if !inst.save_state() {
@@ -1025,11 +1056,26 @@ impl Node {
                     Err(_) => false,
                 }
             }
+            None if vm_save => match self.save_vm(&inst).await {
+                Ok(()) => true,
+                Err(e) => {
+                    inst.log(
+                        "warn",
+                        format!("saving the VM failed ({e}); keeping its files only"),
+                    );
+                    false
+                }
+            },
             None => false,
         };
         if !saved {
             inst.checkpointed
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            inst.save_state();
+        } else if vm_save {
+            // The saved guest holds its address: its slot waits for it.
+            let slot = lock(&inst.run).as_mut().and_then(|r| r.slot.take());
+            *lock(&inst.kept_slot) = slot;
             inst.save_state();
         }
         self.release_runtime(&inst).await;
@@ -1142,6 +1188,9 @@ impl Node {
                         );
                         inst.checkpointed
                             .store(false, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(slot) = lock(&inst.kept_slot).take() {
+                            self.inner.slots.release(slot);
+                        }
                         inst.save_state();
                         let _ = std::fs::remove_dir_all(inst.dir.join(CHECKPOINT_DIR));
                         self.boot_again(&inst).await
@@ -1164,6 +1213,11 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))?
                 .map_err(|e| NodeError::Internal(format!("thawing sandbox {id}: {e}")))?;
+            if inst.runtime() == Runtime::Vm {
+                vmboot::qmp(&inst.dir, |q| q.cont()).await.map_err(|e| {
+                    NodeError::Internal(format!("continuing sandbox {id}'s VM: {e}"))
+                })?;
+            }
         }
         inst.on_disk
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -2029,7 +2083,11 @@ fn reap_orphans(cgroup_parent: &str) {
         return;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -2252,11 +2310,11 @@ impl NodeService for Node {
         }))
     }
 
-fn runtimes(&self) -> Vec<RuntimeSupport> {
+    fn runtimes(&self) -> Vec<RuntimeSupport> {
         self.inner.backends.support.clone()
     }
 
-        fn network_logs<'a>(
+    fn network_logs<'a>(
         &'a self,
         id: &'a SandboxId,
     ) -> BoxFuture<'a, Result<Vec<arca_proto::network::EgressLogEntry>, NodeError>> {

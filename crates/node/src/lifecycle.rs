@@ -449,6 +449,9 @@ impl Node {
     /// so a crash half-way leaves the sandbox paused. The images go once
     /// it runs.
     pub(crate) async fn restore_checkpoint(&self, inst: &Arc<Instance>) -> Result<(), NodeError> {
+        if inst.runtime() == arca_proto::node::Runtime::Vm {
+            return self.restore_vm(inst).await;
+        }
         let build = self.build_of(inst)?;
         let name = crate::dir_name(&inst.dir)?;
         let st = crate::state::StateFile::load(&inst.dir).map_err(|e| {

@@ -19,6 +19,12 @@ use crate::{BootPlan, Booted, Node, Upper, lock, state};
 pub(crate) const VM_DISK: &str = "disk.qcow2";
 /// The guest's tap in the slot's namespace.
 const TAP: &str = "tap0";
+/// QEMU's QMP socket, in the sandbox's directory.
+const QMP_SOCKET: &str = "qmp.sock";
+/// A saved VM, in the sandbox's checkpoint directory.
+const VM_STATE: &str = "vm.state";
+/// How long saving or loading a VM may take.
+const SAVE_WITHIN: Duration = Duration::from_secs(300);
 /// What QEMU itself takes beyond the guest's memory (TCG's translation
 /// cache is capped at 128 MiB), added to the sandbox's memory limit.
 pub(crate) const VM_OVERHEAD_MIB: u64 = 256;
@@ -73,54 +79,17 @@ impl Node {
             .slot
             .as_ref()
             .ok_or_else(|| NodeError::Internal("a vm boot without a slot".into()))?;
-        let (netns_name, netns, ip, gateway) = (
-            slot.netns_name.clone(),
-            slot.netns_path.clone(),
-            slot.sandbox_ip,
-            slot.host_ip,
-        );
+        let (netns_name, ip) = (slot.netns_name.clone(), slot.sandbox_ip);
         tokio::task::spawn_blocking(move || arca_runtime::vm::setup_tap(&netns_name, "eth0", TAP))
             .await
             .map_err(|e| internal("tap task", &e))?
             .map_err(|e| internal("wiring the guest into its network slot", &e))?;
-        let spec = plan.egress.as_ref();
-        let cfg = VmConfig {
-            memory_mb: spec.map_or(512, |s| s.memory_mb.max(128)),
-            vcpus: spec.map_or(1, |s| s.cpu_count.max(1)),
-            kernel: vm.assets.kernel.clone(),
-            initramfs: vm.initramfs.clone(),
-            disk,
-            tap: TAP.into(),
-            mac: arca_runtime::vm::mac_for(ip),
-            ip,
-            prefix: 30,
-            gateway,
-            hostname: b.instance_id.clone(),
-            qmp_socket: dir.join("qmp.sock"),
-            console_log: dir.join("console.log"),
-            incoming: None,
-            kvm: vm.kvm,
-        };
-        let launch = VmLaunch {
-            cgroup_dirs: b
-                .cgroup
-                .as_ref()
-                .map(|c| c.dirs().to_vec())
-                .unwrap_or_default(),
-            netns,
-            qemu: vm.assets.qemu.clone(),
-            args: arca_runtime::vm::qemu_args(&cfg),
-            log: dir.join("qemu.log"),
-        };
-        let exe = inner.config.init_exe.clone();
-        let pid = tokio::task::spawn_blocking(move || arca_runtime::vm::launch(&exe, &launch))
-            .await
-            .map_err(|e| internal("qemu task", &e))?
-            .map_err(|e| internal("starting the sandbox's VM", &e))?;
-        b.pid = pid;
-        b.pid_start = state::process_start(pid)
-            .ok_or_else(|| NodeError::Internal("QEMU exited at once".into()))?;
-        st.pid = Some(pid);
+        let (memory_mb, vcpus) = plan
+            .egress
+            .as_ref()
+            .map_or((512, 1), |s| (s.memory_mb, s.cpu_count));
+        self.launch_vm(b, &vm, (memory_mb, vcpus), None).await?;
+        st.pid = Some(b.pid);
         st.pid_start = Some(b.pid_start);
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
@@ -145,10 +114,169 @@ impl Node {
         Ok(())
     }
 
+    /// Starts QEMU for `b` (slot wired, cgroup made, disk in place) with
+    /// (memory MiB, vCPUs); `incoming`: a saved VM to load, left stopped.
+    async fn launch_vm(
+        &self,
+        b: &mut Booted,
+        vm: &crate::backends::Vm,
+        (memory_mb, vcpus): (u32, u32),
+        incoming: Option<PathBuf>,
+    ) -> Result<(), NodeError> {
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| NodeError::Internal(format!("{what}: {e}"));
+        let slot = b
+            .slot
+            .as_ref()
+            .ok_or_else(|| NodeError::Internal("a vm boot without a slot".into()))?;
+        let dir = b.dir.clone();
+        // A stale socket from an earlier QEMU would be taken for this one's.
+        let _ = std::fs::remove_file(dir.join(QMP_SOCKET));
+        let cfg = VmConfig {
+            memory_mb: memory_mb.max(128),
+            vcpus: vcpus.max(1),
+            kernel: vm.assets.kernel.clone(),
+            initramfs: vm.initramfs.clone(),
+            disk: dir.join(VM_DISK),
+            tap: TAP.into(),
+            mac: arca_runtime::vm::mac_for(slot.sandbox_ip),
+            ip: slot.sandbox_ip,
+            prefix: 30,
+            gateway: slot.host_ip,
+            hostname: b.instance_id.clone(),
+            qmp_socket: dir.join(QMP_SOCKET),
+            console_log: dir.join("console.log"),
+            incoming,
+            kvm: vm.kvm,
+        };
+        let launch = VmLaunch {
+            cgroup_dirs: b
+                .cgroup
+                .as_ref()
+                .map(|c| c.dirs().to_vec())
+                .unwrap_or_default(),
+            netns: slot.netns_path.clone(),
+            qemu: vm.assets.qemu.clone(),
+            args: arca_runtime::vm::qemu_args(&cfg),
+            log: dir.join("qemu.log"),
+        };
+        let exe = self.inner.config.init_exe.clone();
+        let pid = tokio::task::spawn_blocking(move || arca_runtime::vm::launch(&exe, &launch))
+            .await
+            .map_err(|e| internal("qemu task", &e))?
+            .map_err(|e| internal("starting the sandbox's VM", &e))?;
+        b.pid = pid;
+        b.pid_start = state::process_start(pid)
+            .ok_or_else(|| NodeError::Internal("QEMU exited at once".into()))?;
+        Ok(())
+    }
+
+    /// Saves a paused VM (vCPUs stopped at the pause, QEMU frozen) to
+    /// `checkpoint/vm.state`: QEMU is thawed to answer, its guest stays
+    /// stopped. The caller then ends QEMU.
+    pub(crate) async fn save_vm(&self, inst: &crate::Instance) -> Result<(), String> {
+        let images = inst.dir.join(crate::CHECKPOINT_DIR);
+        std::fs::create_dir_all(&images)
+            .map_err(|e| format!("creating {}: {e}", images.display()))?;
+        if let Some(cg) = inst.cgroup() {
+            tokio::task::spawn_blocking(move || cg.set_frozen(false))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("thawing QEMU: {e}"))?;
+        }
+        let t0 = Instant::now();
+        let state = images.join(VM_STATE);
+        qmp(&inst.dir, move |q| q.migrate_to_file(&state, SAVE_WITHIN)).await?;
+        tracing::debug!(sandbox_id = %inst.spec.sandbox_id, ms = t0.elapsed().as_secs_f64() * 1e3, "VM saved");
+        Ok(())
+    }
+
+    /// Brings a VM saved by [`Node::save_vm`] back in its kept slot: a new
+    /// cgroup, QEMU loading the saved machine, `cont`, envd answering.
+    pub(crate) async fn restore_vm(&self, inst: &Arc<crate::Instance>) -> Result<(), NodeError> {
+        let vm = self.inner.backends.vm.clone().ok_or_else(|| {
+            NodeError::InvalidInput("runtime 'vm' is not available on this node".into())
+        })?;
+        let build = self.build_of(inst)?;
+        let name = crate::dir_name(&inst.dir)?;
+        let spec = inst.current_spec();
+        let slot = lock(&inst.kept_slot).take().ok_or_else(|| {
+            NodeError::Internal("no network slot was kept for the saved VM".into())
+        })?;
+        let ip = slot.sandbox_ip;
+        let mut b = Booted::empty(self, name.clone(), inst.dir.clone(), Some(build));
+        b.keep_dir = true;
+        b.runtime = arca_proto::node::Runtime::Vm;
+        b.disk_size_mb = spec.disk_size_mb;
+        b.slot = Some(slot);
+        let state = inst.dir.join(crate::CHECKPOINT_DIR).join(VM_STATE);
+        let result = async {
+            let cg = self
+                .inner
+                .layout
+                .create(&name, self.limits_of(&spec))
+                .map_err(|e| NodeError::Internal(format!("creating the cgroup: {e}")))?;
+            b.cgroup = Some(cg);
+            if let Some(s) = &b.slot {
+                // Still wired unless the namespace was made anew.
+                let netns = s.netns_name.clone();
+                tokio::task::spawn_blocking(move || {
+                    if arca_runtime::vm::tap_exists(&netns, TAP) {
+                        Ok(())
+                    } else {
+                        arca_runtime::vm::setup_tap(&netns, "eth0", TAP)
+                    }
+                })
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))?
+                .map_err(|e| NodeError::Internal(format!("wiring the guest: {e}")))?;
+            }
+            self.launch_vm(&mut b, &vm, (spec.memory_mb, spec.cpu_count), Some(state))
+                .await?;
+            qmp(&inst.dir, |q| {
+                q.wait_incoming(SAVE_WITHIN)?;
+                q.cont()
+            })
+            .await
+            .map_err(|e| NodeError::Internal(format!("loading the saved VM: {e}")))?;
+            self.inner
+                .envd
+                .wait_ready(ip, Duration::from_secs(30))
+                .await
+                .map_err(|e| NodeError::Internal(format!("envd after the restore: {e}")))
+        }
+        .await;
+        if let Err(e) = result {
+            b.shutdown().await;
+            return Err(e);
+        }
+        let (Some(slot), Some(cgroup)) = (b.slot.take(), b.cgroup.clone()) else {
+            b.shutdown().await;
+            return Err(NodeError::Internal(
+                "restored without a slot or cgroup".into(),
+            ));
+        };
+        let run = crate::Running {
+            pid: b.pid,
+            pid_start: b.pid_start,
+            sandbox_ip: slot.sandbox_ip,
+            netns: slot.netns_path.clone(),
+            slot: Some(slot),
+            cgroup,
+        };
+        b.disarm();
+        *lock(&inst.run) = Some(run);
+        Ok(())
+    }
+
     /// The read-only ext4 image of `build` with room for `disk_mb` MiB of
     /// the sandbox's own writes, made once (owners moved back out of the
     /// store's shifted range) and kept in `$ARCA_HOME/vm-images`.
-    async fn vm_image(&self, build: &Arc<TemplateBuild>, disk_mb: u32) -> Result<PathBuf, NodeError> {
+    async fn vm_image(
+        &self,
+        build: &Arc<TemplateBuild>,
+        disk_mb: u32,
+    ) -> Result<PathBuf, NodeError> {
         let dir = self.inner.config.home.join("vm-images");
         let name = format!("{}-{}-{disk_mb}.ext4", build.template_id, build.build_id);
         let image = dir.join(&name);
@@ -191,4 +319,19 @@ fn make_image(layers: &[PathBuf], out: &Path, disk_mb: u32) -> Result<(), String
     let mut opts = arca_image::Ext4Options::new(size_mb);
     opts.unshift = arca_runtime::DEFAULT_ID_MAP.outside;
     arca_image::export_ext4_with(layers, out, &opts).map_err(|e| e.to_string())
+}
+
+/// Runs `f` on a QMP connection to the QEMU of the sandbox in `dir`, on a
+/// blocking thread.
+pub(crate) async fn qmp<T: Send + 'static>(
+    dir: &Path,
+    f: impl FnOnce(&mut arca_runtime::vm::Qmp) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let socket = dir.join(QMP_SOCKET);
+    tokio::task::spawn_blocking(move || {
+        let mut q = arca_runtime::vm::Qmp::connect(&socket, Duration::from_secs(10))?;
+        f(&mut q)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }

@@ -176,8 +176,8 @@ fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
 /// for the sandbox's life.
 fn run_runsc(cfg: &GvisorConfig, args: &[&str]) -> Result<(), String> {
     let log_path = cfg.bundle_dir.join(format!("runsc-{}.log", args[0]));
-    let log = fs::File::create(&log_path)
-        .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+    let log =
+        fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
     let status = Command::new(&cfg.runsc)
         .args(cfg.global_args())
         .args(args)

@@ -34,10 +34,10 @@ use std::path::PathBuf;
 pub use apply::{ApplyOptions, apply, apply_main};
 pub use config::{DEFAULT_ID_MAP, DiskSpec, ENVD_PATH, IdMap, InitConfig};
 pub use gvisor::{GvisorConfig, gvisor_main};
-pub use vm::vm_main;
 pub use init::init_main;
 pub use launch::launch;
 pub use restore::{RestoreConfig, restore_main};
+pub use vm::vm_main;
 
 /// Starting a sandbox failed.
 #[derive(Debug, thiserror::Error)]

@@ -977,3 +977,9 @@ fn start_qemu(cfg: &VmLaunch) -> Result<i32, String> {
     }
     Ok(pid)
 }
+
+/// Whether `tap` exists in the namespace `netns_name` (a slot kept while
+/// its VM was saved to a file is still wired).
+pub fn tap_exists(netns_name: &str, tap: &str) -> bool {
+    ip_in(netns_name, &["link", "show", "dev", tap]).is_ok()
+}

@@ -136,7 +136,10 @@ fn runtimes() -> Vec<Check> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
             std::env::var_os("ARCA_HOME")
-                .map_or_else(|| Path::new(super::up::DEFAULT_HOME).to_path_buf(), Into::into)
+                .map_or_else(
+                    || Path::new(super::up::DEFAULT_HOME).to_path_buf(),
+                    Into::into,
+                )
                 .join("vm")
         });
     arca_node::runtime_support(runsc, &vm_assets)
@@ -147,7 +150,11 @@ fn runtimes() -> Vec<Check> {
                 arca_proto::node::Runtime::Vm => "vm",
                 arca_proto::node::Runtime::Ns => "ns",
             };
-            let state = if s.available { "runtime available" } else { "runtime unavailable" };
+            let state = if s.available {
+                "runtime available"
+            } else {
+                "runtime unavailable"
+            };
             info(name, format!("{state}: {}", s.detail))
         })
         .collect()
