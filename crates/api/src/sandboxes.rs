@@ -331,7 +331,7 @@ async fn create(api: Api, team: String, req: CreateRequest) -> Result<SandboxRec
     tracing::Span::current().record("sandbox_id", rec.id.as_str());
     let candidates = api
         .nodes()
-        .candidates(&found.template.id, &found.build.id)
+        .candidates(&found.template.id, &found.build.id, req.runtime)
         .await?;
     let mut rec = rec;
     let mut full = Vec::new();

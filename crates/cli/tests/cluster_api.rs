@@ -191,7 +191,7 @@ impl NodeService for FakeNode {
                 disk_size_mb: spec.disk_size_mb,
                 envd_version: "0.6.13".into(),
                 pause_mode: None,
-                runtime: Default::default(),
+                runtime: spec.runtime.unwrap_or_default(),
             };
             map.insert(spec.sandbox_id, status.clone());
             Ok(status)
@@ -672,6 +672,8 @@ struct NodeSetup {
     busy: u32,
     /// Whether it holds the `base` build.
     has_base: bool,
+    /// Isolation backends it registers.
+    runtimes: &'static [&'static str],
 }
 
 impl Default for NodeSetup {
@@ -681,6 +683,7 @@ impl Default for NodeSetup {
             advertised_max: 100,
             busy: 0,
             has_base: true,
+            runtimes: &["ns"],
         }
     }
 }
@@ -845,7 +848,7 @@ fn registration(
             cpu_count: 8,
             memory_mb: 16_384,
         },
-        runtimes: vec!["ns".into()],
+        runtimes: setup.runtimes.iter().map(|r| (*r).to_string()).collect(),
         builds: if setup.has_base {
             vec![base_build()]
         } else {
@@ -1050,6 +1053,49 @@ async fn creates_spread_over_the_nodes_postgres() {
     if let Some(db) = TestDb::postgres().await {
         creates_spread_over_the_nodes(db).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_goes_only_to_nodes_that_run_it() {
+    let c = Cluster::sqlite().await;
+    let nodes = nodes(
+        &c,
+        &[
+            NodeSetup::default(),
+            NodeSetup {
+                runtimes: &["ns", "gvisor"],
+                ..NodeSetup::default()
+            },
+        ],
+    )
+    .await;
+    for _ in 0..6 {
+        let body = json!({ "templateID": "base", "metadata": { "arca.runtime": "gvisor" } });
+        let a = c.e2b(Method::POST, "/sandboxes", Some(&body)).await;
+        assert_eq!(a.status, 201, "{a:?}");
+    }
+    // Every one on n2, asked for gvisor; none tried on n1.
+    assert_eq!(nodes[1].fake.ids().len(), 6);
+    assert!(nodes[0].fake.specs.lock().unwrap().is_empty());
+    assert!(nodes[1]
+        .fake
+        .specs
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.runtime == Some(arca_proto::node::Runtime::Gvisor)));
+    // The backend is in every record's metadata.
+    assert!(c
+        .list()
+        .await
+        .values()
+        .all(|s| s["metadata"]["arca.runtime"] == "gvisor"));
+    // No node runs vm: a 400 that says so, and no record.
+    let body = json!({ "templateID": "base", "metadata": { "arca.runtime": "vm" } });
+    let a = c.e2b(Method::POST, "/sandboxes", Some(&body)).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.body["message"].as_str().unwrap().contains("runtime 'vm'"), "{a:?}");
+    assert_eq!(c.list().await.len(), 6);
 }
 
 // ---- 3. capacity -----------------------------------------------------------------

@@ -135,10 +135,12 @@ impl Nodes {
     }
 
     /// Nodes to try for a new sandbox of a build, best first.
+    /// `runtime`: only nodes that run it (the local node checks itself).
     pub(crate) async fn candidates(
         &self,
         template_id: &str,
         build_id: &str,
+        runtime: Option<arca_proto::node::Runtime>,
     ) -> Result<Vec<Candidate>, ApiError> {
         match self {
             Nodes::Local { node, .. } => Ok(vec![Candidate {
@@ -146,7 +148,7 @@ impl Nodes {
                 node: Arc::clone(node),
                 template_source: None,
             }]),
-            Nodes::Cluster(reg) => reg.candidates(template_id, build_id).await,
+            Nodes::Cluster(reg) => reg.candidates(template_id, build_id, runtime).await,
         }
     }
 
@@ -353,6 +355,7 @@ impl Registry {
         &self,
         template_id: &str,
         build_id: &str,
+        runtime: Option<arca_proto::node::Runtime>,
     ) -> Result<Vec<Candidate>, ApiError> {
         // Counted now, not at the last refresh: creates in flight on every
         // replica already have their records.
@@ -366,6 +369,7 @@ impl Registry {
                 .nodes
                 .iter()
                 .filter(|n| n.status == NodeStatus::Ready)
+                .filter(|n| runtime.is_none_or(|r| n.row.runtimes.iter().any(|x| x == r.as_str())))
                 .cloned()
                 .collect();
             // Any holder that answers can serve a pull, draining ones too;
@@ -380,6 +384,11 @@ impl Registry {
             (ready, sources)
         };
         if ready.is_empty() {
+            if let Some(r) = runtime {
+                return Err(ApiError::BadRequest(format!(
+                    "no ready node runs runtime '{r}' (see GET /cluster/v1/nodes, `runtimes`)"
+                )));
+            }
             return Err(ApiError::Capacity(
                 "no node is ready (none registered, or all lost or draining)".into(),
             ));

@@ -19,6 +19,8 @@ pub(crate) struct NodeRow {
     pub(crate) capacity: NodeCapacity,
     pub(crate) load: NodeLoad,
     pub(crate) last_seen: DateTime<Utc>,
+    /// Isolation backends it runs (`ns`, `gvisor`, `vm`).
+    pub(crate) runtimes: Vec<String>,
 }
 
 /// A sandbox record as reconciling a node needs it.
@@ -141,7 +143,8 @@ impl Db {
     /// Every node, by id.
     pub(crate) async fn nodes(&self) -> Result<Vec<NodeRow>, ApiError> {
         let rows = sqlx::query(
-            "SELECT id, rpc_url, edge_addr, status, capacity, load, last_seen FROM nodes ORDER BY id",
+            "SELECT id, rpc_url, edge_addr, status, capacity, load, last_seen, runtimes FROM nodes \
+             ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -150,7 +153,10 @@ impl Db {
             let id: String = r.try_get(0)?;
             let capacity: String = r.try_get(4)?;
             let load: String = r.try_get(5)?;
+            let runtimes: String = r.try_get(7)?;
             out.push(NodeRow {
+                runtimes: serde_json::from_str(&runtimes)
+                    .map_err(|e| decode_error(format!("node {id} runtimes: {e}")))?,
                 capacity: serde_json::from_str(&capacity)
                     .map_err(|e| decode_error(format!("node {id} capacity: {e}")))?,
                 load: serde_json::from_str(&load)
