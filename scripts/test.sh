@@ -43,6 +43,8 @@ step "setup"
 scripts/setup.sh
 # The vm runtime's kernel and modules, fetched by setup.sh.
 export ARCA_VM_ASSETS="${ARCA_VM_ASSETS:-/var/cache/arca-test/vm}"
+# setup.sh installs runsc and the VM assets: their tests must run, not skip.
+export ARCA_E2E_REQUIRE_RUNTIMES="${ARCA_E2E_REQUIRE_RUNTIMES:-gvisor,vm}"
 
 if [[ "${ARCA_TEST_SKIP_CARGO:-0}" != 1 ]]; then
   step "cargo fmt"

@@ -71,6 +71,10 @@ def create_sandbox(runtime: str = "ns", **kwargs):
         return Sandbox.create(metadata=metadata, **kwargs)
     except SandboxException as e:
         if "is not available on this node" in str(e):
+            # CI names the runtimes it installs: there, missing is a failure.
+            required = os.environ.get("ARCA_E2E_REQUIRE_RUNTIMES", "").split(",")
+            if runtime in required:
+                pytest.fail(f"runtime {runtime} is required (ARCA_E2E_REQUIRE_RUNTIMES): {e}")
             pytest.skip(f"runtime {runtime} unavailable here: {e}")
         raise
 

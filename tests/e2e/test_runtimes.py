@@ -236,3 +236,67 @@ def test_vm_saved_to_a_file_survives_a_node_restart_and_resumes(arca):
     finally:
         Sandbox.kill(sid)
         os.environ.update(arca.restart())
+
+
+def _runsc_of(sandbox_id: str) -> list[int]:
+    """Host pids of runsc's processes for a sandbox (their state is in its directory)."""
+    marker = f"/{sandbox_id}/runsc".encode()
+    found = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(p))
+            except OSError:
+                pass
+    return found
+
+
+def test_gvisor_moved_to_disk_comes_back_on_its_files(arca):
+    """runsc cannot checkpoint a sandbox on the host network: a gVisor sandbox moved to disk
+    keeps its files (every change synced out of gVisor's caches first), ends runsc, and a
+    connect boots it again under gVisor in the same directory."""
+    os.environ.update(arca.restart("--pause-to-disk-after", "0"))
+    sbx = create_sandbox("gvisor", timeout=600)
+    sid = sbx.sandbox_id
+    try:
+        sbx.files.write("/home/user/kept.txt", "kept on disk")
+        sh(sbx, "mkdir /home/user/d && mv /home/user/kept.txt /home/user/d/moved.txt", user="user")
+        assert _runsc_of(sid)
+        assert sbx.pause() is True
+        wait_until(lambda: _runsc_of(sid) == [], "runsc to end once the sandbox is on disk", limit_s=60)
+        again = Sandbox.connect(sid, timeout=120)
+        assert again.files.read("/home/user/d/moved.txt") == "kept on disk"
+        assert "gVisor" in sh(again, "dmesg | head -1")
+        assert Sandbox.get_info(sid).metadata["arca.runtime"] == "gvisor"
+        # And again: a second move to disk and back.
+        assert again.pause() is True
+        wait_until(lambda: _runsc_of(sid) == [], "runsc to end the second time", limit_s=60)
+        third = Sandbox.connect(sid, timeout=120)
+        assert third.files.read("/home/user/d/moved.txt") == "kept on disk"
+    finally:
+        Sandbox.kill(sid)
+        os.environ.update(arca.restart())
+
+
+def test_gvisor_snapshot_keeps_its_files_and_its_runtime(arca):
+    if not hasattr(Sandbox, "create_snapshot"):
+        pytest.skip("this SDK version has no snapshots")
+    src = create_sandbox("gvisor", timeout=300)
+    made = []
+    try:
+        src.files.write("/home/user/a.txt", "in the snapshot")
+        sh(src, "mv /home/user/a.txt /home/user/b.txt && mkdir -p /home/user/dir/sub", user="user")
+        snap = src.create_snapshot()
+        s = Sandbox.create(snap.snapshot_id, timeout=300)
+        made.append(s)
+        assert s.files.read("/home/user/b.txt") == "in the snapshot"
+        assert sh(s, "test -d /home/user/dir/sub && echo yes").strip() == "yes"
+        # The snapshot runs under what its source ran under, not the template's default.
+        assert Sandbox.get_info(s.sandbox_id).metadata["arca.runtime"] == "gvisor"
+        assert "gVisor" in sh(s, "dmesg | head -1")
+    finally:
+        for s in made:
+            s.kill()
+        src.kill()

@@ -1077,25 +1077,45 @@ async fn a_runtime_goes_only_to_nodes_that_run_it() {
     // Every one on n2, asked for gvisor; none tried on n1.
     assert_eq!(nodes[1].fake.ids().len(), 6);
     assert!(nodes[0].fake.specs.lock().unwrap().is_empty());
-    assert!(nodes[1]
-        .fake
-        .specs
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|s| s.runtime == Some(arca_proto::node::Runtime::Gvisor)));
+    assert!(
+        nodes[1]
+            .fake
+            .specs
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.runtime == Some(arca_proto::node::Runtime::Gvisor))
+    );
     // The backend is in every record's metadata.
-    assert!(c
-        .list()
-        .await
-        .values()
-        .all(|s| s["metadata"]["arca.runtime"] == "gvisor"));
+    assert!(
+        c.list()
+            .await
+            .values()
+            .all(|s| s["metadata"]["arca.runtime"] == "gvisor")
+    );
     // No node runs vm: a 400 that says so, and no record.
     let body = json!({ "templateID": "base", "metadata": { "arca.runtime": "vm" } });
     let a = c.e2b(Method::POST, "/sandboxes", Some(&body)).await;
     assert_eq!(a.status, 400, "{a:?}");
-    assert!(a.body["message"].as_str().unwrap().contains("runtime 'vm'"), "{a:?}");
+    assert!(
+        a.body["message"].as_str().unwrap().contains("runtime 'vm'"),
+        "{a:?}"
+    );
     assert_eq!(c.list().await.len(), 6);
+    // The node listing says who runs what.
+    let listed = c.cluster(Method::GET, "/nodes", None).await;
+    let runtimes: Vec<&Value> = listed
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["runtimes"])
+        .collect();
+    assert_eq!(
+        runtimes,
+        [&json!(["ns"]), &json!(["ns", "gvisor"])],
+        "{listed:?}"
+    );
 }
 
 // ---- 3. capacity -----------------------------------------------------------------

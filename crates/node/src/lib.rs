@@ -687,6 +687,16 @@ impl Node {
         if let Err(e) = cgroup.set_frozen(st.paused) {
             tracing::warn!(sandbox_id = %id, error = %e, "cannot set the freezer of a reattached sandbox");
         }
+        // Likewise a VM's vCPUs, which a crash may have left stopped by a
+        // pause that was never recorded.
+        if !st.paused && inst.runtime() == Runtime::Vm {
+            let d = inst.dir.clone();
+            tokio::spawn(async move {
+                if let Err(e) = vmboot::qmp(&d, |q| q.cont()).await {
+                    tracing::warn!(error = %e, "cannot continue a reattached VM");
+                }
+            });
+        }
         if let Some(e) = self.inner.egress.get() {
             e.restore(&id, egress::load_admissions(&inst.dir));
         }
@@ -801,8 +811,9 @@ impl Node {
                 let Some(inner) = weak.upgrade() else { return };
                 let all: Vec<Arc<Instance>> = lock(&inner.sandboxes).values().cloned().collect();
                 let prefix = inner.config.net.name_prefix.clone();
+                let exe = inner.config.init_exe.clone();
                 drop(inner);
-                let _ = tokio::task::spawn_blocking(move || reap_orphans(&prefix)).await;
+                let _ = tokio::task::spawn_blocking(move || reap_orphans(&prefix, &exe)).await;
                 for inst in all {
                     sample(&inst);
                 }
@@ -923,10 +934,18 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Internal(format!("stopping sandbox {id}'s VM: {e}")))?;
         }
-        tokio::task::spawn_blocking(move || cg.set_frozen(true))
+        let frozen = tokio::task::spawn_blocking(move || cg.set_frozen(true))
             .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?
-            .map_err(|e| NodeError::Internal(format!("freezing sandbox {id}: {e}")))?;
+            .map_err(|e| NodeError::Internal(e.to_string()))
+            .and_then(|r| {
+                r.map_err(|e| NodeError::Internal(format!("freezing sandbox {id}: {e}")))
+            });
+        if let Err(e) = frozen {
+            if inst.runtime() == Runtime::Vm {
+                let _ = vmboot::qmp(&inst.dir, |q| q.cont()).await;
+            }
+            return Err(e);
+        }
         inst.paused.store(true, std::sync::atomic::Ordering::SeqCst);
         inst.paused_at_deadline
             .store(at_deadline, std::sync::atomic::Ordering::SeqCst);
@@ -963,6 +982,21 @@ impl Node {
             inst.log("info", "paused");
         }
         Ok(())
+    }
+
+    /// Sets a guest kernel's clock to the host's through envd's `/init`.
+    async fn set_guest_clock(&self, inst: &Instance) {
+        let Some((_, ip)) = inst.network() else {
+            return;
+        };
+        let body = serde_json::json!({ "timestamp": Utc::now().to_rfc3339() });
+        let token = inst.spec.envd_access_token.clone();
+        if let Err(e) = self.inner.envd.init(ip, Some(&token), &body).await {
+            inst.log(
+                "warn",
+                format!("setting the VM's clock after the resume failed: {e}"),
+            );
+        }
     }
 
     /// Has a sandbox whose file writes may sit in a kernel of its own
@@ -1233,6 +1267,10 @@ impl Node {
         // still find the images.
         let _ = std::fs::remove_dir_all(inst.dir.join(CHECKPOINT_DIR));
         inst.log("info", "resumed");
+        if inst.runtime() == Runtime::Vm {
+            // A VM's clock stood still while it was stopped: envd sets it.
+            self.set_guest_clock(&inst).await;
+        }
         Ok(inst.status())
     }
 
@@ -2075,10 +2113,16 @@ fn stop_runtime(cgroup: Option<&Cgroup>, pid: i32, slot: Option<Slot>, slots: &S
 /// its sandbox process dies, QEMU's helpers) becomes the node's child.
 /// Only zombies that died in a sandbox cgroup under `cgroup_parent`, and
 /// not the node's own `arca` helpers (whose waits are their launchers').
-fn reap_orphans(cgroup_parent: &str) {
+fn reap_orphans(cgroup_parent: &str, init_exe: &Path) {
     let me = std::process::id().to_string();
     let marker = format!("/{cgroup_parent}/");
     let own_comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    // The helpers are `init_exe` re-executed; the kernel keeps 15 bytes of
+    // a command's name.
+    let helper_comm: String = init_exe
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(15).collect::<String>() + "\n")
+        .unwrap_or_default();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -2104,7 +2148,7 @@ fn reap_orphans(cgroup_parent: &str) {
         }
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if comm != own_comm && cgroup.contains(&marker) {
+        if comm != own_comm && comm != helper_comm && cgroup.contains(&marker) {
             let _ = nix::sys::wait::waitpid(
                 nix::unistd::Pid::from_raw(pid),
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),

@@ -36,6 +36,9 @@ impl Node {
             self.flush_guest(inst).await;
         }
         let (cgroup, pid) = (inst.cgroup(), inst.init_pid().map(|p| p.0));
+        // A gVisor sandbox's disk is mounted only in its gofer's namespace,
+        // not under its init's root: sync every file system instead.
+        let sync_all = inst.runtime() == arca_proto::node::Runtime::Gvisor;
         let image = inst.dir.join("disk.img");
         // CRIU saves `ns` sandboxes only (not runsc or QEMU).
         let criu = self
@@ -53,7 +56,13 @@ impl Node {
                 }
                 _ => None,
             };
-            let copied = sync_root(pid).and_then(|()| {
+            let synced = if sync_all {
+                nix::unistd::sync();
+                Ok(())
+            } else {
+                sync_root(pid)
+            };
+            let copied = synced.and_then(|()| {
                 disk::sparse_copy(&image, &dest).map_err(|e| format!("copying its disk: {e}"))
             });
             let saved = match (&copied, &criu, &cgroup, pid, &memory) {
@@ -352,7 +361,8 @@ impl Node {
             start_cmd: parent.start_cmd.clone(),
             ready_cmd: parent.ready_cmd.clone(),
             created_at: Utc::now(),
-            runtime: parent.runtime,
+            // What the sandbox ran under, not only its template's label.
+            runtime: Some(inst.runtime()),
         };
         self.inner
             .templates

@@ -94,7 +94,9 @@ impl Node {
         st.save(&dir)
             .map_err(|e| internal("writing the state file", &e))?;
         if let Err(e) = inner.envd.wait_ready(ip, VM_READY_WITHIN).await {
-            let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            let console = qmp(&dir, |q| q.console_tail(4096))
+                .await
+                .unwrap_or_default();
             let tail: Vec<&str> = console.lines().rev().take(5).collect();
             return Err(NodeError::Internal(format!(
                 "waiting for envd in the VM: {e}; its console ended with: {}",
@@ -145,7 +147,7 @@ impl Node {
             gateway: slot.host_ip,
             hostname: b.instance_id.clone(),
             qmp_socket: dir.join(QMP_SOCKET),
-            console_log: dir.join("console.log"),
+            console_log: None,
             incoming,
             kvm: vm.kvm,
         };
@@ -241,7 +243,7 @@ impl Node {
             .map_err(|e| NodeError::Internal(format!("loading the saved VM: {e}")))?;
             self.inner
                 .envd
-                .wait_ready(ip, Duration::from_secs(30))
+                .wait_ready(ip, VM_READY_WITHIN)
                 .await
                 .map_err(|e| NodeError::Internal(format!("envd after the restore: {e}")))
         }

@@ -142,6 +142,9 @@ pub struct NodeInfo {
     pub sandboxes: u32,
     /// Last heartbeat, RFC 3339.
     pub last_seen: String,
+    /// Isolation backends it runs.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
 }
 
 /// `GET /cluster/v1/routes/{sandboxId}`: where a proxy sends a sandbox's

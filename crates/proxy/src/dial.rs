@@ -82,6 +82,23 @@ const RELAY_KEEPALIVE_INTERVAL_SECS: u32 = 5;
 /// Unanswered probes after which the connection fails.
 const RELAY_KEEPALIVE_PROBES: u32 = 3;
 
+/// Connects to `port` of a VM sandbox at its own address `ip`, from the
+/// host (a VM's loopback is the guest's): a refusal is the port not being
+/// open, as for [`dial`].
+pub(crate) async fn dial_address(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let connect = |source| DialError::Connect { port, source };
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((ip, port)))
+        .await
+        .map_err(|_| connect(io::ErrorKind::TimedOut.into()))?
+        .map_err(connect)?;
+    stream.set_nodelay(true).map_err(connect)?;
+    Ok(stream)
+}
+
 /// Connects to a node's edge proxy at `addr`.
 pub(crate) async fn dial_relay(
     addr: SocketAddr,

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
-use crate::dial::{DialError, dial, dial_relay};
+use crate::dial::{DialError, dial, dial_address, dial_relay};
 
 /// Sends requests on one upstream connection.
 pub(crate) type Sender = http1::SendRequest<ProxyBody>;
@@ -118,7 +118,7 @@ impl Pool {
         let stream = match (route.relay, route.address) {
             (Some(addr), _) => dial_relay(addr, self.connect_timeout).await?,
             // A VM: its own address, from the host.
-            (None, Some(ip)) => dial_relay((ip, port).into(), self.connect_timeout).await?,
+            (None, Some(ip)) => dial_address(ip, port, self.connect_timeout).await?,
             (None, None) => dial(&route.netns, port, self.connect_timeout).await?,
         };
         let (sender, conn) = http1::Builder::new()

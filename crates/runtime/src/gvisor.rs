@@ -140,6 +140,15 @@ fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
             .map_err(|e| format!("making the id-mapping user namespace: {e}"))?;
         crate::init::mount_root_idmapped(&cfg.init, Some(userns.as_fd()))?;
     }
+    // A sandbox booted again on its files (a resume from disk) reuses its
+    // directory: the ended runsc's state would refuse the same container.
+    for d in [&cfg.bundle_dir, &cfg.state_dir] {
+        match fs::remove_dir_all(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("clearing {}: {e}", d.display())),
+        }
+    }
     fs::create_dir_all(&cfg.bundle_dir)
         .and_then(|()| fs::create_dir_all(&cfg.state_dir))
         .map_err(|e| format!("creating the bundle: {e}"))?;
@@ -170,25 +179,47 @@ fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
     Ok(pid)
 }
 
-/// Runs one runsc command. Its output goes to a file, never a pipe: the
-/// processes `runsc create` leaves running (sandbox, gofer) inherit it,
-/// and the container's stdio is runsc's own, so a pipe would stay open
-/// for the sandbox's life.
+/// Runs one runsc command. Its stdio is /dev/null: the processes `runsc
+/// create` leaves running (sandbox, gofer) inherit it as the container's
+/// stdio, which must neither hold the node's pipe open nor be a file the
+/// sandbox could fill. runsc's own messages go to `--log`, a file per
+/// command that only that command writes.
 fn run_runsc(cfg: &GvisorConfig, args: &[&str]) -> Result<(), String> {
     let log_path = cfg.bundle_dir.join(format!("runsc-{}.log", args[0]));
-    let log =
-        fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-    let status = Command::new(&cfg.runsc)
+    let mut child = Command::new(&cfg.runsc)
         .args(cfg.global_args())
+        .arg(format!("--log={}", log_path.display()))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        .status()
+        .stderr(Stdio::null())
+        .spawn()
         .map_err(|e| format!("running {}: {e}", cfg.runsc.display()))?;
+    // A runsc that hangs (a platform the host cannot run: nested KVM) must
+    // not hold the create for ever; what it started dies with the cgroup.
+    let deadline = std::time::Instant::now() + RUNSC_WITHIN;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "runsc {} did not finish within {} s (is platform {} usable here?)",
+                    args[0],
+                    RUNSC_WITHIN.as_secs(),
+                    cfg.platform
+                ));
+            }
+            Err(e) => return Err(format!("waiting for runsc: {e}")),
+        }
+    };
     if !status.success() {
         let err = fs::read_to_string(&log_path).unwrap_or_default();
-        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
         return Err(format!(
             "runsc {} failed ({status}): {}",
             args[0],
@@ -197,6 +228,9 @@ fn run_runsc(cfg: &GvisorConfig, args: &[&str]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// How long `runsc create` or `runsc start` may take.
+const RUNSC_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Capabilities of the sandbox's root inside gVisor: the `ns` backend's
 /// set (Docker's default without NET_RAW).
@@ -260,34 +294,6 @@ pub(crate) fn oci_spec(cfg: &GvisorConfig) -> serde_json::Value {
             ],
         },
     })
-}
-
-/// Runs `runsc <global args> <args>` from inside the network namespace
-/// `netns` (runsc reaches a sandbox's control socket there), for
-/// `checkpoint`, `kill` and the like. Blocking; output of a failure in the
-/// error.
-pub fn runsc_in(cfg: &GvisorConfig, args: &[&str]) -> Result<(), String> {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", cfg.netns.display()))
-        .arg("--")
-        .arg(&cfg.runsc)
-        .args(cfg.global_args())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running nsenter {}: {e}", cfg.runsc.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "runsc {} failed ({}): {}",
-            args.first().copied().unwrap_or(""),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
 }
 
 /// runsc's version line, or why it cannot run. Blocking.

@@ -223,14 +223,15 @@ pub(crate) fn mount_root_idmapped(
                 .map_err(|_| format!("{} is not on the sandbox's disk", p.display()))
         };
         let (upper_rel, work_rel) = (rel(&cfg.upper_dir)?, rel(&cfg.work_dir)?);
-        let disk_view = idmapped_copy(&disk.mount_point, &base.join("disk"), userns)?;
+        let disk_view = idmapped_copy(&disk.mount_point, &base.join("disk"), userns, false)?;
         upper_dir = disk_view.join(upper_rel);
         work_dir = disk_view.join(work_rel);
         lower_dirs = cfg
             .lower_dirs
             .iter()
             .enumerate()
-            .map(|(i, l)| idmapped_copy(l, &base.join(format!("l{i}")), userns))
+            // The template's layers are shared: read-only even to the mounter.
+            .map(|(i, l)| idmapped_copy(l, &base.join(format!("l{i}")), userns, true))
             .collect::<Res<_>>()?;
     }
     let lower: Vec<String> = lower_dirs.iter().map(|p| p.display().to_string()).collect();
@@ -291,6 +292,7 @@ fn idmapped_copy(
     src: &Path,
     at: &Path,
     userns: std::os::fd::BorrowedFd<'_>,
+    read_only: bool,
 ) -> Res<std::path::PathBuf> {
     use std::os::fd::AsFd;
     ensure_dir(at)?;
@@ -298,7 +300,7 @@ fn idmapped_copy(
     let tree = ctx(sys::clone_tree(dir.as_fd(), false), || {
         format!("copying the mount at {}", src.display())
     })?;
-    ctx(sys::idmap_tree(tree.as_fd(), userns), || {
+    ctx(sys::idmap_tree(tree.as_fd(), userns, read_only), || {
         format!("idmapping {}", src.display())
     })?;
     let target = ctx(fs::File::open(at), || format!("opening {}", at.display()))?;

@@ -317,6 +317,7 @@ pub(crate) fn attach_loop(
 pub(crate) fn idmap_tree(
     tree: std::os::fd::BorrowedFd<'_>,
     userns: std::os::fd::BorrowedFd<'_>,
+    read_only: bool,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     #[repr(C)]
@@ -327,8 +328,9 @@ pub(crate) fn idmap_tree(
         userns_fd: u64,
     }
     const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
+        attr_set: MOUNT_ATTR_IDMAP | if read_only { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
         propagation: 0,
         userns_fd: u64::try_from(userns.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?,

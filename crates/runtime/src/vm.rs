@@ -336,8 +336,10 @@ pub struct VmConfig {
     pub hostname: String,
     /// QMP socket QEMU listens on.
     pub qmp_socket: PathBuf,
-    /// File the guest's serial console is written to.
-    pub console_log: PathBuf,
+    /// File the guest's serial console is written to; `None`: a ring
+    /// buffer of [`CONSOLE_RING`] bytes in QEMU ([`Qmp::console_tail`]), so
+    /// a guest writing to its console for ever fills no host disk.
+    pub console_log: Option<PathBuf>,
     /// Restore from this file ([`Qmp::migrate_to_file`]) instead of
     /// booting; QEMU then starts stopped and waits for [`Qmp::cont`].
     pub incoming: Option<PathBuf>,
@@ -469,8 +471,21 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<String> {
             "unix:{},server=on,wait=off",
             qemu_opt_escape(&cfg.qmp_socket.display().to_string())
         ),
-        "-serial".to_string(),
-        format!("file:{}", cfg.console_log.display()),
+    ]);
+    match &cfg.console_log {
+        Some(file) => a.extend(["-serial".to_string(), format!("file:{}", file.display())]),
+        None => a.extend([
+            "-chardev".to_string(),
+            format!("ringbuf,id={CONSOLE_ID},size={CONSOLE_RING}"),
+            "-serial".to_string(),
+            format!("chardev:{CONSOLE_ID}"),
+        ]),
+    }
+    // QEMU's own seccomp filter: no new privileges, no obsolete or
+    // resource-control system calls (spawning stays: `exec:` migration).
+    a.extend([
+        "-sandbox".to_string(),
+        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny".to_string(),
     ]);
     if let Some(file) = &cfg.incoming {
         a.extend([
@@ -610,6 +625,11 @@ pub fn teardown_tap(netns_name: &str, veth_inside: &str, tap: &str) -> Result<()
     )
     .map(drop)
 }
+
+/// Size of the console ring buffer (bytes).
+pub const CONSOLE_RING: u32 = 65_536;
+/// Its chardev id.
+const CONSOLE_ID: &str = "con0";
 
 /// A QMP connection to one QEMU.
 #[derive(Debug)]
@@ -783,6 +803,16 @@ impl Qmp {
         }
     }
 
+    /// The last `bytes` of the console ring buffer (when the guest's
+    /// console is one, [`VmConfig::console_log`] `None`); reading empties it.
+    pub fn console_tail(&mut self, bytes: u32) -> Result<String, String> {
+        let v = self.execute(
+            "ringbuf-read",
+            Some(json!({ "device": CONSOLE_ID, "size": bytes, "format": "utf8" })),
+        )?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
     /// Ends QEMU (`quit`). QEMU may close the socket before answering;
     /// that counts as done.
     pub fn quit(mut self) -> Result<(), String> {
@@ -812,7 +842,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 88, 0, 1),
             hostname: "sbx".into(),
             qmp_socket: "/r/qmp.sock".into(),
-            console_log: "/r/console.log".into(),
+            console_log: Some("/r/console.log".into()),
             incoming: None,
             kvm: false,
         }
@@ -953,7 +983,7 @@ fn start_qemu(cfg: &VmLaunch) -> Result<i32, String> {
     let log2 = log
         .try_clone()
         .map_err(|e| format!("opening {}: {e}", cfg.log.display()))?;
-    // QEMU in a session of its own, not a child this helper waits for: it
+    // QEMU in a process group of its own, not a child this helper waits for: it
     // is orphaned to the node (a child subreaper) when this exits.
     let child = Command::new(&cfg.qemu)
         .args(&cfg.args)

@@ -368,7 +368,7 @@ fn vm_boots_serves_envd_and_survives_save_and_restore() {
         gateway: HOST_IP,
         hostname: "vmtest".into(),
         qmp_socket: dir.join("qmp.sock"),
-        console_log: dir.join("console.log"),
+        console_log: Some(dir.join("console.log")),
         incoming: None,
         kvm,
     };
@@ -388,7 +388,8 @@ fn vm_boots_serves_envd_and_survives_save_and_restore() {
 
     // Boot.
     let pid = slot.start_qemu(&assets.qemu, &cfg, &dir.join("qemu1.log"));
-    let boot = wait_health(&mut slot, Duration::from_secs(60), &cfg.console_log);
+    let console = cfg.console_log.clone().unwrap();
+    let boot = wait_health(&mut slot, Duration::from_secs(60), &console);
     eprintln!(
         "boot to /health: {:.2} s ({}), QEMU RSS {} MiB",
         boot.as_secs_f64(),
@@ -435,7 +436,7 @@ fn vm_boots_serves_envd_and_survives_save_and_restore() {
     let loaded = t.elapsed();
     qmp.cont().unwrap();
     assert_eq!(qmp.status().unwrap(), "running");
-    wait_health(&mut slot, Duration::from_secs(30), &cfg.console_log);
+    wait_health(&mut slot, Duration::from_secs(30), &console);
     eprintln!(
         "restore: state loaded in {:.2} s, /health {:.2} s after start, QEMU RSS {} MiB",
         loaded.as_secs_f64(),
@@ -464,7 +465,7 @@ fn vm_boots_serves_envd_and_survives_save_and_restore() {
         let _ = qmp.quit();
         panic!(
             "the guest did not power off after SIGTERM to envd; console:\n{}",
-            std::fs::read_to_string(&cfg.console_log).unwrap_or_default()
+            std::fs::read_to_string(&console).unwrap_or_default()
         );
     }
     eprintln!("SIGTERM to power-off: {:.2} s", t.elapsed().as_secs_f64());

@@ -385,8 +385,19 @@ impl Registry {
         };
         if ready.is_empty() {
             if let Some(r) = runtime {
+                let known = self
+                    .read()
+                    .nodes
+                    .iter()
+                    .any(|n| n.row.runtimes.iter().any(|x| x == r.as_str()));
+                // Nodes that run it but are lost or draining: try later.
+                if known {
+                    return Err(ApiError::Capacity(format!(
+                        "every node that runs runtime '{r}' is lost or draining"
+                    )));
+                }
                 return Err(ApiError::BadRequest(format!(
-                    "no ready node runs runtime '{r}' (see GET /cluster/v1/nodes, `runtimes`)"
+                    "no node runs runtime '{r}' (see GET /cluster/v1/nodes)"
                 )));
             }
             return Err(ApiError::Capacity(
@@ -489,6 +500,7 @@ impl Registry {
                 sandboxes: u32::try_from(placed.get(&n.row.id).copied().unwrap_or(0))
                     .unwrap_or(u32::MAX),
                 last_seen: n.row.last_seen.to_rfc3339(),
+                runtimes: n.row.runtimes.clone(),
             })
             .collect()
     }
