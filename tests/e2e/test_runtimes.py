@@ -190,19 +190,28 @@ def test_vm_guest_cannot_reach_the_host_or_its_files(arca):
         os.unlink(secret)
 
 
-def _qemu_of(sandbox_id: str) -> list[int]:
-    """Host pids of the QEMU running the VM of a sandbox (its disk is in its directory)."""
-    marker = f"/{sandbox_id}/disk.qcow2".encode()
+def _host_pids_with(marker: str) -> list[int]:
+    """Host pids whose command line holds `marker`."""
     found = []
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
                 with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if marker in f.read():
+                    if marker.encode() in f.read():
                         found.append(int(p))
             except OSError:
                 pass
     return found
+
+
+def _qemu_of(sandbox_id: str) -> list[int]:
+    """The QEMU running the VM of a sandbox (its disk is in its directory)."""
+    return _host_pids_with(f"/{sandbox_id}/disk.qcow2")
+
+
+def _runsc_of(sandbox_id: str) -> list[int]:
+    """runsc's processes of a sandbox (their state is in its directory)."""
+    return _host_pids_with(f"/{sandbox_id}/runsc")
 
 
 def test_vm_saved_to_a_file_survives_a_node_restart_and_resumes(arca):
@@ -236,21 +245,6 @@ def test_vm_saved_to_a_file_survives_a_node_restart_and_resumes(arca):
     finally:
         Sandbox.kill(sid)
         os.environ.update(arca.restart())
-
-
-def _runsc_of(sandbox_id: str) -> list[int]:
-    """Host pids of runsc's processes for a sandbox (their state is in its directory)."""
-    marker = f"/{sandbox_id}/runsc".encode()
-    found = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        found.append(int(p))
-            except OSError:
-                pass
-    return found
 
 
 def test_gvisor_moved_to_disk_comes_back_on_its_files(arca):

@@ -202,6 +202,8 @@ pub(crate) struct SandboxDetail {
     /// running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pause_mode: Option<&'static str>,
+    /// Arca: its isolation backend (`ns`, `gvisor`, `vm`).
+    runtime: &'static str,
     /// Cluster mode: the node it runs on and that node's health.
     #[serde(rename = "nodeID", skip_serializing_if = "Option::is_none")]
     node_id: Option<String>,
@@ -230,6 +232,7 @@ impl SandboxDetail {
             state: state_str(r.state),
             alias: r.alias.clone(),
             metadata: r.metadata.clone(),
+            runtime: runtime_of(r),
             envd_access_token: r.envd_access_token.clone(),
             allow_internet_access: r.allow_internet_access,
             domain: domain.map(str::to_string),
@@ -281,6 +284,8 @@ pub(crate) struct ListedSandbox {
     #[serde(skip_serializing_if = "Option::is_none")]
     alias: Option<String>,
     metadata: BTreeMap<String, String>,
+    /// Arca: its isolation backend (`ns`, `gvisor`, `vm`).
+    runtime: &'static str,
     /// Cluster mode: the node it runs on and that node's health.
     #[serde(rename = "nodeID", skip_serializing_if = "Option::is_none")]
     node_id: Option<String>,
@@ -316,10 +321,21 @@ impl From<&SandboxRecord> for ListedSandbox {
             envd_version: r.envd_version.clone(),
             alias: r.alias.clone(),
             metadata: r.metadata.clone(),
+            runtime: runtime_of(r),
             node_id: None,
             node_status: None,
         }
     }
+}
+
+/// The isolation backend of a record: the metadata key the api writes for
+/// any but the default.
+fn runtime_of(r: &SandboxRecord) -> &'static str {
+    r.metadata
+        .get(arca_proto::node::RUNTIME_METADATA_KEY)
+        .and_then(|m| arca_proto::node::Runtime::parse(m).ok())
+        .unwrap_or_default()
+        .as_str()
 }
 
 /// `SandboxMetric`; every key is required by the Python parser.

@@ -442,11 +442,15 @@ pub(crate) async fn mark_started(
     rec.memory_mb = status.memory_mb;
     rec.disk_size_mb = status.disk_size_mb;
     rec.state = RecordState::Running;
-    // The backend it runs under, where every SDK's get_info shows it.
-    rec.metadata.insert(
-        RUNTIME_METADATA_KEY.to_string(),
-        status.runtime.as_str().to_string(),
-    );
+    // A backend other than the default is named where every SDK's
+    // get_info shows it (the default adds nothing to the caller's
+    // metadata; the REST detail has `runtime` either way).
+    if status.runtime != Runtime::Ns {
+        rec.metadata.insert(
+            RUNTIME_METADATA_KEY.to_string(),
+            status.runtime.as_str().to_string(),
+        );
+    }
     let marked = api
         .db()
         .mark_running(

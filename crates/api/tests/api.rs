@@ -152,7 +152,10 @@ async fn get_info_returns_the_sandbox_detail() {
     assert_eq!(d["cpuCount"], 2);
     assert_eq!(d["memoryMB"], 512);
     assert_eq!(d["diskSizeMB"], 1024);
+    // The default runtime adds nothing to the caller's metadata; the
+    // detail names it.
     assert_eq!(d["metadata"], json!({"k": "v"}));
+    assert_eq!(d["runtime"], "ns");
     assert_eq!(d["envdAccessToken"], created["envdAccessToken"]);
     assert_eq!(d["allowInternetAccess"], true);
     assert_eq!(

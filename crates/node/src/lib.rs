@@ -2019,6 +2019,28 @@ impl Booted {
         self.dir = PathBuf::new();
         self.cgroup = None;
     }
+
+    /// Gives what a restore brought back (processes, cgroup, slot) to the
+    /// paused sandbox `inst`; torn down instead if a part is missing.
+    async fn hand_over(mut self, inst: &Instance) -> Result<(), NodeError> {
+        let (Some(slot), Some(cgroup)) = (self.slot.take(), self.cgroup.clone()) else {
+            self.shutdown().await;
+            return Err(NodeError::Internal(
+                "restored without a slot or cgroup".into(),
+            ));
+        };
+        let run = Running {
+            pid: self.pid,
+            pid_start: self.pid_start,
+            sandbox_ip: slot.sandbox_ip,
+            netns: slot.netns_path.clone(),
+            slot: Some(slot),
+            cgroup,
+        };
+        self.disarm();
+        *lock(&inst.run) = Some(run);
+        Ok(())
+    }
 }
 
 impl Booted {

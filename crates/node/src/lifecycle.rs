@@ -490,22 +490,7 @@ impl Node {
             b.shutdown().await;
             return Err(e);
         }
-        let (Some(slot), Some(cgroup)) = (b.slot.take(), b.cgroup.clone()) else {
-            b.shutdown().await;
-            return Err(NodeError::Internal(
-                "restored without a slot or cgroup".into(),
-            ));
-        };
-        let run = crate::Running {
-            pid: b.pid,
-            pid_start: b.pid_start,
-            sandbox_ip: slot.sandbox_ip,
-            netns: slot.netns_path.clone(),
-            slot: Some(slot),
-            cgroup,
-        };
-        b.disarm();
-        *lock(&inst.run) = Some(run);
+        b.hand_over(inst).await?;
         inst.restored
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // The images go once the state says it runs (resume_sandbox).

@@ -252,23 +252,7 @@ impl Node {
             b.shutdown().await;
             return Err(e);
         }
-        let (Some(slot), Some(cgroup)) = (b.slot.take(), b.cgroup.clone()) else {
-            b.shutdown().await;
-            return Err(NodeError::Internal(
-                "restored without a slot or cgroup".into(),
-            ));
-        };
-        let run = crate::Running {
-            pid: b.pid,
-            pid_start: b.pid_start,
-            sandbox_ip: slot.sandbox_ip,
-            netns: slot.netns_path.clone(),
-            slot: Some(slot),
-            cgroup,
-        };
-        b.disarm();
-        *lock(&inst.run) = Some(run);
-        Ok(())
+        b.hand_over(inst).await
     }
 
     /// The read-only ext4 image of `build` with room for `disk_mb` MiB of

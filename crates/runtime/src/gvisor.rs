@@ -21,12 +21,10 @@
 //! nftables rules, is what the `ns` backend has too (ADR 0007).
 
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, setns};
 use serde::{Deserialize, Serialize};
 
 use crate::RuntimeError;
@@ -88,30 +86,11 @@ pub fn launch(exe: &Path, config: &GvisorConfig) -> Result<i32, RuntimeError> {
 /// Entry point of `arca __gvisor`: prints `{"pid": N}` or `{"error": ...}`
 /// and returns the exit status.
 pub fn gvisor_main() -> i32 {
-    let mut input = String::new();
-    let result = std::io::stdin()
-        .read_to_string(&mut input)
-        .map_err(|e| format!("reading the config: {e}"))
-        .and_then(|_| {
-            serde_json::from_str::<GvisorConfig>(&input).map_err(|e| format!("bad config: {e}"))
-        })
-        .and_then(|cfg| boot(&cfg));
-    let (line, code) = match result {
-        Ok(pid) => (serde_json::json!({ "pid": pid }), 0),
-        Err(e) => (serde_json::json!({ "error": e }), 1),
-    };
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-    code
+    crate::launch::helper_main(boot)
 }
 
 fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
-    let me = std::process::id().to_string();
-    for dir in &cfg.init.cgroup_dirs {
-        fs::write(dir.join("cgroup.procs"), &me)
-            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
-    }
+    crate::launch::join_cgroups(&cfg.init.cgroup_dirs)?;
     let netns =
         fs::File::open(&cfg.netns).map_err(|e| format!("opening {}: {e}", cfg.netns.display()))?;
     setns(&netns, CloneFlags::CLONE_NEWNET)
@@ -125,15 +104,7 @@ fn boot(cfg: &GvisorConfig) -> Result<i32, String> {
         fs::write(Path::new("/proc/sys/net/ipv4").join(knob), value)
             .map_err(|e| format!("setting {knob} in the sandbox's network: {e}"))?;
     }
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making mounts private: {e}"))?;
+    crate::launch::private_mounts()?;
     {
         use std::os::fd::AsFd;
         let userns = crate::sys::mapping_userns(cfg.init.id_map.outside, 0, cfg.init.id_map.count)

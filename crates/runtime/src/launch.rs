@@ -62,3 +62,51 @@ pub(crate) fn run_helper(
             .to_string(),
     ))
 }
+
+/// The body of a helper subcommand (`arca __gvisor`, `arca __vm`): reads
+/// its JSON config from stdin, runs `run`, prints `{"pid": N}` or
+/// `{"error": "..."}` for [`run_helper`] and returns the exit status.
+pub(crate) fn helper_main<T: serde::de::DeserializeOwned>(
+    run: impl FnOnce(&T) -> Result<i32, String>,
+) -> i32 {
+    let mut input = String::new();
+    let result = std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("reading the config: {e}"))
+        .and_then(|_| serde_json::from_str::<T>(&input).map_err(|e| format!("bad config: {e}")))
+        .and_then(|cfg| run(&cfg));
+    let (line, code) = match result {
+        Ok(pid) => (serde_json::json!({ "pid": pid }), 0),
+        Err(e) => (serde_json::json!({ "error": e }), 1),
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    code
+}
+
+/// Moves the calling process into the cgroup directories `dirs`.
+pub(crate) fn join_cgroups(dirs: &[std::path::PathBuf]) -> Result<(), String> {
+    let me = std::process::id().to_string();
+    for dir in dirs {
+        std::fs::write(dir.join("cgroup.procs"), &me)
+            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Moves the calling process into a mount namespace of its own whose
+/// mounts propagate nowhere.
+pub(crate) fn private_mounts() -> Result<(), String> {
+    use nix::mount::{MsFlags, mount};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("unshare mount namespace: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))
+}

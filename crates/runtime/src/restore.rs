@@ -9,8 +9,6 @@ use std::io::Read;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 
-use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 use serde::{Deserialize, Serialize};
 
 use crate::config::InitConfig;
@@ -54,19 +52,7 @@ fn prepare(cfg: &RestoreConfig) -> Result<(), String> {
     // Into the sandbox's cgroup first: the memory CRIU restores is charged
     // to whoever allocates it, and a charge does not follow a task that
     // moves later. (CRIU's own few MiB count there too, until it exits.)
-    let me = std::process::id().to_string();
-    for dir in &cfg.init.cgroup_dirs {
-        std::fs::write(dir.join("cgroup.procs"), &me)
-            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
-    }
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making mounts private: {e}"))?;
+    crate::launch::join_cgroups(&cfg.init.cgroup_dirs)?;
+    crate::launch::private_mounts()?;
     crate::init::mount_root(&cfg.init)
 }

@@ -945,32 +945,12 @@ pub fn launch(exe: &Path, launch: &VmLaunch) -> Result<i32, crate::RuntimeError>
 /// Entry point of `arca __vm`: prints `{"pid": N}` (QEMU's) or
 /// `{"error": ...}` and returns the exit status.
 pub fn vm_main() -> i32 {
-    use std::io::Read as _;
-    let mut input = String::new();
-    let result = std::io::stdin()
-        .read_to_string(&mut input)
-        .map_err(|e| format!("reading the config: {e}"))
-        .and_then(|_| {
-            serde_json::from_str::<VmLaunch>(&input).map_err(|e| format!("bad config: {e}"))
-        })
-        .and_then(|cfg| start_qemu(&cfg));
-    let (line, code) = match result {
-        Ok(pid) => (json!({ "pid": pid }), 0),
-        Err(e) => (json!({ "error": e }), 1),
-    };
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-    code
+    crate::launch::helper_main(start_qemu)
 }
 
 fn start_qemu(cfg: &VmLaunch) -> Result<i32, String> {
     use std::os::unix::process::CommandExt as _;
-    let me = std::process::id().to_string();
-    for dir in &cfg.cgroup_dirs {
-        std::fs::write(dir.join("cgroup.procs"), &me)
-            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
-    }
+    crate::launch::join_cgroups(&cfg.cgroup_dirs)?;
     let netns = std::fs::File::open(&cfg.netns)
         .map_err(|e| format!("opening {}: {e}", cfg.netns.display()))?;
     nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
