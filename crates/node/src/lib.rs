@@ -2668,6 +2668,11 @@ impl arca_proto::build::BuildService for Node {
             tokio::task::spawn_blocking(move || {
                 inner.templates.retire(&t, &b)?;
                 inner.templates.purge_deleted(&running);
+                // Its VM images too, unless a VM of it (running or paused)
+                // still has one as the backing file of its disk.
+                if !running.contains(&(t.clone(), b.clone())) {
+                    vmboot::remove_images(&inner.config.home, &t, &b);
+                }
                 // Builds pin a layer before they look for it: holding the
                 // pins while deciding means none can vanish under them. The
                 // removal itself (seconds for big layers) runs unlocked.

@@ -263,8 +263,8 @@ impl Node {
         build: &Arc<TemplateBuild>,
         disk_mb: u32,
     ) -> Result<PathBuf, NodeError> {
-        let dir = self.inner.config.home.join("vm-images");
-        let name = format!("{}-{}-{disk_mb}.ext4", build.template_id, build.build_id);
+        let dir = images_dir(&self.inner.config.home);
+        let name = image_name(&build.template_id, &build.build_id, disk_mb);
         let image = dir.join(&name);
         // One maker per image; the others wait for it.
         let gate = {
@@ -289,6 +289,36 @@ impl Node {
             .map_err(|e| NodeError::Internal(e.to_string()))?
             .map_err(|e| NodeError::Internal(format!("making the template's VM image: {e}")))?;
         Ok(image)
+    }
+}
+
+/// Where the VM images of template builds are kept.
+fn images_dir(home: &Path) -> PathBuf {
+    home.join("vm-images")
+}
+
+/// The file name of `build`'s VM image for disks of `disk_mb` MiB.
+fn image_name(template_id: &str, build_id: &str, disk_mb: u32) -> String {
+    format!("{template_id}-{build_id}-{disk_mb}.ext4")
+}
+
+/// Removes the VM images of one build (every disk size). Blocking.
+pub(crate) fn remove_images(home: &Path, template_id: &str, build_id: &str) {
+    let prefix = format!("{template_id}-{build_id}-");
+    let Ok(dir) = std::fs::read_dir(images_dir(home)) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let size = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".ext4"));
+        if size.is_some_and(|s| s.parse::<u32>().is_ok()) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(image = %e.path().display(), error = %err, "cannot remove a VM image");
+            }
+        }
     }
 }
 
@@ -320,4 +350,36 @@ pub(crate) async fn qmp<T: Send + 'static>(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removing_a_builds_images_keeps_other_builds() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = images_dir(home.path());
+        std::fs::create_dir_all(&dir).unwrap();
+        let names = [
+            image_name("t", "b1", 1024),
+            image_name("t", "b1", 2048),
+            image_name("t", "b10", 1024),
+            image_name("t-b1", "x", 1024),
+            "t-b1-notes.txt".to_string(),
+        ];
+        for n in &names {
+            std::fs::write(dir.join(n), b"x").unwrap();
+        }
+        remove_images(home.path(), "t", "b1");
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["t-b1-notes.txt", "t-b1-x-1024.ext4", "t-b10-1024.ext4"]
+        );
+    }
 }
