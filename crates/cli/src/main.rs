@@ -47,28 +47,23 @@ enum Command {
     Bench(commands::bench::Args),
 }
 
+/// The entry point of a hidden helper subcommand (its exit status).
+type Helper = fn() -> i32;
+
 fn main() -> ExitCode {
     // The sandbox init runs in a fresh, single-threaded re-exec of this
     // binary: dispatch before anything can start a thread.
-    if std::env::args_os().nth(1).is_some_and(|a| a == "__init") {
-        let code = arca_runtime::init_main();
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
-    }
-    if std::env::args_os().nth(1).is_some_and(|a| a == "__restore") {
-        let code = arca_runtime::restore_main();
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
-    }
-    if std::env::args_os().nth(1).is_some_and(|a| a == "__gvisor") {
-        let code = arca_runtime::gvisor_main();
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
-    }
-    if std::env::args_os().nth(1).is_some_and(|a| a == "__vm") {
-        let code = arca_runtime::vm_main();
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
-    }
-    if std::env::args_os().nth(1).is_some_and(|a| a == "__apply") {
-        let code = arca_runtime::apply_main();
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+    let helpers: [(&str, Helper); 5] = [
+        ("__init", arca_runtime::init_main),
+        ("__restore", arca_runtime::restore_main),
+        ("__gvisor", arca_runtime::gvisor_main),
+        ("__vm", arca_runtime::vm_main),
+        ("__apply", arca_runtime::apply_main),
+    ];
+    if let Some(arg) = std::env::args_os().nth(1) {
+        if let Some((_, helper)) = helpers.iter().find(|(name, _)| arg == *name) {
+            return ExitCode::from(u8::try_from(helper()).unwrap_or(2));
+        }
     }
     let cli = Cli::parse();
     tracing_subscriber::fmt()

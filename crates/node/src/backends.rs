@@ -42,56 +42,15 @@ impl Backends {
             available: true,
             detail: "namespaces, cgroups, seccomp, Landlock".into(),
         }];
-        let gvisor = match detect_gvisor(config.runsc.as_ref(), config.gvisor_platform.as_ref()) {
-            Ok(g) => {
-                support.push(RuntimeSupport {
-                    runtime: Runtime::Gvisor,
-                    available: true,
-                    detail: format!(
-                        "{} ({}), platform {}, host network in the sandbox's namespace",
-                        g.0.runsc.display(),
-                        g.1,
-                        g.0.platform
-                    ),
-                });
-                Some(g.0)
-            }
-            Err(why) => {
-                support.push(RuntimeSupport {
-                    runtime: Runtime::Gvisor,
-                    available: false,
-                    detail: why,
-                });
-                None
-            }
-        };
-        let vm = match detect_vm(config) {
-            Ok(v) => {
-                support.push(RuntimeSupport {
-                    runtime: Runtime::Vm,
-                    available: true,
-                    detail: format!(
-                        "{} with {}, kernel {}",
-                        v.assets.qemu.display(),
-                        if v.kvm {
-                            "KVM"
-                        } else {
-                            "TCG (software emulation: slow)"
-                        },
-                        v.assets.kernel.display()
-                    ),
-                });
-                Some(v)
-            }
-            Err(why) => {
-                support.push(RuntimeSupport {
-                    runtime: Runtime::Vm,
-                    available: false,
-                    detail: why,
-                });
-                None
-            }
-        };
+        let gvisor = detect_gvisor(config.runsc.as_ref(), config.gvisor_platform.as_ref());
+        support.push(support_of(Runtime::Gvisor, &gvisor, |(g, v)| {
+            gvisor_detail(g, v)
+        }));
+        let vm = detect_vm(config);
+        support.push(support_of(Runtime::Vm, &vm, |v| {
+            vm_detail(&v.assets, v.kvm)
+        }));
+        let (gvisor, vm) = (gvisor.ok().map(|g| g.0), vm.ok());
         Backends {
             gvisor,
             vm,
@@ -129,7 +88,7 @@ fn detect_gvisor(
 ) -> Result<(Gvisor, String), String> {
     let runsc = match runsc {
         Some(p) => p.clone(),
-        None => find_in_path("runsc").ok_or_else(|| {
+        None => arca_runtime::find_in_path("runsc").ok_or_else(|| {
             "no runsc on PATH (install Debian's runsc package, or pass --runsc)".to_string()
         })?,
     };
@@ -187,57 +146,56 @@ pub(crate) fn default_platform(version_line: &str) -> &'static str {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt as _;
-    p.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// Whether the `gvisor` and `vm` backends could run here, for `arca
 /// doctor`: the runsc given or on `PATH`, the VM assets in `vm_assets`.
 /// Changes nothing on the host. Blocking.
 pub fn runtime_support(runsc: Option<PathBuf>, vm_assets: &Path) -> Vec<RuntimeSupport> {
-    let gvisor = match detect_gvisor(runsc.as_ref(), None) {
-        Ok((g, version)) => RuntimeSupport {
-            runtime: Runtime::Gvisor,
-            available: true,
-            detail: format!("{} ({version}), platform {}", g.runsc.display(), g.platform),
-        },
-        Err(why) => RuntimeSupport {
-            runtime: Runtime::Gvisor,
-            available: false,
-            detail: why,
-        },
+    let gvisor = detect_gvisor(runsc.as_ref(), None);
+    let vm = arca_runtime::vm::VmAssets::detect(vm_assets);
+    vec![
+        support_of(Runtime::Gvisor, &gvisor, |(g, v)| gvisor_detail(g, v)),
+        support_of(Runtime::Vm, &vm, |a| {
+            vm_detail(a, arca_runtime::vm::kvm_usable())
+        }),
+    ]
+}
+
+/// A backend's line: what it uses when found, else why not.
+fn support_of<T>(
+    runtime: Runtime,
+    found: &Result<T, String>,
+    detail: impl FnOnce(&T) -> String,
+) -> RuntimeSupport {
+    let (available, detail) = match found {
+        Ok(t) => (true, detail(t)),
+        Err(why) => (false, why.clone()),
     };
-    let vm = match arca_runtime::vm::VmAssets::detect(vm_assets) {
-        Ok(a) => RuntimeSupport {
-            runtime: Runtime::Vm,
-            available: true,
-            detail: format!(
-                "{} with {}, kernel {}",
-                a.qemu.display(),
-                if arca_runtime::vm::kvm_usable() {
-                    "KVM"
-                } else {
-                    "TCG (software emulation: slow)"
-                },
-                a.kernel.display()
-            ),
+    RuntimeSupport {
+        runtime,
+        available,
+        detail,
+    }
+}
+
+fn gvisor_detail(g: &Gvisor, version: &str) -> String {
+    format!(
+        "{} ({version}), platform {}, host network in the sandbox's namespace",
+        g.runsc.display(),
+        g.platform
+    )
+}
+
+fn vm_detail(assets: &arca_runtime::vm::VmAssets, kvm: bool) -> String {
+    format!(
+        "{} with {}, kernel {}",
+        assets.qemu.display(),
+        if kvm {
+            "KVM"
+        } else {
+            "TCG (software emulation: slow)"
         },
-        Err(why) => RuntimeSupport {
-            runtime: Runtime::Vm,
-            available: false,
-            detail: why,
-        },
-    };
-    vec![gvisor, vm]
+        assets.kernel.display()
+    )
 }
 
 #[cfg(test)]

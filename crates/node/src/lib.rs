@@ -810,10 +810,18 @@ impl Node {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let all: Vec<Arc<Instance>> = lock(&inner.sandboxes).values().cloned().collect();
-                let prefix = inner.config.net.name_prefix.clone();
-                let exe = inner.config.init_exe.clone();
+                // Only runsc and QEMU leave the node orphans to reap.
+                let orphans = (inner.backends.gvisor.is_some() || inner.backends.vm.is_some())
+                    .then(|| {
+                        (
+                            inner.config.net.name_prefix.clone(),
+                            inner.config.init_exe.clone(),
+                        )
+                    });
                 drop(inner);
-                let _ = tokio::task::spawn_blocking(move || reap_orphans(&prefix, &exe)).await;
+                if let Some((prefix, exe)) = orphans {
+                    let _ = tokio::task::spawn_blocking(move || reap_orphans(&prefix, &exe)).await;
+                }
                 for inst in all {
                     sample(&inst);
                 }

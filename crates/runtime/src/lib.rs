@@ -56,6 +56,19 @@ pub enum RuntimeError {
     Init(String),
 }
 
+/// `PATH`'s first executable file called `name` (a backend's tool: runsc,
+/// QEMU).
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// A fresh boot id (a random UUID v4 in its text form).
 pub fn new_boot_id() -> String {
     let b: [u8; 16] = rand::random();

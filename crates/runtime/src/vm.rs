@@ -8,8 +8,8 @@
 //! - [`VmAssets::detect`]: the kernel and modules `scripts/vm-assets.sh`
 //!   fetched, and QEMU; [`kvm_usable`] says whether to ask for KVM.
 //! - [`write_initramfs`]: a newc cpio with envd as `/init` and the modules.
-//! - [`ext4_image`] and [`make_overlay`]: the template's read-only ext4
-//!   image and each sandbox's qcow2 copy-on-write layer over it.
+//! - [`make_overlay`]: each sandbox's qcow2 copy-on-write layer over its
+//!   template's read-only ext4 image (`arca_image::export_ext4_with`).
 //! - [`qemu_args`]: the QEMU command line for a [`VmConfig`].
 //! - [`setup_tap`]: wires the guest into a network slot (netns + veth), so
 //!   the host reaches envd at the sandbox's usual address.
@@ -25,7 +25,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,7 +74,7 @@ impl VmAssets {
                 ));
             }
         }
-        let qemu = find_in_path(QEMU_BINARY).ok_or_else(|| {
+        let qemu = crate::find_in_path(QEMU_BINARY).ok_or_else(|| {
             format!("{QEMU_BINARY} is not in PATH; install qemu-system-x86 (or {hint})")
         })?;
         Ok(VmAssets {
@@ -100,17 +99,6 @@ pub fn kvm_usable() -> bool {
             .write(true)
             .open("/dev/kvm")
             .is_ok()
-}
-
-/// `PATH`'s first executable file called `name`.
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 /// The names in `dir/modules.order`, in order.
@@ -284,28 +272,6 @@ pub fn make_overlay(base: &Path, overlay: &Path) -> Result<(), String> {
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(overlay))
-    .map(drop)
-}
-
-/// Makes an ext4 image `out` of `size_mb` MiB holding the tree `tree`
-/// (`mkfs.ext4 -q -d`). Owners are copied as they are: a tree from Arca's
-/// template store is shifted by the sandbox id offset (100000) and must be
-/// unshifted for a VM, which has no user namespace (see
-/// `arca_image::export::export_ext4_with` and its `unshift` option).
-pub fn ext4_image(tree: &Path, out: &Path, size_mb: u64) -> Result<(), String> {
-    let mkfs = find_in_path("mkfs.ext4")
-        .or_else(|| {
-            ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
-                .map(PathBuf::from)
-                .into_iter()
-                .find(|p| p.is_file())
-        })
-        .ok_or("mkfs.ext4 not found; install e2fsprogs")?;
-    run(Command::new(mkfs)
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(tree)
-        .arg(out)
-        .arg(format!("{size_mb}M")))
     .map(drop)
 }
 

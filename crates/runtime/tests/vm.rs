@@ -345,7 +345,7 @@ fn vm_boots_serves_envd_and_survives_save_and_restore() {
     let tree = dir.join("rootfs");
     busybox_tree(&tree);
     let base = dir.join("base.ext4");
-    vm::ext4_image(&tree, &base, 64).unwrap();
+    ext4_image(&tree, &base, 64);
     let disk = dir.join("disk.qcow2");
     vm::make_overlay(&base, &disk).unwrap();
     let initramfs = dir.join("initramfs.cpio");
@@ -478,4 +478,22 @@ fn vm_boots_serves_envd_and_survives_save_and_restore() {
         String::from_utf8_lossy(&addr.stdout).contains(&format!("{GUEST_IP}/30")),
         "teardown_tap did not give eth0 its address back"
     );
+}
+
+/// An ext4 image `out` of `size_mb` MiB holding `tree` (what the node gets
+/// from `arca_image::export_ext4_with` for a template).
+fn ext4_image(tree: &Path, out: &Path, size_mb: u64) {
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .map(PathBuf::from)
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("mkfs.ext4"));
+    let status = Command::new(mkfs)
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(tree)
+        .arg(out)
+        .arg(format!("{size_mb}M"))
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) runs");
+    assert!(status.success(), "mkfs.ext4 failed: {status}");
 }
